@@ -1,0 +1,250 @@
+"""The agent's connection loop: dial, authenticate, take the job, train rounds, reconnect on loss.
+
+Messages are handled one at a time in arrival order, so a gradient is always applied before the
+next round's forward pass. Torch work runs in a worker thread: the websockets keepalive keeps
+answering pings while a slow device computes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import protocol
+from .emulation import EmulationProfile, LinkShaper, pad_compute
+from .protocol import ProtocolError, decode, encode
+from .telemetry import device_facts, live_stats
+
+log = logging.getLogger("edge_agent")
+
+
+class AgentExit(enum.IntEnum):
+    """Exit codes of ``gapsl-agent``."""
+
+    OK = 0  # the run ended and the orchestrator said bye
+    FAILED = 1  # the job could not be carried out (data missing, model mismatch, ...)
+    USAGE = 2  # bad command line
+    REFUSED = 3  # the orchestrator refused this device (unknown id or wrong token)
+    UNREACHABLE = 4  # no orchestrator answered within --give-up-s
+    INTERRUPTED = 130
+
+
+@dataclass
+class AgentConfig:
+    url: str
+    device_id: str
+    token: str
+    data_dir: Path | None = None
+    download: bool = False
+    device: str = "auto"
+    emulation: EmulationProfile = field(default_factory=EmulationProfile)
+    max_message_bytes: int = 256 * 1024 * 1024
+    open_timeout_s: float = 10.0
+    ping_interval_s: float = 10.0
+    ping_timeout_s: float = 30.0
+    give_up_s: float = 300.0  # stop redialling after this long without an orchestrator
+    telemetry_every_s: float = 2.0
+
+
+class JobFailed(Exception):
+    """The job cannot run on this device; the reason goes to the orchestrator and the log."""
+
+
+class Agent:
+    """One device's agent. ``await Agent(cfg).run()`` returns an :class:`AgentExit`."""
+
+    def __init__(self, cfg: AgentConfig) -> None:
+        self.cfg = cfg
+        self.run_id: str | None = None
+        self.trainer: Any = None
+        self._last_activations: tuple[int, bytes] | None = None
+        self._up = LinkShaper(cfg.emulation.uplink_mbps, cfg.emulation.rtt_ms)
+        self._down = LinkShaper(cfg.emulation.downlink_mbps, cfg.emulation.rtt_ms)
+
+    async def run(self) -> AgentExit:
+        """Dial until the run ends; redial with jittered exponential backoff after a drop.
+
+        Cancelling is safe: the connection closes and nothing is left running.
+        """
+        from websockets.asyncio.client import connect
+        from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+
+        last_contact = time.monotonic()
+        delay = 0.5
+        while True:
+            try:
+                async with connect(
+                    self.cfg.url,
+                    compression=None,  # activations are dense floats: deflate costs CPU, saves ~nothing
+                    max_size=self.cfg.max_message_bytes,
+                    open_timeout=self.cfg.open_timeout_s,
+                    ping_interval=self.cfg.ping_interval_s,
+                    ping_timeout=self.cfg.ping_timeout_s,
+                    close_timeout=5,
+                ) as ws:
+                    delay = 0.5
+                    last_contact = time.monotonic()
+                    result = await self._session(ws)
+                    if result is not None:
+                        return result
+            except InvalidURI as exc:
+                log.error("bad orchestrator URL: %s", exc)
+                return AgentExit.USAGE
+            except ConnectionClosed as exc:
+                code = exc.rcvd.code if exc.rcvd is not None else None
+                reason = exc.rcvd.reason if exc.rcvd is not None else ""
+                if code == protocol.CLOSE_POLICY_VIOLATION:
+                    log.error("refused by the orchestrator: %s", reason)
+                    return AgentExit.REFUSED
+                log.warning("connection closed (%s %s); redialling", code, reason)
+                last_contact = time.monotonic()
+            except (OSError, TimeoutError, InvalidHandshake) as exc:
+                log.warning("cannot reach %s: %s", self.cfg.url, exc or type(exc).__name__)
+            else:
+                last_contact = time.monotonic()
+            if time.monotonic() - last_contact > self.cfg.give_up_s:
+                log.error("no orchestrator for %.0f s; giving up", self.cfg.give_up_s)
+                return AgentExit.UNREACHABLE
+            await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+            delay = min(delay * 2, 10.0)
+
+    async def _session(self, ws: Any) -> AgentExit | None:
+        """One connection; returns an exit code to stop, or None to redial."""
+        resume = None
+        if self.trainer is not None and self.run_id is not None:
+            resume = {"run_id": self.run_id, "round": self.trainer.applied_round}
+        facts = device_facts(self.trainer.device.type if self.trainer is not None else "")
+        await self._send(
+            ws,
+            encode(
+                "hello",
+                protocol=protocol.PROTOCOL_VERSION,
+                device_id=self.cfg.device_id,
+                token=self.cfg.token,
+                facts=facts,
+                resume=resume,
+            ),
+        )
+        telemetry = asyncio.create_task(self._telemetry(ws), name="telemetry")
+        try:
+            async for frame in ws:
+                await self._down.pass_frame(len(frame))
+                try:
+                    msg = decode(frame, protocol.ORCHESTRATOR_TYPES)
+                except ProtocolError as exc:
+                    log.error("bad frame from the orchestrator: %s", exc.reason)
+                    await ws.close(exc.code, exc.reason[:120])
+                    return AgentExit.FAILED
+                try:
+                    result = await self._handle(ws, msg)
+                except JobFailed as exc:
+                    log.error("job failed: %s", exc)
+                    await self._send(ws, encode("error", code="job_failed", message=str(exc)))
+                    await ws.close(protocol.CLOSE_NORMAL, "job failed")
+                    return AgentExit.FAILED
+                if result is not None:
+                    return result
+        finally:
+            telemetry.cancel()
+            # return_exceptions collects the task's own CancelledError (or ConnectionClosed);
+            # a cancellation of this coroutine still propagates.
+            await asyncio.gather(telemetry, return_exceptions=True)
+        return None
+
+    async def _send(self, ws: Any, frame: bytes) -> None:
+        await self._up.pass_frame(len(frame))
+        await ws.send(frame)
+
+    async def _telemetry(self, ws: Any) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.telemetry_every_s)
+            stats = await asyncio.to_thread(live_stats)
+            await ws.send(encode("telemetry", stats=stats))
+
+    async def _handle(self, ws: Any, msg: protocol.Message) -> AgentExit | None:
+        kind = msg.type
+        if kind == "job":
+            await self._take_job(ws, msg)
+        elif kind == "round":
+            await self._forward(ws, msg["round"], msg["batch_size"])
+        elif kind == "gradients":
+            if self.trainer is None:
+                raise JobFailed("gradients before a job")
+            if msg["round"] > self.trainer.applied_round:  # a resent gradient is already applied
+                seconds = await asyncio.to_thread(self.trainer.backward, msg["round"], msg["grad"])
+                await asyncio.to_thread(pad_compute, seconds, self.cfg.emulation.compute_slowdown)
+        elif kind == "eval_request":
+            if self.trainer is None:
+                raise JobFailed("evaluation request before a job")
+            start = time.perf_counter()
+            weights = await asyncio.to_thread(self.trainer.weights)
+            frame = encode(
+                "eval_result", round=msg["round"], weights=weights, compute_s=time.perf_counter() - start
+            )
+            await self._send(ws, frame)
+        elif kind == "error":
+            log.error("orchestrator reports %s: %s", msg["code"], msg["message"])
+        elif kind == "bye":
+            log.info("run over: %s", msg["reason"])
+            await ws.close(protocol.CLOSE_NORMAL, "bye")
+            return AgentExit.OK
+        return None
+
+    async def _take_job(self, ws: Any, msg: protocol.Message) -> None:
+        job = dict(msg["job"])
+        start = time.perf_counter()
+        try:
+            self.trainer = await asyncio.to_thread(self._build_trainer, job, msg["shard"], msg["weights"])
+        except JobFailed:
+            raise
+        except Exception as exc:  # any failure to build the job is reported, not crashed on
+            raise JobFailed(f"{type(exc).__name__}: {exc}") from exc
+        self.run_id = msg["run_id"]
+        self._last_activations = None
+        log.info("job %s: %s/%s, %d samples", self.run_id, job["model"], job["cut"], self.trainer.shard_size)
+        await self._send(
+            ws,
+            encode(
+                "ready",
+                shard_size=self.trainer.shard_size,
+                load_s=time.perf_counter() - start,
+                torch_device=self.trainer.device.type,
+            ),
+        )
+
+    def _build_trainer(self, job: dict[str, Any], shard: Any, weights: Any) -> Any:
+        from .data import DataError, labels_fingerprint, load_dataset
+        from .trainer import ClientTrainer
+
+        try:
+            ds = load_dataset(job["dataset"], self.cfg.data_dir, download=self.cfg.download)
+        except DataError as exc:
+            raise JobFailed(str(exc)) from exc
+        if labels_fingerprint(ds.y_train) != job["dataset_fingerprint"]:
+            raise JobFailed(
+                f"the local copy of {job['dataset']} differs from the orchestrator's "
+                "(label fingerprints disagree): point --data-dir at the same dataset files"
+            )
+        if len(shard) and int(shard.max()) >= len(ds.y_train):
+            raise JobFailed("shard indices out of range for the local dataset")
+        return ClientTrainer(job, shard, weights, ds.x_train, ds.y_train, ds.normalize, self.cfg.device)
+
+    async def _forward(self, ws: Any, round_: int, batch_size: int) -> None:
+        if self.trainer is None:
+            raise JobFailed("round before a job")
+        # After a reconnect the orchestrator re-asks; answer with the same batch, not a new one.
+        if self._last_activations is not None and self._last_activations[0] == round_:
+            await self._send(ws, self._last_activations[1])
+            return
+        acts, labels, seconds = await asyncio.to_thread(self.trainer.forward, round_, batch_size)
+        await asyncio.to_thread(pad_compute, seconds, self.cfg.emulation.compute_slowdown)
+        seconds *= self.cfg.emulation.compute_slowdown
+        frame = encode("activations", round=round_, x=acts, y=labels, compute_s=seconds)
+        self._last_activations = (round_, frame)
+        await self._send(ws, frame)

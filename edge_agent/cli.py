@@ -1,0 +1,96 @@
+"""``gapsl-agent``: run a device's agent against an orchestrator, or check the device first.
+
+Exit codes: 0 run ended, 1 job failed, 2 usage, 3 refused (id/token), 4 orchestrator unreachable,
+130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+from .agent import Agent, AgentConfig, AgentExit
+from .emulation import EmulationProfile
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="gapsl-agent",
+        description="Edge agent of the GAPSL testbed: trains this device's client partition.",
+        epilog="Exit codes: 0 ok, 1 job failed, 2 usage, 3 refused, 4 unreachable, 130 interrupted. "
+        "'gapsl-agent doctor --help' checks a device before a run.",
+    )
+    p.add_argument("--orchestrator", required=True, help="ws://HOST:PORT or wss://HOST:PORT")
+    p.add_argument("--id", required=True, dest="device_id", help="this device's id in the manifest")
+    p.add_argument("--token", required=True, help="this device's token in the manifest")
+    p.add_argument("--data-dir", type=Path, default=None, help="folder with train.npz/test.npz")
+    p.add_argument("--download", action="store_true", help="download the dataset if missing")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    p.add_argument("--give-up-s", type=float, default=300.0, help="stop redialling after this long")
+    p.add_argument("--max-message-bytes", type=int, default=256 * 1024 * 1024)
+    p.add_argument("--compute-slowdown", type=float, default=1.0, help="emulate a slower device (>= 1)")
+    p.add_argument("--uplink-mbps", type=float, default=0.0, help="emulated uplink (0 = unlimited)")
+    p.add_argument("--downlink-mbps", type=float, default=0.0, help="emulated downlink (0 = unlimited)")
+    p.add_argument("--rtt-ms", type=float, default=0.0, help="emulated round-trip time")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def _doctor(argv: list[str]) -> int:
+    from .doctor import run_doctor
+
+    p = argparse.ArgumentParser(prog="gapsl-agent doctor", description="Check this device before a run.")
+    p.add_argument("--orchestrator", default=None, help="check that this URL answers")
+    p.add_argument("--data-dir", type=Path, default=None)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    args = p.parse_args(argv)
+    return run_doctor(args.orchestrator, args.data_dir, args.device)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["doctor"]:
+        return _doctor(argv[1:])
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format=f"%(asctime)s {args.device_id} %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        emulation = EmulationProfile(
+            compute_slowdown=args.compute_slowdown,
+            uplink_mbps=args.uplink_mbps,
+            downlink_mbps=args.downlink_mbps,
+            rtt_ms=args.rtt_ms,
+        )
+    except ValueError as exc:
+        print(f"gapsl-agent: {exc}", file=sys.stderr)
+        return AgentExit.USAGE
+    if args.threads > 0:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    cfg = AgentConfig(
+        url=args.orchestrator,
+        device_id=args.device_id,
+        token=args.token,
+        data_dir=args.data_dir,
+        download=args.download,
+        device=args.device,
+        emulation=emulation,
+        max_message_bytes=args.max_message_bytes,
+        give_up_s=args.give_up_s,
+    )
+    try:
+        return int(asyncio.run(Agent(cfg).run()))
+    except KeyboardInterrupt:
+        return AgentExit.INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

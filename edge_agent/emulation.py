@@ -1,0 +1,54 @@
+"""Device emulation, so one machine can host a heterogeneous testbed.
+
+Compute slowdown pads each compute step in proportion to the work it really did; the link is
+shaped in the agent's transport: a one-way delay of rtt/2 on each direction and a serialisation
+delay of size/bandwidth (a token bucket refilled at the given rate, one frame at a time).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class EmulationProfile:
+    compute_slowdown: float = 1.0
+    uplink_mbps: float = 0.0  # 0 = unlimited
+    downlink_mbps: float = 0.0
+    rtt_ms: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.compute_slowdown < 1.0:
+            raise ValueError("compute_slowdown must be >= 1")
+        if min(self.uplink_mbps, self.downlink_mbps, self.rtt_ms) < 0:
+            raise ValueError("link figures must be >= 0")
+
+    @property
+    def active(self) -> bool:
+        return self != EmulationProfile()
+
+
+class LinkShaper:
+    """Delays for one direction: serialisation at ``mbps`` plus half the round-trip time."""
+
+    def __init__(self, mbps: float, rtt_ms: float) -> None:
+        self._bytes_per_s = mbps * 1e6 / 8 if mbps > 0 else 0.0
+        self._one_way_s = rtt_ms / 2000.0
+        self._free_at = 0.0  # when the emulated link finishes the previous frame
+
+    async def pass_frame(self, size: int) -> None:
+        """Wait until a frame of ``size`` bytes would have crossed the link. Safe to cancel."""
+        now = time.monotonic()
+        busy = size / self._bytes_per_s if self._bytes_per_s else 0.0
+        self._free_at = max(self._free_at, now) + busy
+        delay = self._free_at - now + self._one_way_s
+        if delay > 0:
+            await asyncio.sleep(delay)
+
+
+def pad_compute(seconds: float, slowdown: float) -> None:
+    """Stretch a compute step that took ``seconds`` to ``slowdown`` times as long."""
+    if slowdown > 1.0 and seconds > 0:
+        time.sleep(seconds * (slowdown - 1.0))

@@ -1,0 +1,242 @@
+"""Wire protocol v1: bytes in, messages out. Pure: no asyncio, no websockets, no torch.
+
+Every WebSocket frame is binary and holds one msgpack map with a ``type`` key. Tensors travel as
+``{"dtype": str, "shape": [int, ...], "data": bin}`` with little-endian raw bytes, never pickle.
+Each message type has a schema (below); :func:`decode` checks a frame against it and raises
+:class:`ProtocolError` carrying the WebSocket close code the peer should be closed with.
+``docs/protocol.md`` documents every message and field.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+import msgpack
+import numpy as np
+
+PROTOCOL_VERSION = 1
+
+# WebSocket close codes (RFC 6455 section 7.4.1) as this protocol uses them.
+CLOSE_NORMAL = 1000
+CLOSE_GOING_AWAY = 1001
+CLOSE_PROTOCOL_ERROR = 1002  # a well-formed message that breaks the protocol (type, state, version)
+CLOSE_UNSUPPORTED_DATA = 1003  # a text frame where binary is required
+CLOSE_INVALID_PAYLOAD = 1007  # undecodable msgpack, missing/mistyped fields, bad tensors
+CLOSE_POLICY_VIOLATION = 1008  # unknown device or wrong token
+CLOSE_MESSAGE_TOO_BIG = 1009  # enforced by the websockets library through max_size
+
+# Dtypes allowed on the wire; all little-endian.
+DTYPES = (
+    "bool",
+    "uint8",
+    "int8",
+    "int16",
+    "int32",
+    "int64",
+    "float16",
+    "float32",
+    "float64",
+)
+_WIRE_DTYPE = {name: np.dtype(name).newbyteorder("<") for name in DTYPES}
+MAX_TENSOR_DIMS = 8
+
+
+class ProtocolError(Exception):
+    """A frame that does not follow the protocol; ``code`` is the close code to use."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Message:
+    """One decoded message: its ``type`` and its fields (tensors as read-only numpy arrays)."""
+
+    type: str
+    fields: Mapping[str, Any]
+
+    def __getitem__(self, key: str) -> Any:
+        return self.fields[key]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.fields.get(key, default)
+
+
+# --- field kinds ---------------------------------------------------------------------------
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_float(v: Any) -> bool:
+    return (isinstance(v, float) or _is_int(v)) and math.isfinite(v)
+
+
+_KINDS: dict[str, Callable[[Any], bool]] = {
+    "str": lambda v: isinstance(v, str),
+    "int": _is_int,
+    "float": _is_float,
+    "bool": lambda v: isinstance(v, bool),
+    "map": lambda v: isinstance(v, dict) and all(isinstance(k, str) for k in v),
+    "tensor": lambda v: True,  # checked by _decode_tensor
+    "tensors": lambda v: isinstance(v, dict) and all(isinstance(k, str) for k in v),
+}
+
+# type -> {field: (kind, required)}; direction "a" = agent to orchestrator, "o" = the other way.
+SCHEMAS: dict[str, dict[str, tuple[str, bool]]] = {
+    "hello": {
+        "protocol": ("int", True),
+        "device_id": ("str", True),
+        "token": ("str", True),
+        "facts": ("map", True),
+        "resume": ("map", False),
+    },
+    "job": {
+        "run_id": ("str", True),
+        "job": ("map", True),
+        "shard": ("tensor", True),
+        "weights": ("tensors", True),
+    },
+    "ready": {"shard_size": ("int", True), "load_s": ("float", True), "torch_device": ("str", True)},
+    "round": {"round": ("int", True), "batch_size": ("int", True)},
+    "activations": {
+        "round": ("int", True),
+        "x": ("tensor", True),
+        "y": ("tensor", True),
+        "compute_s": ("float", True),
+    },
+    "gradients": {"round": ("int", True), "grad": ("tensor", True), "loss": ("float", True)},
+    "eval_request": {"round": ("int", True)},
+    "eval_result": {"round": ("int", True), "weights": ("tensors", True), "compute_s": ("float", True)},
+    "telemetry": {"stats": ("map", True)},
+    "error": {"code": ("str", True), "message": ("str", True)},
+    "bye": {"reason": ("str", True)},
+}
+AGENT_TYPES = frozenset({"hello", "ready", "activations", "eval_result", "telemetry", "error", "bye"})
+ORCHESTRATOR_TYPES = frozenset({"job", "round", "gradients", "eval_request", "error", "bye"})
+
+
+# --- tensors -------------------------------------------------------------------------------
+
+
+def tensor_to_wire(array: np.ndarray) -> dict[str, Any]:
+    """The wire form of an array; no copy when it is already C-contiguous little-endian."""
+    arr = np.asarray(array)
+    name = arr.dtype.name
+    if name not in _WIRE_DTYPE:
+        raise ValueError(f"dtype {arr.dtype} cannot travel on the wire (allowed: {', '.join(DTYPES)})")
+    if arr.dtype.byteorder == ">" or (arr.dtype.byteorder == "=" and sys.byteorder == "big"):
+        arr = arr.astype(_WIRE_DTYPE[name])
+    arr = np.ascontiguousarray(arr)
+    # memoryview over the array's own buffer: msgpack writes it once into the frame.
+    return {"dtype": name, "shape": list(arr.shape), "data": memoryview(arr).cast("B")}
+
+
+def _decode_tensor(value: Any, where: str) -> np.ndarray:
+    if not isinstance(value, dict) or set(value) != {"dtype", "shape", "data"}:
+        raise ProtocolError(CLOSE_INVALID_PAYLOAD, f"{where}: expected a tensor map {{dtype, shape, data}}")
+    dtype, shape, data = value["dtype"], value["shape"], value["data"]
+    if dtype not in _WIRE_DTYPE:
+        raise ProtocolError(CLOSE_INVALID_PAYLOAD, f"{where}: unsupported dtype {dtype!r}")
+    if (
+        not isinstance(shape, list)
+        or len(shape) > MAX_TENSOR_DIMS
+        or not all(_is_int(d) and d >= 0 for d in shape)
+    ):
+        raise ProtocolError(CLOSE_INVALID_PAYLOAD, f"{where}: bad shape {shape!r}")
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise ProtocolError(CLOSE_INVALID_PAYLOAD, f"{where}: data is not binary")
+    wire = _WIRE_DTYPE[dtype]
+    count = math.prod(shape)
+    if count * wire.itemsize != len(data):
+        raise ProtocolError(
+            CLOSE_INVALID_PAYLOAD,
+            f"{where}: {len(data)} bytes do not hold shape {shape} of {dtype}",
+        )
+    arr = np.frombuffer(data, dtype=wire, count=count).reshape(shape)
+    if sys.byteorder == "big":
+        arr = arr.astype(wire.newbyteorder("="))
+    return arr
+
+
+# --- messages ------------------------------------------------------------------------------
+
+
+def _to_wire(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        return tensor_to_wire(value)
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def encode(msg_type: str, **fields: Any) -> bytes:
+    """One frame for a message; numpy arrays become wire tensors, dicts of arrays likewise.
+
+    Checked against the schema, so a sender's bug surfaces here instead of at the peer.
+    """
+    schema = SCHEMAS.get(msg_type)
+    if schema is None:
+        raise ValueError(f"unknown message type {msg_type!r}")
+    payload: dict[str, Any] = {"type": msg_type}
+    for name, value in fields.items():
+        if name not in schema:
+            raise ValueError(f"{msg_type}: unknown field {name!r}")
+        if value is None and not schema[name][1]:
+            continue
+        kind = schema[name][0]
+        if kind == "tensors":
+            payload[name] = {k: tensor_to_wire(v) for k, v in value.items()}
+        else:
+            payload[name] = _to_wire(value)
+    missing = [n for n, (_, required) in schema.items() if required and n not in payload]
+    if missing:
+        raise ValueError(f"{msg_type}: missing field(s) {', '.join(missing)}")
+    return msgpack.packb(payload, use_bin_type=True)
+
+
+def decode(frame: bytes | bytearray | memoryview | str, allowed: frozenset[str] | None = None) -> Message:
+    """Decode and validate one frame; ``allowed`` restricts the types this side may receive.
+
+    Raises :class:`ProtocolError` with the close code to use: 1003 for a text frame, 1007 for an
+    undecodable frame or a malformed field, 1002 for a type this side must not receive.
+    """
+    if isinstance(frame, str):
+        raise ProtocolError(CLOSE_UNSUPPORTED_DATA, "text frames are not part of the protocol")
+    try:
+        obj = msgpack.unpackb(frame, raw=False, strict_map_key=True, max_ext_len=0)
+    except Exception as exc:  # msgpack raises a zoo of types for corrupt input
+        raise ProtocolError(CLOSE_INVALID_PAYLOAD, f"undecodable frame: {type(exc).__name__}") from exc
+    if not isinstance(obj, dict):
+        raise ProtocolError(CLOSE_INVALID_PAYLOAD, "a frame must hold one msgpack map")
+    msg_type = obj.pop("type", None)
+    if not isinstance(msg_type, str):
+        raise ProtocolError(CLOSE_INVALID_PAYLOAD, "frame has no string 'type'")
+    schema = SCHEMAS.get(msg_type)
+    if schema is None:
+        raise ProtocolError(CLOSE_PROTOCOL_ERROR, f"unknown message type {msg_type[:40]!r}")
+    if allowed is not None and msg_type not in allowed:
+        raise ProtocolError(CLOSE_PROTOCOL_ERROR, f"message {msg_type!r} is not expected from this peer")
+    fields: dict[str, Any] = {}
+    for name, value in obj.items():
+        if name not in schema:
+            raise ProtocolError(CLOSE_INVALID_PAYLOAD, f"{msg_type}: unknown field {str(name)[:40]!r}")
+        kind = schema[name][0]
+        where = f"{msg_type}.{name}"
+        if not _KINDS[kind](value):
+            raise ProtocolError(CLOSE_INVALID_PAYLOAD, f"{where}: expected {kind}")
+        if kind == "tensor":
+            value = _decode_tensor(value, where)
+        elif kind == "tensors":
+            value = {k: _decode_tensor(v, f"{where}.{k}") for k, v in value.items()}
+        fields[name] = value
+    missing = [n for n, (_, required) in schema.items() if required and n not in fields]
+    if missing:
+        raise ProtocolError(CLOSE_INVALID_PAYLOAD, f"{msg_type}: missing field(s) {', '.join(missing)}")
+    return Message(msg_type, fields)

@@ -1,0 +1,118 @@
+"""The client partition's training step on a device: forward to the cut, backward from it.
+
+The orchestrator sends the job (model, cut, shard, hyper-parameters, identical initial weights);
+each round this trainer samples a batch from its shard, runs the client partition forward, hands
+back the cut-layer activations, and later applies the activation gradient the server returns.
+Everything here is synchronous torch code; the connection runs it off the event loop.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from models import build_split, select_device
+
+
+class BatchSampler:
+    """Deterministic mini-batches from a shard: reshuffled each epoch, seeded by (seed, rank).
+
+    The in-process reference engine draws the same batches, so it can match a distributed run.
+    """
+
+    def __init__(self, shard: np.ndarray, seed: int, rank: int) -> None:
+        if len(shard) == 0:
+            raise ValueError("empty shard")
+        self._shard = np.asarray(shard, dtype=np.int64)
+        self._rng = np.random.default_rng([seed, rank])
+        self._order = self._rng.permutation(self._shard)
+        self._pos = 0
+
+    def next(self, batch_size: int) -> np.ndarray:
+        out = []
+        need = batch_size
+        while need > 0:
+            if self._pos == len(self._order):
+                self._order = self._rng.permutation(self._shard)
+                self._pos = 0
+            take = self._order[self._pos : self._pos + need]
+            self._pos += len(take)
+            need -= len(take)
+            out.append(take)
+        return np.concatenate(out)
+
+
+def state_to_numpy(module: torch.nn.Module) -> dict[str, np.ndarray]:
+    """A module's state as CPU numpy arrays, in state_dict order (for the wire)."""
+    return {k: v.detach().cpu().numpy() for k, v in module.state_dict().items()}
+
+
+def load_numpy_state(module: torch.nn.Module, state: Mapping[str, np.ndarray]) -> None:
+    """Load wire arrays into a module; strict, so a mismatched model is an error, not noise."""
+    tensors = {k: torch.from_numpy(np.array(v)) for k, v in state.items()}
+    module.load_state_dict(tensors, strict=True)
+
+
+class ClientTrainer:
+    """One device's client partition, its optimizer and its batch sampler."""
+
+    def __init__(
+        self,
+        job: Mapping[str, Any],
+        shard: np.ndarray,
+        weights: Mapping[str, np.ndarray],
+        x_train: np.ndarray,
+        y_train: np.ndarray,
+        normalize: Any,
+        device: str = "auto",
+    ) -> None:
+        self.device = select_device(device)
+        torch.manual_seed(int(job["seed"]) + int(job["rank"]))
+        split = build_split(job["model"], job["cut"], num_classes=int(job["num_classes"]))
+        self.model = split.client
+        load_numpy_state(self.model, weights)
+        self.model.to(self.device)
+        self.optimizer = torch.optim.SGD(
+            self.model.parameters(),
+            lr=float(job["lr"]),
+            momentum=float(job["momentum"]),
+            weight_decay=float(job["weight_decay"]),
+        )
+        self._x, self._y, self._normalize = x_train, y_train, normalize
+        self.sampler = BatchSampler(shard, int(job["seed"]), int(job["rank"]))
+        self.shard_size = len(shard)
+        self._pending: tuple[int, torch.Tensor] | None = None
+        self.applied_round = 0
+
+    def forward(self, round_: int, batch_size: int) -> tuple[np.ndarray, np.ndarray, float]:
+        """Sample a batch and run the client partition; returns (activations, labels, seconds)."""
+        start = time.perf_counter()
+        idx = self.sampler.next(batch_size)
+        x = torch.from_numpy(self._normalize(self._x[idx])).to(self.device)
+        self.model.train()
+        acts = self.model(x)
+        self._pending = (round_, acts)
+        out = acts.detach().to("cpu", torch.float32).numpy()
+        return out, self._y[idx].astype(np.int64), time.perf_counter() - start
+
+    def backward(self, round_: int, grad: np.ndarray) -> float:
+        """Apply the server's activation gradient for ``round_``; returns seconds spent."""
+        if self._pending is None or self._pending[0] != round_:
+            raise ValueError(f"gradient for round {round_} but no forward pass of that round")
+        start = time.perf_counter()
+        acts = self._pending[1]
+        g = torch.from_numpy(np.array(grad)).to(self.device, acts.dtype)
+        if g.shape != acts.shape:
+            raise ValueError(f"gradient shape {tuple(g.shape)} != activation shape {tuple(acts.shape)}")
+        self.optimizer.zero_grad(set_to_none=True)
+        acts.backward(g)
+        self.optimizer.step()
+        self._pending = None
+        self.applied_round = round_
+        return time.perf_counter() - start
+
+    def weights(self) -> dict[str, np.ndarray]:
+        return state_to_numpy(self.model)

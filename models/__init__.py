@@ -1,0 +1,31 @@
+"""Split-able PyTorch models with named cut points, for parallel split learning.
+
+Each model is a fixed sequence of named stages; `build_split(name, cut)` keeps the stages up to
+`cut` on the device (the client partition) and the rest on the server.
+"""
+
+from __future__ import annotations
+
+from models.base import ModelInfo, SplitModel
+from models.device import DEVICE_CHOICES, select_device
+from models.registry import (
+    UnknownChoiceError,
+    available_models,
+    build_model,
+    build_split,
+    default_model,
+    model_info,
+)
+
+__all__ = [
+    "DEVICE_CHOICES",
+    "ModelInfo",
+    "SplitModel",
+    "UnknownChoiceError",
+    "available_models",
+    "build_model",
+    "build_split",
+    "default_model",
+    "model_info",
+    "select_device",
+]

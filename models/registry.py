@@ -1,0 +1,117 @@
+"""The model registry: look models up by name and build them split at a named cut point.
+
+Construction is deterministic: all stages of the unsplit network are created in one fixed
+order before the split, so after the same `torch.manual_seed` every cut of a model yields the
+same weights, and client-then-server equals the unsplit forward pass.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterable
+
+from torch import nn
+
+from models.base import ModelInfo, SplitModel, StageBuilder
+from models.cnn import (
+    CIFAR_CNN,
+    DIGITS_CNN,
+    FMNIST_CNN,
+    cifar_cnn_stages,
+    digits_cnn_stages,
+    fmnist_cnn_stages,
+)
+from models.mlp import DIGITS_MLP, digits_mlp_stages
+from models.resnet import RESNET18, resnet18_stages
+
+_REGISTRY: dict[str, tuple[ModelInfo, StageBuilder]] = {
+    info.name: (info, builder)
+    for info, builder in (
+        (DIGITS_MLP, digits_mlp_stages),
+        (DIGITS_CNN, digits_cnn_stages),
+        (FMNIST_CNN, fmnist_cnn_stages),
+        (CIFAR_CNN, cifar_cnn_stages),
+        (RESNET18, resnet18_stages),
+    )
+}
+
+# The small model each dataset trains by default (manifest `training.model = "auto"`).
+_DATASET_DEFAULTS: dict[str, str] = {
+    "digits": "digits_cnn",
+    "fashion_mnist": "fmnist_cnn",
+    "cifar10": "cifar_cnn",
+}
+
+
+class UnknownChoiceError(ValueError, KeyError):
+    """A name that is not one of the valid choices; the message lists them.
+
+    It is a ValueError (bad argument) and also a KeyError (failed lookup), so callers may catch
+    either.
+    """
+
+    def __str__(self) -> str:
+        # KeyError would otherwise print the message quoted like a dictionary key.
+        return str(self.args[0]) if self.args else ""
+
+
+def _unknown(kind: str, value: str, choices: Iterable[str]) -> UnknownChoiceError:
+    listed = ", ".join(repr(c) for c in choices)
+    return UnknownChoiceError(f"unknown {kind} {value!r}; valid choices: {listed}")
+
+
+def available_models() -> list[str]:
+    """Names of all registered models, in registry order."""
+    return list(_REGISTRY)
+
+
+def model_info(name: str) -> ModelInfo:
+    """Metadata of model `name`; raises `UnknownChoiceError` naming the valid models."""
+    try:
+        return _REGISTRY[name][0]
+    except KeyError:
+        raise _unknown("model", name, _REGISTRY) from None
+
+
+def default_model(dataset: str) -> str:
+    """The default small model for `dataset` (digits, fashion_mnist or cifar10)."""
+    try:
+        return _DATASET_DEFAULTS[dataset]
+    except KeyError:
+        raise _unknown("dataset", dataset, _DATASET_DEFAULTS) from None
+
+
+def _stages(name: str, num_classes: int) -> list[tuple[str, nn.Module]]:
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+    model_info(name)
+    return _REGISTRY[name][1](num_classes)
+
+
+def build_model(name: str, num_classes: int = 10) -> nn.Sequential:
+    """The unsplit model as one `nn.Sequential` whose children are the named stages.
+
+    Under the same seed its weights equal those of `build_split` (same construction order).
+    """
+    return nn.Sequential(OrderedDict(_stages(name, num_classes)))
+
+
+def build_split(name: str, cut: str = "default", num_classes: int = 10) -> SplitModel:
+    """Build model `name` and split it after stage `cut` ("default" = the model's default cut).
+
+    The client gets every stage up to and including `cut`, the server the rest; both are
+    `nn.Sequential` keyed by stage name, so state_dict keys do not depend on the cut.
+    Unknown names or cuts raise `UnknownChoiceError` (a ValueError) listing the valid ones.
+    """
+    info = model_info(name)
+    chosen = info.default_cut if cut == "default" else cut
+    if chosen not in info.cuts:
+        raise _unknown(f"cut for model {name!r}", cut, ("default",) + info.cuts)
+    stages = _stages(name, num_classes)
+    split_at = [stage_name for stage_name, _ in stages].index(chosen) + 1
+    return SplitModel(
+        client=nn.Sequential(OrderedDict(stages[:split_at])),
+        server=nn.Sequential(OrderedDict(stages[split_at:])),
+        cut=chosen,
+        info=info,
+    )

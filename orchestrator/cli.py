@@ -1,0 +1,124 @@
+"""``gapsl-orchestrator``: run a testbed manifest, or check one.
+
+Exit codes: 0 ok, 1 run failed, 2 bad manifest or usage, 130 interrupted (SIGINT/SIGTERM).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as _dt
+import logging
+import os
+import signal
+import sys
+import uuid
+from pathlib import Path
+
+from .errors import ExitCode, GapslError, ManifestError
+from .manifest import Manifest, load_manifest, manifest_to_toml
+
+DEFAULT_MANIFEST = "testbed.toml"
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="gapsl-orchestrator",
+        description="Orchestrator of the GAPSL split-learning testbed.",
+        epilog="Exit codes: 0 ok, 1 run failed, 2 bad manifest or usage, 130 interrupted.",
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run a manifest on its fleet")
+    run.add_argument("manifest", nargs="?", default=DEFAULT_MANIFEST)
+    run.add_argument("--no-dashboard", action="store_true", help="plain log lines instead of the live view")
+    run.add_argument("--run-dir", type=Path, default=None, help="write the run here (default: under testbed.runs_dir)")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a manifest key")
+    check = sub.add_parser("check", help="validate a manifest and exit")
+    check.add_argument("manifest", nargs="?", default=DEFAULT_MANIFEST)
+    check.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    return p
+
+
+def default_run_dir(m: Manifest) -> Path:
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    name = f"{m.testbed.name}-{m.training.algorithm}-s{m.training.seed}-{stamp}"
+    return Path(m.testbed.runs_dir) / name
+
+
+def _check(args: argparse.Namespace) -> int:
+    m = load_manifest(args.manifest, args.set)
+    local = sum(d.launch == "local" for d in m.devices)
+    print(
+        f"{args.manifest}: ok — {m.training.algorithm} on {m.training.dataset}, "
+        f"{len(m.devices)} devices ({local} local), {m.training.rounds} rounds"
+    )
+    return ExitCode.OK
+
+
+async def _run_async(m: Manifest, run_dir: Path, dashboard: bool) -> str:
+    from .engine import Engine
+
+    engine = Engine(m, run_dir, manifest_to_toml(m), run_id=uuid.uuid4().hex[:12])
+    loop = asyncio.get_running_loop()
+    main = asyncio.current_task()
+    assert main is not None
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, main.cancel)
+    stop = asyncio.Event()
+    view: asyncio.Task[None] | None = None
+    if dashboard:
+        from rich.console import Console
+
+        from .dashboard import LiveDashboard
+
+        live = LiveDashboard(Console(), m.dashboard.refresh_hz, engine.state.snapshot)
+        view = asyncio.create_task(live.run(stop), name="dashboard")
+    else:
+        engine.state.on_line = lambda line: print(line, flush=True)
+    try:
+        return await engine.run()
+    finally:
+        stop.set()
+        if view is not None:
+            await asyncio.gather(view, return_exceptions=True)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+
+def _run(args: argparse.Namespace) -> int:
+    m = load_manifest(args.manifest, args.set)
+    run_dir = args.run_dir or default_run_dir(m)
+    dashboard = not args.no_dashboard and sys.stdout.isatty() and os.environ.get("TERM") != "dumb"
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        status = asyncio.run(_run_async(m, run_dir, dashboard))
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        print(f"interrupted; run directory: {run_dir}", file=sys.stderr)
+        return ExitCode.INTERRUPTED
+    summary = run_dir / "summary.json"
+    print(f"run {status}: {run_dir}", file=sys.stderr if status != "completed" else sys.stdout)
+    if status != "completed":
+        import json
+
+        reason = json.loads(summary.read_text()).get("error", "") if summary.exists() else ""
+        print(f"reason: {reason}", file=sys.stderr)
+        return ExitCode.FAILED
+    return ExitCode.OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "check":
+            return _check(args)
+        return _run(args)
+    except ManifestError as exc:
+        print(f"gapsl-orchestrator: {exc}", file=sys.stderr)
+        return ExitCode.USAGE
+    except GapslError as exc:
+        print(f"gapsl-orchestrator: {exc}", file=sys.stderr)
+        return ExitCode.FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,492 @@
+"""The live terminal dashboard: a pure renderer of `RunSnapshot`, its `Live` driver, and the
+one-line formatters used instead when stdout is not a terminal.
+
+`render` is a function of the snapshot and the terminal size only, so it can be golden-tested and
+Rich's output never reads the engine's mutable state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+from collections.abc import Callable, Sequence
+
+from rich import box
+from rich.cells import cell_len
+from rich.color import Color
+from rich.console import Console, Group, RenderableType
+from rich.live import Live
+from rich.panel import Panel
+from rich.style import Style
+from rich.table import Table
+from rich.text import Text
+
+from orchestrator.snapshot import DeviceView, EvalPoint, EventLine, GapslView, RunSnapshot
+
+NONE = "–"
+_BLOCKS = " ▁▂▃▄▅▆▇█"
+_SHADES = "·░▒▓█"
+STATUS_STYLES = {
+    "waiting": "dim",
+    "joined": "cyan",
+    "computing": "green",
+    "sending": "blue",
+    "straggling": "bold yellow",
+    "lost": "bold red",
+    "done": "bold green",
+}
+PHASE_STYLES = {
+    "waiting": "bold yellow",
+    "training": "bold green",
+    "evaluating": "bold cyan",
+    "completed": "bold green",
+    "failed": "bold red",
+    "interrupted": "bold yellow",
+}
+EVENT_STYLES = {"joined": "green", "lost": "red", "refused": "red", "straggler": "yellow"}
+_LABEL_W = 15  # chart label column: "accuracy 0.912 "
+
+
+# --- small formatters -------------------------------------------------------------------------
+
+
+def _num(v: float | None, digits: int = 1) -> str:
+    return NONE if v is None else f"{v:.{digits}f}"
+
+
+def _auto(v: float | None) -> str:
+    """Three significant-ish digits, so 0.84 and 312 both stay short."""
+    if v is None:
+        return NONE
+    return f"{v:.0f}" if abs(v) >= 100 else f"{v:.1f}" if abs(v) >= 10 else f"{v:.2f}"
+
+
+def fmt_duration(s: float | None) -> str:
+    """`42s`, `12m05s`, `3h07m`; `None` renders as a dash."""
+    if s is None or s != s or s < 0:
+        return NONE
+    s = int(round(s))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+def _fit(text: Text, width: int) -> Text:
+    text.no_wrap = True
+    text.truncate(max(width, 1), overflow="ellipsis")
+    return text
+
+
+# --- header -----------------------------------------------------------------------------------
+
+
+def _header(snap: RunSnapshot, cw: int) -> list[Text]:
+    part = snap.partition if snap.alpha is None else f"{snap.partition} α={snap.alpha:g}"
+    ident = Text(" · ").join(Text(p) for p in (snap.algorithm, snap.dataset, part))
+    if ident.cell_len + len(snap.listen) + 15 <= cw:
+        ident.append(f" · serving ws://{snap.listen}", style="dim")
+
+    total = max(snap.rounds, 1)
+    frac = min(max(snap.round / total, 0.0), 1.0)
+    prefix = Text(f"{snap.phase.upper()}", style=PHASE_STYLES.get(snap.phase, "bold"))
+    prefix.append(f"  round {snap.round}/{snap.rounds} ")
+    suffix = f" {frac * 100:3.0f}%  elapsed {fmt_duration(snap.elapsed_s)}"
+    suffix += f"  ETA {fmt_duration(snap.eta_s)}"
+    bar_w = cw - prefix.cell_len - len(suffix)
+    progress = prefix.copy()
+    if bar_w >= 6:
+        filled = int(round(frac * bar_w))
+        progress.append("█" * filled, style="green")
+        progress.append("░" * (bar_w - filled), style="dim")
+    progress.append(suffix)
+
+    ev = snap.last_eval
+    acc = Text("accuracy ", style="bold")
+    if ev is None:
+        acc.append(f"{NONE} (no evaluation yet)", style="dim")
+    else:
+        acc.append(f"mean {ev.acc_mean:.3f}  min {ev.acc_min:.3f}  max {ev.acc_max:.3f}")
+        acc.append(f"  (round {ev.round}, loss {ev.loss:.3f})", style="dim")
+    lines = [ident, progress, acc]
+    if snap.message:
+        lines.append(Text(snap.message, style="red" if snap.phase == "failed" else "yellow"))
+    return [_fit(t, cw) for t in lines]
+
+
+# --- fleet table ------------------------------------------------------------------------------
+
+
+def _host(d: DeviceView) -> str:
+    parts = [d.hostname or d.launch, d.platform, d.torch_device]
+    if d.cpu_count:
+        parts.append(f"{d.cpu_count}c/{d.memory_gib:.1f}G")
+    return " ".join(p for p in parts if p)
+
+
+def _updown(d: DeviceView) -> str:
+    if d.uplink_mbps is None and d.downlink_mbps is None:
+        return NONE
+    return f"{_auto(d.uplink_mbps)}/{_auto(d.downlink_mbps)}"
+
+
+# (key, header, right-justified, cell) in display order; `_FLEET_PRIORITY` decides what is kept.
+_FLEET_COLUMNS: list[tuple[str, str, bool, Callable[[DeviceView], str]]] = [
+    ("device", "device", False, lambda d: d.id),
+    ("status", "status", False, lambda d: d.status),
+    ("host", "host", False, _host),
+    ("cpu", "cpu%", True, lambda d: _num(d.cpu_percent, 0)),
+    ("mem", "mem%", True, lambda d: _num(d.mem_percent, 0)),
+    ("temp", "°C", True, lambda d: _num(d.temp_c, 0)),
+    ("compute", "ms/smp", True, lambda d: _auto(d.compute_ms_per_sample)),
+    ("rtt", "rtt ms", True, lambda d: _auto(d.rtt_ms)),
+    ("link", "up/dn Mbps", True, _updown),
+    ("batch", "batch", True, lambda d: str(d.batch_size or NONE)),
+    ("shard", "shard", True, lambda d: str(d.shard_size or NONE)),
+    ("rounds", "rounds", True, lambda d: str(d.rounds_done)),
+    ("loss", "loss", True, lambda d: _num(d.last_loss, 3)),
+    ("acc", "acc", True, lambda d: _num(d.accuracy, 3)),
+]
+_FLEET_PRIORITY = (
+    "device", "status", "rounds", "loss", "acc", "compute", "rtt", "link", "batch",
+    "cpu", "mem", "temp", "shard", "host",
+)  # fmt: skip
+_HOST_MIN_W = 12
+_ID_MAX_W = 16
+
+
+def _fleet(snap: RunSnapshot, width: int, height: int) -> Panel:
+    cw = width - 4
+    rows_fit = max(height - 3, 1)
+    shown = list(snap.devices)
+    hidden = 0
+    if len(shown) > rows_fit:
+        hidden = len(shown) - (rows_fit - 1)
+        shown = shown[: rows_fit - 1]
+    cells = {k: [fn(d) for d in shown] for k, _, _, fn in _FLEET_COLUMNS}
+    if hidden:
+        cells["device"].append(f"+{hidden} more")
+    heads = {k: h for k, h, _, _ in _FLEET_COLUMNS}
+    widths = {k: max([cell_len(heads[k])] + [cell_len(c) for c in cells[k]]) for k in cells}
+    widths["device"] = min(widths["device"], _ID_MAX_W)
+    keep: set[str] = set()
+    used = -2  # n columns take n-1 gaps of two cells
+    for key in _FLEET_PRIORITY:
+        need = _HOST_MIN_W if key == "host" else widths[key]
+        if used + 2 + need <= cw or len(keep) < 2:
+            keep.add(key)
+            used += 2 + need
+    table = Table(box=None, pad_edge=False, show_edge=False, expand=True, header_style="bold")
+    cols = [(k, right) for k, _, right, _ in _FLEET_COLUMNS if k in keep]
+    for key, right in cols:
+        flexible = key == "host"
+        table.add_column(
+            heads[key],
+            justify="right" if right else "left",
+            no_wrap=True,
+            overflow="ellipsis",
+            min_width=_HOST_MIN_W if flexible else widths[key],
+            max_width=None if flexible else widths[key],
+            ratio=1 if flexible else None,
+        )
+    for i in range(len(cells["device"])):
+        row: list[Text] = []
+        for key, _ in cols:
+            value = cells[key][i] if i < len(cells[key]) else ""
+            style = STATUS_STYLES.get(value, "") if key == "status" else ""
+            row.append(Text(value, style="dim italic" if i >= len(shown) else style))
+        table.add_row(*row)
+    joined = sum(d.status not in ("waiting", "lost") for d in snap.devices)
+    title = Text(f"fleet {joined}/{len(snap.devices)} connected")
+    return Panel(table, title=title, title_align="left", height=height, box=box.ROUNDED)
+
+
+def _fleet_height(snap: RunSnapshot) -> int:
+    return 3 + max(len(snap.devices), 1)
+
+
+# --- charts -----------------------------------------------------------------------------------
+
+
+def chart_rows(values: Sequence[float], width: int, rows: int) -> list[str]:
+    """A block chart of the last `width` values, `rows` tall (top row first); the smallest
+    value still shows as a sliver so a flat series is visibly a line, not a gap."""
+    vals = [v for v in values if v == v][-max(width, 0) :] if width > 0 else []
+    if not vals:
+        return [""] * rows
+    # A short history is stretched (up to 3 cells a point) so a few evaluations still read.
+    stretch = min(max(width // len(vals), 1), 3)
+    vals = [v for v in vals for _ in range(stretch)]
+    lo, hi = min(vals), max(vals)
+    top = rows * 8
+    levels = [top // 2 if hi == lo else 1 + round((v - lo) / (hi - lo) * (top - 1)) for v in vals]
+    return [
+        "".join(_BLOCKS[min(max(lv - r * 8, 0), 8)] for lv in levels)
+        for r in range(rows - 1, -1, -1)
+    ]
+
+
+def _chart_block(
+    name: str, values: Sequence[float], fmt: Callable[[float], str], rows: int, cw: int, note: str
+) -> list[Text]:
+    if not values:
+        return [_fit(Text(f"{name:<{_LABEL_W - 1}} ") + Text("no data yet", style="dim"), cw)] + [
+            Text("") for _ in range(rows - 1)
+        ]
+    labels = [f"{name} {fmt(values[-1])}"]
+    if rows >= 2:
+        span = values[-(cw - _LABEL_W) :]
+        labels.append(note or f"{fmt(min(span))}–{fmt(max(span))}")
+    labels += [""] * (rows - len(labels))
+    out = []
+    for label, bars in zip(labels, chart_rows(values, cw - _LABEL_W, rows)):
+        line = Text(f"{label[: _LABEL_W - 1]:<{_LABEL_W}}", style="bold" if out == [] else "dim")
+        line.append(bars, style="cyan")
+        out.append(_fit(line, cw))
+    return out
+
+
+def _charts(snap: RunSnapshot, width: int, height: int) -> Panel:
+    cw, lines = width - 4, max(height - 2, 1)
+    caps, rows = [6, 4, 3], [0, 0, 0]
+    # Accuracy gets the most height: it is what a run is judged by (DESIGN.md, accuracy).
+    for i in [0, 1, 2, 0, 1, 0, 2, 0, 1, 0, 2, 1, 0] * 2:
+        if sum(rows) < lines and rows[i] < caps[i]:
+            rows[i] += 1
+    accs = [p.acc_mean for p in snap.evals]
+    losses = [r.loss for r in snap.recent_rounds]
+    times = [r.round_time_s for r in snap.recent_rounds]
+    pred = snap.recent_rounds[-1].predicted_s if snap.recent_rounds else None
+    note = "" if pred is None else f"pred {pred:.2f}s"
+    blocks = [
+        ("accuracy", accs, lambda v: f"{v:.3f}", rows[0], ""),
+        ("loss", losses, lambda v: f"{v:.3f}", rows[1], ""),
+        ("round", times, lambda v: f"{v:.2f}s", rows[2], note),
+    ]
+    body: list[Text] = []
+    for name, vals, fmt, n, nt in blocks:
+        if n:
+            body += _chart_block(name, vals, fmt, n, cw, nt)
+    return Panel(Group(*body), title="trends", title_align="left", height=height)
+
+
+# --- GAPSL panel ------------------------------------------------------------------------------
+
+
+def _cos_style(v: float) -> Style:
+    # sqrt stretches the small cosines PSL gradients actually have (DESIGN.md: mean 0.01-0.14).
+    m = math.sqrt(min(abs(v), 1.0))
+    rgb = (int(40 + 150 * m), 40, 40) if v < 0 else (40, int(40 + 140 * m), int(40 + 40 * m))
+    return Style(color="white", bgcolor=Color.from_rgb(*rgb))
+
+
+def _gapsl_label_w(g: GapslView) -> int:
+    # "★ 12 device-id " — leader mark, column number, id (capped), one space before the cells.
+    digits = len(str(len(g.device_ids)))
+    return 2 + digits + 1 + min(max((cell_len(i) for i in g.device_ids), default=1), 10) + 1
+
+
+def _gapsl_width(g: GapslView, compact: bool) -> int:
+    return max(_gapsl_label_w(g) + len(g.device_ids) * (2 if compact else 6), 26) + 4
+
+
+def _gapsl_height(g: GapslView, compact: bool) -> int:
+    """Borders, column numbers (numeric cells only) and one row per device."""
+    return 2 + (0 if compact else 1) + len(g.device_ids)
+
+
+def _gapsl(g: GapslView, width: int, height: int, compact: bool) -> Panel:
+    cw, lines = width - 4, max(height - 2, 1)
+    lw, leaders = _gapsl_label_w(g), set(g.leaders)
+    digits = len(str(len(g.device_ids)))
+    body: list[Text] = []
+    if not compact and lines >= 2:
+        head = Text(" " * lw)
+        for j in range(len(g.device_ids)):
+            head.append(f"{'#' + str(j + 1):>6}", style="dim")
+        body.append(head)
+    for i, dev in enumerate(g.device_ids[: lines - len(body)]):
+        mark = "★ " if dev in leaders else "  "
+        label = f"{mark}{i + 1:>{digits}} {dev[: lw - digits - 4]}"
+        row = Text(f"{label:<{lw}}", style="bold" if dev in leaders else "")
+        for j, v in enumerate(g.cosine[i] if i < len(g.cosine) else ()):
+            if compact:
+                lvl = min(int(math.sqrt(min(abs(v), 1.0)) * 5), 4)
+                row.append(_SHADES[lvl] * 2, style="green" if v >= 0 else "red")
+            else:
+                row.append(" " + ("    ·" if i == j else f"{v:+.2f}"), style=_cos_style(v))
+        body.append(row)
+    if len(body) < lines:
+        body.append(Text(f"leaders {len(g.leaders)}/{len(g.device_ids)}: " + ", ".join(g.leaders)))
+    subtitle = None
+    if g.align_before is not None or g.align_after is not None:
+        # Mean cos(g_i, g_L) before and after GDA: how much the alignment pulled (DESIGN.md).
+        subtitle = Text(f"align {_num(g.align_before, 2)}→{_num(g.align_after, 2)}")
+    title = Text("GAPSL cosine · ★ leader")
+    return Panel(
+        Group(*(_fit(t, cw) for t in body)),
+        title=_fit(title, cw),
+        title_align="left",
+        subtitle=subtitle,
+        subtitle_align="right",
+        height=height,
+    )
+
+
+# --- waiting, events --------------------------------------------------------------------------
+
+
+def agent_command(listen: str, device_id: str) -> str:
+    """How to start a device's agent; the token is never shown, only its placeholder."""
+    return f"gapsl-agent --orchestrator ws://{listen} --id {device_id} --token <token>"
+
+
+def _waiting(snap: RunSnapshot, width: int, height: int) -> Panel:
+    cw = width - 4
+    missing = [d for d in snap.devices if d.status == "waiting"]
+    names = ", ".join(d.id + (" (local)" if d.launch == "local" else "") for d in missing)
+    body = [_fit(Text(f"missing {len(missing)} of {len(snap.devices)}: {names}"), cw)]
+    remote = [d for d in missing if d.launch != "local"]
+    if remote:
+        body.append(Text("start each missing device with:", style="dim"))
+        # Commands fold rather than truncate: they are meant to be copied whole.
+        body += [Text(agent_command(snap.listen, d.id), style="bold") for d in remote]
+        if snap.listen.rsplit(":", 1)[0] in ("0.0.0.0", "::", "[::]", ""):
+            body.append(Text("(use this machine's address in place of the wildcard host)"))
+    elif missing:
+        body.append(Text("local agents are being started by the orchestrator", style="dim"))
+    return Panel(Group(*body), title="waiting for devices", title_align="left", height=height)
+
+
+def _waiting_height(snap: RunSnapshot, cw: int) -> int:
+    remote = [d for d in snap.devices if d.status == "waiting" and d.launch != "local"]
+    cmds = sum(math.ceil(cell_len(agent_command(snap.listen, d.id)) / cw) for d in remote)
+    return 2 + 1 + (2 + cmds if remote else 1)
+
+
+def _events(events: Sequence[EventLine], width: int, height: int) -> Panel:
+    cw, lines = width - 4, max(height - 2, 1)
+    tail = list(events)[-lines:]
+    ew = min(max((len(e.event) for e in tail), default=0), 12)
+    dw = min(max((len(e.device or "") for e in tail), default=0), _ID_MAX_W)
+    body = []
+    for e in tail:
+        line = Text(f"{e.t:8.1f}s ", style="dim")
+        line.append(f"{e.event:<{ew}}", style=EVENT_STYLES.get(e.event, "bold"))
+        line.append(f" {(e.device or '')[:dw]:<{dw}} {' '.join(e.text.split())}")
+        body.append(_fit(line, cw))
+    if not body:
+        body.append(Text("no events yet", style="dim"))
+    return Panel(Group(*body), title="events", title_align="left", height=height)
+
+
+# --- layout -----------------------------------------------------------------------------------
+
+
+def render(snap: RunSnapshot, width: int = 120, height: int = 40) -> RenderableType:
+    """The whole dashboard for `snap`, at most `width` cells wide and `height - 1` lines tall
+    (one line is left for the cursor); detail is dropped, lowest priority first, to fit."""
+    width, budget = max(width, 40), max(height - 1, 8)
+    head_lines = _header(snap, width - 4)
+    header = Panel(
+        Group(*head_lines),
+        title=_fit(Text(snap.name, style="bold"), width - 8),
+        title_align="left",
+        subtitle=_fit(Text(snap.run_dir, style="dim"), width - 8) if snap.run_dir else None,
+        subtitle_align="right",
+    )
+    left = budget - len(head_lines) - 2
+
+    waiting = snap.phase == "waiting" and bool(snap.missing)
+    g = None if waiting else snap.gapsl
+    # Side by side when the charts keep at least 40 cells; numeric cosines before shaded ones.
+    compact = g is not None and width - _gapsl_width(g, False) < 40
+    side = g is not None and width - _gapsl_width(g, compact) >= 40
+    if waiting:
+        mid_base = mid_full = _waiting_height(snap, width - 4)
+    else:
+        g_base = 0 if g is None else _gapsl_height(g, compact)
+        # Stacked below the charts, the heat map only takes space nothing else needs.
+        mid_base = max(5, g_base) if side else 5
+        mid_full = max(15, g_base + 1) if side else 15 + g_base + 1
+    ev_min = 3
+    # A large fleet gets at most 3/5 of the space so charts and events stay on screen.
+    fleet_h = min(_fleet_height(snap), max(4, min(left - mid_base - ev_min, left * 3 // 5)))
+    mid_h = max(min(mid_base, left - fleet_h - ev_min), 0)
+    ev_h = min(2 + max(len(snap.events), 1), left - fleet_h - mid_h)
+    mid_h += max(min(mid_full - mid_h, left - fleet_h - mid_h - ev_h), 0)
+
+    parts: list[RenderableType] = [header, _fleet(snap, width, fleet_h)]
+    if waiting and mid_h >= 3:
+        parts.append(_waiting(snap, width, mid_h))
+    elif mid_h >= 3:
+        if g is not None and side:
+            gw = _gapsl_width(g, compact)
+            grid = Table.grid(expand=True)
+            grid.add_column(ratio=1)
+            grid.add_column(width=gw)
+            grid.add_row(_charts(snap, width - gw, mid_h), _gapsl(g, gw, mid_h, compact))
+            parts.append(grid)
+        elif g is not None and mid_h >= 8:
+            g_h = min(_gapsl_height(g, compact) + 1, mid_h - 5)
+            parts += [_charts(snap, width, mid_h - g_h), _gapsl(g, width, g_h, compact)]
+        else:
+            parts.append(_charts(snap, width, mid_h))
+    if ev_h >= 3:
+        parts.append(_events(snap.events, width, ev_h))
+    return Group(*parts)
+
+
+# --- headless lines ---------------------------------------------------------------------------
+
+
+def format_event(e: EventLine) -> str:
+    """One greppable line, e.g. `event=joined device=dev-1 t=1.23 text="..."`."""
+    line = f"event={e.event} device={e.device or '-'} t={e.t:.2f}"
+    # json quoting keeps the text on one line and unambiguous for `grep`/`awk`.
+    return line + (f" text={json.dumps(e.text, ensure_ascii=False)}" if e.text else "")
+
+
+def format_eval(p: EvalPoint, rounds: int) -> str:
+    """One greppable line per evaluation, with the same field names as `metrics.jsonl`."""
+    return (
+        f"eval round={p.round}/{rounds} acc_mean={p.acc_mean:.3f} acc_min={p.acc_min:.3f} "
+        f"acc_max={p.acc_max:.3f} loss={p.loss:.3f} time_s={p.time_s:.2f}"
+    )
+
+
+# --- live driver ------------------------------------------------------------------------------
+
+
+class LiveDashboard:
+    """Redraws `render(snapshot_fn())` at `refresh_hz` from the event loop, so Rich's own refresh
+    thread (disabled here) never reads state that the engine is mutating."""
+
+    def __init__(
+        self, console: Console, refresh_hz: float, snapshot_fn: Callable[[], RunSnapshot]
+    ) -> None:
+        if not refresh_hz > 0:
+            raise ValueError(f"refresh_hz must be > 0, got {refresh_hz!r}")
+        self.console = console
+        self.period_s = 1.0 / refresh_hz
+        self.snapshot_fn = snapshot_fn
+
+    def _frame(self) -> RenderableType:
+        return render(self.snapshot_fn(), self.console.width, self.console.height)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Redraw until `stop` is set, then draw one last frame and return.
+
+        Cancelling is safe: the `Live` context restores the terminal on the way out.
+        """
+        live = Live(console=self.console, auto_refresh=False, screen=False, transient=False)
+        with live:
+            while not stop.is_set():
+                live.update(self._frame(), refresh=True)
+                try:
+                    await asyncio.wait_for(stop.wait(), timeout=self.period_s)
+                except asyncio.TimeoutError:
+                    pass
+            live.update(self._frame(), refresh=True)

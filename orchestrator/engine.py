@@ -1,0 +1,416 @@
+"""The distributed engine: serve the fleet, run synchronous PSL rounds, evaluate, record.
+
+One run: prepare the job (data, partition, identical initial weights), listen, start the local
+fleet, wait for every device to hold the job, then per round ask every device for activations,
+update the shared server partition once, and send each device its activation gradient.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from edge_agent import protocol
+from edge_agent.data import Dataset, labels_fingerprint, load_dataset, partition
+from edge_agent.protocol import encode
+from edge_agent.trainer import load_numpy_state, state_to_numpy
+from models import build_split, default_model, select_device
+
+from . import algorithms
+from .errors import FleetError, GapslError, RunError
+from .launcher import LocalFleet
+from .manifest import Manifest
+from .records import RunRecords
+from .sessions import Admission, DeviceSession, wait_ready
+from .snapshot import EvalPoint, RoundPoint
+from .state import RunState
+
+SUPPORTED_ALGORITHMS = ("psl",)
+
+
+@dataclass
+class Job:
+    """What the run trains, built once before any device is admitted."""
+
+    dataset: Dataset
+    model: str
+    cut: str
+    shards: list[np.ndarray]
+    client_init: dict[str, np.ndarray]
+    server: torch.nn.Module
+    client_template: torch.nn.Module
+    server_device: torch.device
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+
+
+def prepare_job(m: Manifest) -> Job:
+    """Load data, partition it, and build the identical initial weights every device starts from."""
+    t = m.training
+    if t.algorithm not in SUPPORTED_ALGORITHMS:
+        raise RunError(f"training.algorithm = {t.algorithm!r} is not available in this version (use: psl)")
+    ds = load_dataset(t.dataset, m.data_dir(), download=m.data.download)
+    model = default_model(t.dataset) if t.model == "auto" else t.model
+    shards = partition(
+        ds.y_train,
+        len(m.devices),
+        m.data.partition,
+        seed=t.seed,
+        alpha=m.data.alpha,
+        shards_per_device=m.data.shards_per_device,
+    )
+    torch.manual_seed(t.seed)
+    split = build_split(model, t.cut, num_classes=ds.num_classes)
+    device = select_device(m.server.device)
+    x_test, y_test = ds.x_test, ds.y_test
+    if 0 < m.data.test_limit < len(y_test):
+        keep = np.sort(np.random.default_rng(t.seed).permutation(len(y_test))[: m.data.test_limit])
+        x_test, y_test = x_test[keep], y_test[keep]
+    return Job(
+        dataset=ds,
+        model=model,
+        cut=split.cut,
+        shards=shards,
+        client_init=state_to_numpy(split.client),
+        server=split.server.to(device),
+        client_template=split.client.to(device),
+        server_device=device,
+        x_test=torch.from_numpy(ds.normalize(x_test)).to(device),
+        y_test=torch.from_numpy(y_test.astype(np.int64)).to(device),
+    )
+
+
+def job_message(m: Manifest, job: Job, run_id: str, rank: int) -> bytes:
+    t = m.training
+    spec = {
+        "model": job.model,
+        "cut": job.cut,
+        "dataset": t.dataset,
+        "num_classes": job.dataset.num_classes,
+        "dataset_fingerprint": labels_fingerprint(job.dataset.y_train),
+        "algorithm": t.algorithm,
+        "rounds": t.rounds,
+        "batch_size": t.batch_size,
+        "lr": t.lr,
+        "momentum": t.momentum,
+        "weight_decay": t.weight_decay,
+        "seed": t.seed,
+        "rank": rank,
+    }
+    return encode("job", run_id=run_id, job=spec, shard=job.shards[rank], weights=job.client_init)
+
+
+class Engine:
+    """Runs one manifest on the fleet and writes its run directory."""
+
+    def __init__(self, m: Manifest, run_dir: Path, manifest_toml: str, run_id: str) -> None:
+        self.m = m
+        self.run_id = run_id
+        self.records = RunRecords(run_dir, manifest_toml)
+        host, port = m.listen_host_port()
+        self.state = RunState(m, self.records, f"{host}:{port}")
+        self.sessions = {d.id: DeviceSession(d, rank) for rank, d in enumerate(m.devices)}
+        self.state.sessions = list(self.sessions.values())
+        self.fleet: LocalFleet | None = None
+        self.job: Job | None = None
+        self._frames: dict[str, bytes] = {}
+        self._eval_template: torch.nn.Module | None = None
+
+    # --- the run ------------------------------------------------------------------------------
+
+    async def run(self, on_listening: Callable[[str], None] | None = None) -> str:
+        """Run to the end; returns the final status. Cancelling marks the run interrupted."""
+        from websockets.asyncio.server import serve
+
+        m, st = self.m, self.state
+        started = time.monotonic()
+        status, error = "failed", ""
+        admission: Admission | None = None
+        try:
+            st.event("preparing", None, {"dataset": m.training.dataset, "devices": len(m.devices)})
+            self.job = await asyncio.to_thread(prepare_job, m)
+            self._frames = {s.id: job_message(m, self.job, self.run_id, s.rank) for s in self.sessions.values()}
+            admission = Admission(self.sessions, self.run_id, lambda s: self._frames[s.id], st.event, self._telemetry)
+            host, port = m.listen_host_port()
+            async with serve(
+                admission.handler,
+                host,
+                port,
+                compression=None,  # dense float tensors do not deflate; it would only cost CPU
+                max_size=m.testbed.max_message_bytes,
+                ping_interval=m.testbed.ping_interval_s,
+                ping_timeout=m.testbed.ping_timeout_s,
+                open_timeout=10,
+                close_timeout=5,
+            ) as server:
+                port = server.sockets[0].getsockname()[1]
+                st.listen = f"{host}:{port}"
+                st.event("listening", None, {"url": f"ws://{st.listen}"})
+                if on_listening is not None:
+                    on_listening(st.listen)
+                try:
+                    await self._start_fleet(f"ws://{_dial_host(host)}:{port}")
+                    await self._train()
+                    status = "completed"
+                finally:
+                    admission.closing = True
+                    await self._say_bye("completed" if status == "completed" else "run ended")
+                    if self.fleet is not None:
+                        await self.fleet.stop()
+        except asyncio.CancelledError:
+            status, error = "interrupted", "interrupted by signal"
+            raise
+        except GapslError as exc:
+            error = str(exc)
+        except Exception as exc:  # an unexpected crash still leaves a summary behind
+            error = f"{type(exc).__name__}: {exc}"
+            raise
+        finally:
+            st.phase = status
+            st.message = error
+            if error:
+                st.event("run_failed" if status == "failed" else status, None, {"reason": error})
+            else:
+                st.event("run_completed", None, {})
+            self._write_summary(status, error, time.monotonic() - started)
+            self.records.close()
+        return status
+
+    async def _start_fleet(self, url: str) -> None:
+        local = [s.cfg for s in self.sessions.values() if s.cfg.launch == "local"]
+        if not local:
+            return
+        self.fleet = LocalFleet(self.records.dir / "agents", self._agent_exited)
+        await self.fleet.start(local, url, self.m.data_dir(), self.m.data.download)
+        self.state.event("fleet_started", None, {"local_agents": len(local)})
+
+    def _agent_exited(self, device_id: str, code: int) -> None:
+        session = self.sessions[device_id]
+        if code != 0 and self.state.phase not in ("completed", "failed", "interrupted"):
+            tail = self.fleet.log_tail(device_id, 3) if self.fleet else ""
+            session.failure = session.failure or f"local agent exited with code {code}: {tail}"
+        self.state.event("agent_exited", device_id, {"code": code})
+
+    async def _train(self) -> None:
+        m, st = self.m, self.state
+        sessions = list(self.sessions.values())
+        last_tick = [0.0]
+
+        def tick(missing: list[str]) -> None:
+            now = time.monotonic()
+            if now - last_tick[0] >= 10.0:
+                last_tick[0] = now
+                st.event("waiting", None, {"missing": ",".join(missing)})
+
+        await wait_ready(sessions, m.testbed.join_timeout_s, tick)
+        st.phase = "training"
+        st.round_started = self.records.elapsed()
+        assert self.job is not None
+        server = self.job.server
+        t = m.training
+        optimizer = torch.optim.SGD(server.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+        for r in range(1, t.rounds + 1):
+            st.round = r
+            await self._round(r, sessions, server, optimizer)
+            if r % t.eval_every == 0 or r == t.rounds:
+                await self._evaluate(r, sessions)
+
+    async def _round(self, r: int, sessions: list[DeviceSession], server: torch.nn.Module, optimizer: Any) -> None:
+        m, st, job = self.m, self.state, self.job
+        assert job is not None
+        batch = m.training.batch_size
+        start = time.perf_counter()
+        request = encode("round", round=r, batch_size=batch)
+        for s in sessions:
+            s.status = "computing"
+
+        async def ask(s: DeviceSession) -> tuple[protocol.Message, float]:
+            t0 = time.perf_counter()
+            reply = await s.call(request, "activations", r, m.testbed.round_timeout_s)
+            s.status = "joined"
+            return reply, time.perf_counter() - t0
+
+        try:
+            replies = await asyncio.gather(*(ask(s) for s in sessions))
+        except TimeoutError as exc:
+            raise FleetError(str(exc)) from exc
+        acts, labels = [], []
+        for s, (msg, _) in zip(sessions, replies):
+            x, y = _check_activations(s.id, msg, batch, job.dataset.num_classes)
+            acts.append(torch.from_numpy(np.array(x)).to(job.server_device))  # frames are read-only
+            labels.append(torch.from_numpy(np.array(y)).to(job.server_device))
+        t_server = time.perf_counter()
+        result = await asyncio.to_thread(algorithms.psl_server_step, server, optimizer, acts, labels)
+        server_s = time.perf_counter() - t_server
+        t_down = time.perf_counter()
+        for s, grad, loss in zip(sessions, result.grads, result.losses):
+            frame = encode("gradients", round=r, grad=grad.detach().cpu().numpy(), loss=loss)
+            s.last_gradient = (r, frame)
+            await s.send(frame)  # a device that is away gets it again when it rejoins
+            st.device_loss[s.id] = loss
+            st.device_rounds[s.id] = r
+        downlink_s = time.perf_counter() - t_down
+        round_s = time.perf_counter() - start
+        per_device = {}
+        for s, (msg, wait_s) in zip(sessions, replies):
+            compute_s = float(msg["compute_s"])
+            st.compute_ms[s.id] = 1000.0 * compute_s / max(len(msg["y"]), 1)
+            per_device[s.id] = {
+                "batch": int(len(msg["y"])),
+                "compute_s": round(compute_s, 6),
+                "uplink_s": round(max(wait_s - compute_s, 0.0), 6),
+                "wait_s": round(wait_s, 6),
+            }
+        slowest = max(per_device.values(), key=lambda d: d["wait_s"])
+        self.records.append(
+            "rounds",
+            {
+                "round": r,
+                "round_time_s": round(round_s, 6),
+                "predicted_s": None,  # the latency model arrives with the profiler
+                "server_s": round(server_s, 6),
+                "downlink_s": round(downlink_s, 6),
+                "loss": result.loss,
+                "leaders": None,
+                "mean_cos": None,
+                "devices": per_device,
+            },
+        )
+        st.rounds.append(
+            RoundPoint(
+                round=r,
+                round_time_s=round_s,
+                loss=result.loss,
+                compute_s=slowest["compute_s"],
+                uplink_s=slowest["uplink_s"],
+                server_s=server_s,
+                downlink_s=downlink_s,
+            )
+        )
+
+    async def _evaluate(self, r: int, sessions: list[DeviceSession]) -> None:
+        st, job = self.state, self.job
+        assert job is not None
+        st.phase = "evaluating"
+        request = encode("eval_request", round=r)
+        try:
+            replies = await asyncio.gather(
+                *(s.call(request, "eval_result", r, self.m.testbed.round_timeout_s) for s in sessions)
+            )
+        except TimeoutError as exc:
+            raise FleetError(str(exc)) from exc
+        weights = [msg["weights"] for msg in replies]
+        scores = await asyncio.to_thread(self._score, weights)
+        accs = [a for a, _ in scores]
+        for s, (acc, _) in zip(sessions, scores):
+            st.device_acc[s.id] = acc
+        point = EvalPoint(
+            round=r,
+            time_s=self.records.elapsed(),
+            acc_mean=float(np.mean(accs)),
+            acc_min=float(np.min(accs)),
+            acc_max=float(np.max(accs)),
+            loss=float(np.mean([loss for _, loss in scores])),
+        )
+        record = {k: getattr(point, k) for k in ("round", "time_s", "acc_mean", "acc_min", "acc_max", "loss")}
+        record["acc"] = {s.id: acc for s, acc in zip(sessions, accs)}
+        self.records.append("metrics", record)
+        st.add_eval(point)
+        st.phase = "training"
+
+    def _score(self, weights: list[dict[str, np.ndarray]]) -> list[tuple[float, float]]:
+        job = self.job
+        assert job is not None
+        out = []
+        for w in weights:
+            try:
+                load_numpy_state(job.client_template, w)
+            except (RuntimeError, KeyError) as exc:
+                raise RunError(f"a device returned weights that do not fit the model: {exc}") from exc
+            job.client_template.to(job.server_device)
+            out.append(algorithms.evaluate(job.client_template, job.server, job.x_test, job.y_test))
+        return out
+
+    # --- bookkeeping --------------------------------------------------------------------------
+
+    def _telemetry(self, session: DeviceSession) -> None:
+        record = {"t": round(self.records.elapsed(), 3), "device": session.id}
+        record["compute_ms_per_sample"] = self.state.compute_ms.get(session.id)
+        latency = getattr(session.ws, "latency", 0.0) if session.ws is not None else 0.0
+        record["rtt_ms"] = latency * 1000.0 if latency else None
+        record["uplink_mbps"] = None
+        record["downlink_mbps"] = None
+        record.update({k: session.stats.get(k) for k in ("cpu_percent", "mem_percent", "rss_bytes", "temp_c")})
+        self.records.append("devices", record)
+
+    async def _say_bye(self, reason: str) -> None:
+        frame = encode("bye", reason=reason)
+        for s in self.sessions.values():
+            await s.send(frame)
+            s.status = "done" if s.ws is not None else s.status
+        for s in self.sessions.values():
+            ws = s.ws
+            if ws is not None:
+                try:
+                    await asyncio.wait_for(ws.wait_closed(), 5.0)
+                except asyncio.TimeoutError:
+                    await ws.close(protocol.CLOSE_GOING_AWAY, "run over")
+
+    def _write_summary(self, status: str, error: str, wall_s: float) -> None:
+        last = self.state.evals[-1] if self.state.evals else None
+        t = self.m.training
+        summary: dict[str, Any] = {
+            "status": status,
+            "rounds": self.state.round if status != "completed" else t.rounds,
+            "final_acc_mean": last.acc_mean if last else None,
+            "final_acc_min": last.acc_min if last else None,
+            "final_acc_max": last.acc_max if last else None,
+            "wall_s": round(wall_s, 3),
+            "algorithm": t.algorithm,
+            "dataset": t.dataset,
+            "seed": t.seed,
+            "devices": [s.id for s in self.sessions.values()],
+            "run_id": self.run_id,
+            "versions": _versions(),
+        }
+        if error:
+            summary["error"] = error
+        self.records.write_summary(summary)
+
+
+def _check_activations(device: str, msg: protocol.Message, batch: int, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Activations and labels must match the request; a device's bug must not poison the server."""
+    x, y = msg["x"], msg["y"]
+    if x.ndim < 2 or len(x) != len(y) or len(y) != batch:
+        raise RunError(f"device {device}: activations {x.shape} / labels {y.shape} do not match batch {batch}")
+    if x.dtype != np.float32 or not np.isfinite(x).all():
+        raise RunError(f"device {device}: activations must be finite float32")
+    if y.dtype != np.int64 or (len(y) and (y.min() < 0 or y.max() >= num_classes)):
+        raise RunError(f"device {device}: labels must be int64 in [0, {num_classes})")
+    return x, y
+
+
+def _dial_host(host: str) -> str:
+    return "127.0.0.1" if host in ("", "0.0.0.0") else ("[::1]" if host == "::" else host)
+
+
+def _versions() -> dict[str, str]:
+    import platform
+
+    import websockets
+
+    from . import __version__
+
+    return {
+        "gapsl_testbed": __version__,
+        "python": platform.python_version(),
+        "torch": str(torch.__version__),
+        "numpy": np.__version__,
+        "websockets": websockets.__version__,
+    }

@@ -1,0 +1,109 @@
+"""The local fleet: devices with ``launch = "local"`` run as ``gapsl-agent`` subprocesses.
+
+Every agent is stopped when the run ends, fails or is interrupted; on Linux each one also asks the
+kernel to send it SIGTERM if the orchestrator dies (PR_SET_PDEATHSIG), so even a SIGKILLed
+orchestrator leaves no orphans. Agent output goes to ``agents/<id>.log`` in the run directory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import IO, Any, Callable
+
+from .manifest import DeviceConfig
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
+
+
+def agent_command(
+    device: DeviceConfig, url: str, data_dir: Path | None, download: bool
+) -> list[str]:
+    """The command line that starts one local agent (also shown to users for remote ones)."""
+    cmd = [sys.executable, "-m", "edge_agent", "--orchestrator", url, "--id", device.id]
+    cmd += ["--token", device.token, "--device", device.device, "--give-up-s", "60"]
+    if data_dir is not None:
+        cmd += ["--data-dir", str(data_dir)]
+    if download:
+        cmd.append("--download")
+    em = device.emulate
+    if em != type(em)():  # only non-default emulation goes on the command line
+        cmd += ["--compute-slowdown", repr(em.compute_slowdown), "--uplink-mbps", repr(em.uplink_mbps)]
+        cmd += ["--downlink-mbps", repr(em.downlink_mbps), "--rtt-ms", repr(em.rtt_ms)]
+    return cmd
+
+
+class LocalFleet:
+    """Starts and always stops the local agents of a run."""
+
+    def __init__(self, log_dir: Path, on_exit: Callable[[str, int], None]) -> None:
+        self.log_dir = log_dir
+        self.on_exit = on_exit
+        self.procs: dict[str, asyncio.subprocess.Process] = {}
+        self._logs: list[IO[bytes]] = []
+        self._watchers: list[asyncio.Task[None]] = []
+
+    async def start(self, devices: list[DeviceConfig], url: str, data_dir: Path | None, download: bool) -> None:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ)
+        # Local agents share this machine's cores: one torch thread each avoids oversubscription.
+        env.setdefault("OMP_NUM_THREADS", "1")
+        env["PYTHONUNBUFFERED"] = "1"
+        project_root = str(Path(__file__).resolve().parent.parent)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (project_root, env.get("PYTHONPATH", "")) if p)
+        for device in devices:
+            log = open(self.log_dir / f"{device.id}.log", "ab")
+            self._logs.append(log)
+            cmd = agent_command(device, url, data_dir, download) + ["--threads", "1"]
+            kwargs: dict[str, Any] = {"stdout": log, "stderr": log, "env": env, "stdin": asyncio.subprocess.DEVNULL}
+            if sys.platform.startswith("linux"):
+                kwargs["preexec_fn"] = _die_with_parent
+            kwargs["start_new_session"] = True  # Ctrl-C reaches the orchestrator, which stops agents
+            proc = await asyncio.create_subprocess_exec(*cmd, **kwargs)
+            self.procs[device.id] = proc
+            self._watchers.append(asyncio.create_task(self._watch(device.id, proc), name=f"watch-{device.id}"))
+
+    async def _watch(self, device_id: str, proc: asyncio.subprocess.Process) -> None:
+        code = await proc.wait()
+        self.on_exit(device_id, code)
+
+    def log_tail(self, device_id: str, lines: int = 5) -> str:
+        path = self.log_dir / f"{device_id}.log"
+        try:
+            text = path.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.strip().splitlines()[-lines:])
+
+    async def stop(self, grace_s: float = 5.0) -> None:
+        """Give agents ``grace_s`` to leave after the run's bye, then terminate, then kill."""
+        alive = [p for p in self.procs.values() if p.returncode is None]
+        if alive:
+            await asyncio.wait([asyncio.ensure_future(p.wait()) for p in alive], timeout=grace_s)
+        for sig, wait_s in ((signal.SIGTERM, 3.0), (signal.SIGKILL, 3.0)):
+            alive = [p for p in self.procs.values() if p.returncode is None]
+            if not alive:
+                break
+            for p in alive:
+                try:
+                    p.send_signal(sig)
+                except ProcessLookupError:
+                    pass
+            await asyncio.wait([asyncio.ensure_future(p.wait()) for p in alive], timeout=wait_s)
+        for w in self._watchers:
+            w.cancel()
+        await asyncio.gather(*self._watchers, return_exceptions=True)
+        for log in self._logs:
+            log.close()

@@ -1,0 +1,70 @@
+"""The run directory: the resolved manifest, append-only JSONL records, and the summary.
+
+Every JSONL line is written whole and flushed at once, so a killed orchestrator loses nothing it
+had written; ``summary.json`` is replaced atomically (write, fsync, rename).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import IO, Any
+
+RECORD_FILES = ("metrics", "rounds", "devices", "events")
+
+
+def _clean(value: Any) -> Any:
+    """JSON has no NaN/inf: write them as null rather than as invalid JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+class RunRecords:
+    """Writer of one run directory. Times in records are seconds since the run started."""
+
+    def __init__(self, run_dir: Path, manifest_toml: str) -> None:
+        self.dir = Path(run_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.started = time.monotonic()
+        (self.dir / "manifest.toml").write_text(manifest_toml, encoding="utf-8")
+        self._files: dict[str, IO[str]] = {
+            name: open(self.dir / f"{name}.jsonl", "a", encoding="utf-8") for name in RECORD_FILES
+        }
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    def append(self, name: str, record: dict[str, Any]) -> None:
+        f = self._files[name]
+        f.write(json.dumps(_clean(record), separators=(",", ":")) + "\n")
+        f.flush()
+
+    def event(self, event: str, device: str | None = None, **fields: Any) -> dict[str, Any]:
+        record: dict[str, Any] = {"t": round(self.elapsed(), 3), "event": event}
+        if device is not None:
+            record["device"] = device
+        record.update(fields)
+        self.append("events", record)
+        return record
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        path = self.dir / "summary.json"
+        tmp = path.with_suffix(".json.tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(_clean(summary), f, indent=2)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()

@@ -1,0 +1,252 @@
+"""Fleet sessions: admission of the listed devices and request/reply over their connections.
+
+A :class:`DeviceSession` outlives any one WebSocket: when a device's link drops and it dials
+back with its id and token, the new connection is attached to the same session and a request
+that was in flight is sent again (the agent answers a repeated request idempotently).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import time
+from typing import Any, Callable
+
+from edge_agent import protocol
+from edge_agent.protocol import Message, ProtocolError, decode, encode
+
+from .errors import FleetError
+from .manifest import DeviceConfig
+
+# Markers put in a session's reply queue by the connection handler.
+_DROPPED = object()  # the connection went away: resend after the device is back
+_FAILED = object()  # the device reported that it cannot carry out the job
+
+REPLY_TYPES = frozenset({"activations", "eval_result"})
+HELLO_TIMEOUT_S = 10.0
+
+
+class DeviceSession:
+    """One device listed in the manifest, whatever connection it currently has."""
+
+    def __init__(self, cfg: DeviceConfig, rank: int) -> None:
+        self.cfg = cfg
+        self.id = cfg.id
+        self.rank = rank
+        self.ws: Any = None
+        self.connected = asyncio.Event()
+        self.ready = asyncio.Event()  # the device holds the current job
+        # Replies only come when asked for, one request at a time: a small bound is plenty, and
+        # a device that overflows it is flooding us.
+        self.replies: asyncio.Queue[Any] = asyncio.Queue(maxsize=8)
+        self.facts: dict[str, Any] = {}
+        self.stats: dict[str, Any] = {}
+        self.status = "waiting"
+        self.failure: str | None = None
+        self.shard_size = 0
+        self.last_gradient: tuple[int, bytes] | None = None  # resent to a device that missed it
+
+    async def send(self, frame: bytes) -> bool:
+        """Send on the current connection; False when there is none (the device is away)."""
+        from websockets.exceptions import ConnectionClosed
+
+        ws = self.ws
+        if ws is None:
+            return False
+        try:
+            await ws.send(frame)
+        except ConnectionClosed:
+            return False
+        return True
+
+    async def call(self, frame: bytes, reply_type: str, round_: int, timeout_s: float) -> Message:
+        """Send a request and wait for its reply, resending after a reconnect.
+
+        Raises TimeoutError after ``timeout_s`` and FleetError if the device reports a failed job.
+        Cancelling is safe: a late reply is discarded by its round number.
+        """
+        try:
+            return await asyncio.wait_for(self._call(frame, reply_type, round_), timeout_s)
+        except asyncio.TimeoutError:
+            raise TimeoutError(
+                f"device {self.id} did not answer {reply_type} of round {round_} within {timeout_s:.0f} s"
+            ) from None
+
+    async def _call(self, frame: bytes, reply_type: str, round_: int) -> Message:
+        while True:
+            await self.connected.wait()
+            if not await self.send(frame):
+                continue
+            while True:
+                item = await self.replies.get()
+                if item is _DROPPED:
+                    break  # wait for the device to come back, then ask again
+                if item is _FAILED:
+                    raise FleetError(f"device {self.id} failed its job: {self.failure}")
+                if item.type == reply_type and item["round"] == round_:
+                    return item  # type: ignore[no-any-return]
+                # anything else is a stale reply to an earlier, resent request: drop it
+
+    def _push(self, item: Any) -> None:
+        try:
+            self.replies.put_nowait(item)
+        except asyncio.QueueFull:
+            if item is _DROPPED or item is _FAILED:
+                # make room: old replies are stale once the connection is gone
+                while not self.replies.empty():
+                    self.replies.get_nowait()
+                self.replies.put_nowait(item)
+            else:
+                raise ProtocolError(protocol.CLOSE_PROTOCOL_ERROR, "unsolicited replies") from None
+
+
+class Admission:
+    """The WebSocket handler: checks ``hello``, attaches connections to sessions, reads frames.
+
+    ``job_frame(session)`` returns the job to send a device that does not hold the current run;
+    ``on_event(event, device, fields)`` and ``on_telemetry(session)`` report to the run state.
+    """
+
+    def __init__(
+        self,
+        sessions: dict[str, DeviceSession],
+        run_id: str,
+        job_frame: Callable[[DeviceSession], bytes],
+        on_event: Callable[..., None],
+        on_telemetry: Callable[[DeviceSession], None],
+    ) -> None:
+        self.sessions = sessions
+        self.run_id = run_id
+        self.job_frame = job_frame
+        self.on_event = on_event
+        self.on_telemetry = on_telemetry
+        self.closing = False
+
+    async def handler(self, ws: Any) -> None:
+        """Serve one connection until it closes. Cancelling is safe."""
+        from websockets.exceptions import ConnectionClosed
+
+        peer = _peer(ws)
+        session: DeviceSession | None = None
+        try:
+            try:
+                first = await asyncio.wait_for(ws.recv(), HELLO_TIMEOUT_S)
+            except asyncio.TimeoutError:
+                await self._refuse(ws, None, peer, protocol.CLOSE_PROTOCOL_ERROR, "no hello in time")
+                return
+            session = await self._admit(ws, first, peer)
+            if session is None:
+                return
+            async for frame in ws:
+                self._dispatch(session, decode(frame, protocol.AGENT_TYPES))
+        except ProtocolError as exc:
+            device = session.id if session is not None else None
+            await self._refuse(ws, device, peer, exc.code, exc.reason, event="bad_frame")
+        except ConnectionClosed as exc:
+            code = exc.sent.code if exc.sent is not None else None
+            if code == protocol.CLOSE_MESSAGE_TOO_BIG:
+                self.on_event("bad_frame", session.id if session else None, {"code": code, "peer": peer,
+                              "reason": "frame larger than testbed.max_message_bytes"})
+        finally:
+            if session is not None and session.ws is ws:
+                session.ws = None
+                session.connected.clear()
+                session._push(_DROPPED)
+                if not self.closing:
+                    session.status = "lost"
+                    self.on_event("lost", session.id, {"code": ws.close_code})
+
+    async def _admit(self, ws: Any, first: Any, peer: str) -> DeviceSession | None:
+        try:
+            hello = decode(first, protocol.AGENT_TYPES)
+        except ProtocolError as exc:
+            await self._refuse(ws, None, peer, exc.code, exc.reason, event="bad_frame")
+            return None
+        if hello.type != "hello":
+            await self._refuse(ws, None, peer, protocol.CLOSE_PROTOCOL_ERROR, "the first frame must be hello")
+            return None
+        if hello["protocol"] != protocol.PROTOCOL_VERSION:
+            reason = f"protocol {hello['protocol']} not supported (this orchestrator speaks {protocol.PROTOCOL_VERSION})"
+            await self._refuse(ws, hello["device_id"], peer, protocol.CLOSE_PROTOCOL_ERROR, reason)
+            return None
+        session = self.sessions.get(hello["device_id"])
+        # Compare tokens in constant time; an unknown id still pays for one comparison.
+        expected = session.cfg.token if session is not None else ""
+        token_ok = hmac.compare_digest(hello["token"].encode(), expected.encode())
+        if session is None or not token_ok:
+            reason = "unknown device" if session is None else "bad token"
+            await self._refuse(ws, hello["device_id"][:64], peer, protocol.CLOSE_POLICY_VIOLATION, reason)
+            return None
+        old = session.ws
+        session.ws = ws
+        if old is not None:
+            await old.close(protocol.CLOSE_GOING_AWAY, "replaced by a newer connection of this device")
+        session.facts = dict(hello["facts"])
+        resume = hello.get("resume") or {}
+        rejoin = resume.get("run_id") == self.run_id
+        self.on_event("rejoined" if rejoin else "joined", session.id, {"peer": peer})
+        if not rejoin:
+            session.ready.clear()
+            await ws.send(self.job_frame(session))
+        elif session.last_gradient is not None and resume.get("round", 0) < session.last_gradient[0]:
+            await ws.send(session.last_gradient[1])
+        session.status = "joined"
+        session.connected.set()
+        return session
+
+    def _dispatch(self, session: DeviceSession, msg: Message) -> None:
+        kind = msg.type
+        if kind in REPLY_TYPES:
+            session._push(msg)
+        elif kind == "ready":
+            session.shard_size = msg["shard_size"]
+            session.facts["torch_device"] = msg["torch_device"]
+            session.ready.set()
+            self.on_event("ready", session.id, {"shard_size": msg["shard_size"], "load_s": round(msg["load_s"], 3)})
+        elif kind == "telemetry":
+            session.stats = dict(msg["stats"])
+            self.on_telemetry(session)
+        elif kind == "error":
+            session.failure = f"{msg['code']}: {msg['message']}"
+            self.on_event("device_error", session.id, {"message": session.failure})
+            session._push(_FAILED)
+        elif kind == "hello":
+            raise ProtocolError(protocol.CLOSE_PROTOCOL_ERROR, "hello after admission")
+        # "bye" needs no action: the agent closes the connection next.
+
+    async def _refuse(
+        self, ws: Any, device: str | None, peer: str, code: int, reason: str, event: str = "refused"
+    ) -> None:
+        self.on_event(event, device, {"code": code, "reason": reason, "peer": peer})
+        try:
+            await ws.send(encode("error", code=str(code), message=reason))
+        except Exception:  # the peer may already be gone; closing below is what matters
+            pass
+        await ws.close(code, reason[:120])
+
+
+def _peer(ws: Any) -> str:
+    addr = getattr(ws, "remote_address", None)
+    return f"{addr[0]}:{addr[1]}" if addr else "?"
+
+
+async def wait_ready(sessions: list[DeviceSession], timeout_s: float, tick: Callable[[list[str]], None]) -> None:
+    """Wait until every device holds the job; ``tick(missing)`` runs about once a second."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        missing = [s.id for s in sessions if not s.ready.is_set()]
+        failed = [s for s in sessions if s.failure]
+        if failed:
+            raise FleetError("; ".join(f"device {s.id} failed: {s.failure}" for s in failed))
+        if not missing:
+            return
+        tick(missing)
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise FleetError(f"devices did not join within {timeout_s:.0f} s: {', '.join(missing)}")
+        waits = [asyncio.ensure_future(s.ready.wait()) for s in sessions if not s.ready.is_set()]
+        try:
+            await asyncio.wait(waits, timeout=min(1.0, left), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
