@@ -79,15 +79,17 @@ class Agent:
         delay = 0.5
         while True:
             try:
-                async with connect(
-                    self.cfg.url,
-                    compression=None,  # activations are dense floats: deflate costs CPU, saves ~nothing
-                    max_size=self.cfg.max_message_bytes,
-                    open_timeout=self.cfg.open_timeout_s,
-                    ping_interval=self.cfg.ping_interval_s,
-                    ping_timeout=self.cfg.ping_timeout_s,
-                    close_timeout=5,
-                ) as ws:
+                async with (
+                    connect(
+                        self.cfg.url,
+                        compression=None,  # activations are dense floats: deflate costs CPU, saves ~nothing
+                        max_size=self.cfg.max_message_bytes,
+                        open_timeout=self.cfg.open_timeout_s,
+                        ping_interval=self.cfg.ping_interval_s,
+                        ping_timeout=self.cfg.ping_timeout_s,
+                        close_timeout=5,
+                    ) as ws
+                ):
                     delay = 0.5
                     last_contact = time.monotonic()
                     result = await self._session(ws)
@@ -185,7 +187,10 @@ class Agent:
             start = time.perf_counter()
             weights = await asyncio.to_thread(self.trainer.weights)
             frame = encode(
-                "eval_result", round=msg["round"], weights=weights, compute_s=time.perf_counter() - start
+                "eval_result",
+                round=msg["round"],
+                weights=weights,
+                compute_s=time.perf_counter() - start,
             )
             await self._send(ws, frame)
         elif kind == "error":
@@ -200,14 +205,22 @@ class Agent:
         job = dict(msg["job"])
         start = time.perf_counter()
         try:
-            self.trainer = await asyncio.to_thread(self._build_trainer, job, msg["shard"], msg["weights"])
+            self.trainer = await asyncio.to_thread(
+                self._build_trainer, job, msg["shard"], msg["weights"]
+            )
         except JobFailed:
             raise
         except Exception as exc:  # any failure to build the job is reported, not crashed on
             raise JobFailed(f"{type(exc).__name__}: {exc}") from exc
         self.run_id = msg["run_id"]
         self._last_activations = None
-        log.info("job %s: %s/%s, %d samples", self.run_id, job["model"], job["cut"], self.trainer.shard_size)
+        log.info(
+            "job %s: %s/%s, %d samples",
+            self.run_id,
+            job["model"],
+            job["cut"],
+            self.trainer.shard_size,
+        )
         await self._send(
             ws,
             encode(
@@ -233,7 +246,9 @@ class Agent:
             )
         if len(shard) and int(shard.max()) >= len(ds.y_train):
             raise JobFailed("shard indices out of range for the local dataset")
-        return ClientTrainer(job, shard, weights, ds.x_train, ds.y_train, ds.normalize, self.cfg.device)
+        return ClientTrainer(
+            job, shard, weights, ds.x_train, ds.y_train, ds.normalize, self.cfg.device
+        )
 
     async def _forward(self, ws: Any, round_: int, batch_size: int) -> None:
         if self.trainer is None:

@@ -32,9 +32,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--give-up-s", type=float, default=300.0, help="stop redialling after this long")
     p.add_argument("--max-message-bytes", type=int, default=256 * 1024 * 1024)
-    p.add_argument("--compute-slowdown", type=float, default=1.0, help="emulate a slower device (>= 1)")
+    p.add_argument(
+        "--compute-slowdown", type=float, default=1.0, help="emulate a slower device (>= 1)"
+    )
     p.add_argument("--uplink-mbps", type=float, default=0.0, help="emulated uplink (0 = unlimited)")
-    p.add_argument("--downlink-mbps", type=float, default=0.0, help="emulated downlink (0 = unlimited)")
+    p.add_argument(
+        "--downlink-mbps", type=float, default=0.0, help="emulated downlink (0 = unlimited)"
+    )
     p.add_argument("--rtt-ms", type=float, default=0.0, help="emulated round-trip time")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
@@ -43,7 +47,9 @@ def _parser() -> argparse.ArgumentParser:
 def _doctor(argv: list[str]) -> int:
     from .doctor import run_doctor
 
-    p = argparse.ArgumentParser(prog="gapsl-agent doctor", description="Check this device before a run.")
+    p = argparse.ArgumentParser(
+        prog="gapsl-agent doctor", description="Check this device before a run."
+    )
     p.add_argument("--orchestrator", default=None, help="check that this URL answers")
     p.add_argument("--data-dir", type=Path, default=None)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])

@@ -78,7 +78,9 @@ def _check_orchestrator(url: str | None, timeout_s: float = 5.0) -> tuple[str, s
     return OK, f"{url} answers"
 
 
-def run_doctor(url: str | None, data_dir: Path | None, device: str, out: Callable[[str], None] = print) -> int:
+def run_doctor(
+    url: str | None, data_dir: Path | None, device: str, out: Callable[[str], None] = print
+) -> int:
     """Print one line per check; return 0 when nothing failed, 1 otherwise."""
     checks = [
         ("python", _check_python),

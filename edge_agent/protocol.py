@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 import msgpack
 import numpy as np
@@ -103,7 +104,11 @@ SCHEMAS: dict[str, dict[str, tuple[str, bool]]] = {
         "shard": ("tensor", True),
         "weights": ("tensors", True),
     },
-    "ready": {"shard_size": ("int", True), "load_s": ("float", True), "torch_device": ("str", True)},
+    "ready": {
+        "shard_size": ("int", True),
+        "load_s": ("float", True),
+        "torch_device": ("str", True),
+    },
     "round": {"round": ("int", True), "batch_size": ("int", True)},
     "activations": {
         "round": ("int", True),
@@ -113,12 +118,18 @@ SCHEMAS: dict[str, dict[str, tuple[str, bool]]] = {
     },
     "gradients": {"round": ("int", True), "grad": ("tensor", True), "loss": ("float", True)},
     "eval_request": {"round": ("int", True)},
-    "eval_result": {"round": ("int", True), "weights": ("tensors", True), "compute_s": ("float", True)},
+    "eval_result": {
+        "round": ("int", True),
+        "weights": ("tensors", True),
+        "compute_s": ("float", True),
+    },
     "telemetry": {"stats": ("map", True)},
     "error": {"code": ("str", True), "message": ("str", True)},
     "bye": {"reason": ("str", True)},
 }
-AGENT_TYPES = frozenset({"hello", "ready", "activations", "eval_result", "telemetry", "error", "bye"})
+AGENT_TYPES = frozenset(
+    {"hello", "ready", "activations", "eval_result", "telemetry", "error", "bye"}
+)
 ORCHESTRATOR_TYPES = frozenset({"job", "round", "gradients", "eval_request", "error", "bye"})
 
 
@@ -130,17 +141,21 @@ def tensor_to_wire(array: np.ndarray) -> dict[str, Any]:
     arr = np.asarray(array)
     name = arr.dtype.name
     if name not in _WIRE_DTYPE:
-        raise ValueError(f"dtype {arr.dtype} cannot travel on the wire (allowed: {', '.join(DTYPES)})")
+        raise ValueError(
+            f"dtype {arr.dtype} cannot travel on the wire (allowed: {', '.join(DTYPES)})"
+        )
     if arr.dtype.byteorder == ">" or (arr.dtype.byteorder == "=" and sys.byteorder == "big"):
         arr = arr.astype(_WIRE_DTYPE[name])
     arr = np.ascontiguousarray(arr)
     # memoryview over the array's own buffer: msgpack writes it once into the frame.
-    return {"dtype": name, "shape": list(arr.shape), "data": memoryview(arr).cast("B")}
+    return {"dtype": name, "shape": list(arr.shape), "data": memoryview(arr).cast("B")}  # type: ignore[arg-type]
 
 
 def _decode_tensor(value: Any, where: str) -> np.ndarray:
     if not isinstance(value, dict) or set(value) != {"dtype", "shape", "data"}:
-        raise ProtocolError(CLOSE_INVALID_PAYLOAD, f"{where}: expected a tensor map {{dtype, shape, data}}")
+        raise ProtocolError(
+            CLOSE_INVALID_PAYLOAD, f"{where}: expected a tensor map {{dtype, shape, data}}"
+        )
     dtype, shape, data = value["dtype"], value["shape"], value["data"]
     if dtype not in _WIRE_DTYPE:
         raise ProtocolError(CLOSE_INVALID_PAYLOAD, f"{where}: unsupported dtype {dtype!r}")
@@ -201,7 +216,9 @@ def encode(msg_type: str, **fields: Any) -> bytes:
     return msgpack.packb(payload, use_bin_type=True)
 
 
-def decode(frame: bytes | bytearray | memoryview | str, allowed: frozenset[str] | None = None) -> Message:
+def decode(
+    frame: bytes | bytearray | memoryview | str, allowed: frozenset[str] | None = None
+) -> Message:
     """Decode and validate one frame; ``allowed`` restricts the types this side may receive.
 
     Raises :class:`ProtocolError` with the close code to use: 1003 for a text frame, 1007 for an
@@ -212,7 +229,9 @@ def decode(frame: bytes | bytearray | memoryview | str, allowed: frozenset[str] 
     try:
         obj = msgpack.unpackb(frame, raw=False, strict_map_key=True, max_ext_len=0)
     except Exception as exc:  # msgpack raises a zoo of types for corrupt input
-        raise ProtocolError(CLOSE_INVALID_PAYLOAD, f"undecodable frame: {type(exc).__name__}") from exc
+        raise ProtocolError(
+            CLOSE_INVALID_PAYLOAD, f"undecodable frame: {type(exc).__name__}"
+        ) from exc
     if not isinstance(obj, dict):
         raise ProtocolError(CLOSE_INVALID_PAYLOAD, "a frame must hold one msgpack map")
     msg_type = obj.pop("type", None)
@@ -222,11 +241,15 @@ def decode(frame: bytes | bytearray | memoryview | str, allowed: frozenset[str] 
     if schema is None:
         raise ProtocolError(CLOSE_PROTOCOL_ERROR, f"unknown message type {msg_type[:40]!r}")
     if allowed is not None and msg_type not in allowed:
-        raise ProtocolError(CLOSE_PROTOCOL_ERROR, f"message {msg_type!r} is not expected from this peer")
+        raise ProtocolError(
+            CLOSE_PROTOCOL_ERROR, f"message {msg_type!r} is not expected from this peer"
+        )
     fields: dict[str, Any] = {}
     for name, value in obj.items():
         if name not in schema:
-            raise ProtocolError(CLOSE_INVALID_PAYLOAD, f"{msg_type}: unknown field {str(name)[:40]!r}")
+            raise ProtocolError(
+                CLOSE_INVALID_PAYLOAD, f"{msg_type}: unknown field {str(name)[:40]!r}"
+            )
         kind = schema[name][0]
         where = f"{msg_type}.{name}"
         if not _KINDS[kind](value):
@@ -238,5 +261,7 @@ def decode(frame: bytes | bytearray | memoryview | str, allowed: frozenset[str] 
         fields[name] = value
     missing = [n for n, (_, required) in schema.items() if required and n not in fields]
     if missing:
-        raise ProtocolError(CLOSE_INVALID_PAYLOAD, f"{msg_type}: missing field(s) {', '.join(missing)}")
+        raise ProtocolError(
+            CLOSE_INVALID_PAYLOAD, f"{msg_type}: missing field(s) {', '.join(missing)}"
+        )
     return Message(msg_type, fields)

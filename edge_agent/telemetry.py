@@ -36,7 +36,14 @@ def _temperature_c() -> float | None:
     except (OSError, RuntimeError):
         return None
     # Prefer the SoC/CPU sensor names used on Raspberry Pi, Jetson and x86 laptops.
-    for name in ("cpu_thermal", "cpu-thermal", "coretemp", "k10temp", "soc_thermal", "thermal_zone0"):
+    for name in (
+        "cpu_thermal",
+        "cpu-thermal",
+        "coretemp",
+        "k10temp",
+        "soc_thermal",
+        "thermal_zone0",
+    ):
         if sensors.get(name):
             return float(sensors[name][0].current)
     for entries in sensors.values():

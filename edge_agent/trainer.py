@@ -9,7 +9,8 @@ Everything here is synchronous torch code; the connection runs it off the event 
 from __future__ import annotations
 
 import time
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -106,7 +107,9 @@ class ClientTrainer:
         acts = self._pending[1]
         g = torch.from_numpy(np.array(grad)).to(self.device, acts.dtype)
         if g.shape != acts.shape:
-            raise ValueError(f"gradient shape {tuple(g.shape)} != activation shape {tuple(acts.shape)}")
+            raise ValueError(
+                f"gradient shape {tuple(g.shape)} != activation shape {tuple(acts.shape)}"
+            )
         self.optimizer.zero_grad(set_to_none=True)
         acts.backward(g)
         self.optimizer.step()

@@ -10,7 +10,7 @@ fc1    4,160          2,410          64
 fc2    6,240          330            32
 =====  =============  =============  ===================
 
-Total 6,570. No norm layers: a two-layer perceptron trains well without them.
+Total 6,570. No norm layers: a perceptron this small trains well without them.
 """
 
 from __future__ import annotations

@@ -9,8 +9,8 @@ PSL (parallel split learning): one shared server partition. Each device i upload
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F

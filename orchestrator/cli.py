@@ -30,9 +30,18 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run a manifest on its fleet")
     run.add_argument("manifest", nargs="?", default=DEFAULT_MANIFEST)
-    run.add_argument("--no-dashboard", action="store_true", help="plain log lines instead of the live view")
-    run.add_argument("--run-dir", type=Path, default=None, help="write the run here (default: under testbed.runs_dir)")
-    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a manifest key")
+    run.add_argument(
+        "--no-dashboard", action="store_true", help="plain log lines instead of the live view"
+    )
+    run.add_argument(
+        "--run-dir",
+        type=Path,
+        default=None,
+        help="write the run here (default: under testbed.runs_dir)",
+    )
+    run.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a manifest key"
+    )
     check = sub.add_parser("check", help="validate a manifest and exit")
     check.add_argument("manifest", nargs="?", default=DEFAULT_MANIFEST)
     check.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")

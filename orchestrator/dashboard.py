@@ -28,27 +28,15 @@ NONE = "–"
 _BLOCKS = " ▁▂▃▄▅▆▇█"
 _SHADES = "·░▒▓█"
 STATUS_STYLES = {
-    "waiting": "dim",
-    "joined": "cyan",
-    "computing": "green",
-    "sending": "blue",
-    "straggling": "bold yellow",
-    "lost": "bold red",
-    "done": "bold green",
-}
+    "waiting": "dim", "joined": "cyan", "computing": "green", "sending": "blue",
+    "straggling": "bold yellow", "lost": "bold red", "done": "bold green",
+}  # fmt: skip
 PHASE_STYLES = {
-    "waiting": "bold yellow",
-    "training": "bold green",
-    "evaluating": "bold cyan",
-    "completed": "bold green",
-    "failed": "bold red",
-    "interrupted": "bold yellow",
-}
+    "waiting": "bold yellow", "training": "bold green", "evaluating": "bold cyan",
+    "completed": "bold green", "failed": "bold red", "interrupted": "bold yellow",
+}  # fmt: skip
 EVENT_STYLES = {"joined": "green", "lost": "red", "refused": "red", "straggler": "yellow"}
 _LABEL_W = 15  # chart label column: "accuracy 0.912 "
-
-
-# --- small formatters -------------------------------------------------------------------------
 
 
 def _num(v: float | None, digits: int = 1) -> str:
@@ -78,9 +66,6 @@ def _fit(text: Text, width: int) -> Text:
     text.no_wrap = True
     text.truncate(max(width, 1), overflow="ellipsis")
     return text
-
-
-# --- header -----------------------------------------------------------------------------------
 
 
 def _header(snap: RunSnapshot, cw: int) -> list[Text]:
@@ -116,9 +101,6 @@ def _header(snap: RunSnapshot, cw: int) -> list[Text]:
     return [_fit(t, cw) for t in lines]
 
 
-# --- fleet table ------------------------------------------------------------------------------
-
-
 def _host(d: DeviceView) -> str:
     parts = [d.hostname or d.launch, d.platform, d.torch_device]
     if d.cpu_count:
@@ -127,9 +109,8 @@ def _host(d: DeviceView) -> str:
 
 
 def _updown(d: DeviceView) -> str:
-    if d.uplink_mbps is None and d.downlink_mbps is None:
-        return NONE
-    return f"{_auto(d.uplink_mbps)}/{_auto(d.downlink_mbps)}"
+    both = d.uplink_mbps is None and d.downlink_mbps is None
+    return NONE if both else f"{_auto(d.uplink_mbps)}/{_auto(d.downlink_mbps)}"
 
 
 # (key, header, right-justified, cell) in display order; `_FLEET_PRIORITY` decides what is kept.
@@ -203,13 +184,6 @@ def _fleet(snap: RunSnapshot, width: int, height: int) -> Panel:
     return Panel(table, title=title, title_align="left", height=height, box=box.ROUNDED)
 
 
-def _fleet_height(snap: RunSnapshot) -> int:
-    return 3 + max(len(snap.devices), 1)
-
-
-# --- charts -----------------------------------------------------------------------------------
-
-
 def chart_rows(values: Sequence[float], width: int, rows: int) -> list[str]:
     """A block chart of the last `width` values, `rows` tall (top row first); the smallest
     value still shows as a sliver so a flat series is visibly a line, not a gap."""
@@ -232,15 +206,14 @@ def _chart_block(
     name: str, values: Sequence[float], fmt: Callable[[float], str], rows: int, cw: int, note: str
 ) -> list[Text]:
     if not values:
-        return [_fit(Text(f"{name:<{_LABEL_W - 1}} ") + Text("no data yet", style="dim"), cw)] + [
-            Text("") for _ in range(rows - 1)
-        ]
+        empty = Text(f"{name:<{_LABEL_W}}") + Text("no data yet", style="dim")
+        return [_fit(empty, cw)] + [Text("") for _ in range(rows - 1)]
     labels = [f"{name} {fmt(values[-1])}"]
     if rows >= 2:
         span = values[-(cw - _LABEL_W) :]
         labels.append(note or f"{fmt(min(span))}–{fmt(max(span))}")
     labels += [""] * (rows - len(labels))
-    out = []
+    out: list[Text] = []
     for label, bars in zip(labels, chart_rows(values, cw - _LABEL_W, rows)):
         line = Text(f"{label[: _LABEL_W - 1]:<{_LABEL_W}}", style="bold" if out == [] else "dim")
         line.append(bars, style="cyan")
@@ -270,9 +243,6 @@ def _charts(snap: RunSnapshot, width: int, height: int) -> Panel:
         if n:
             body += _chart_block(name, vals, fmt, n, cw, nt)
     return Panel(Group(*body), title="trends", title_align="left", height=height)
-
-
-# --- GAPSL panel ------------------------------------------------------------------------------
 
 
 def _cos_style(v: float) -> Style:
@@ -324,18 +294,8 @@ def _gapsl(g: GapslView, width: int, height: int, compact: bool) -> Panel:
     if g.align_before is not None or g.align_after is not None:
         # Mean cos(g_i, g_L) before and after GDA: how much the alignment pulled (DESIGN.md).
         subtitle = Text(f"align {_num(g.align_before, 2)}→{_num(g.align_after, 2)}")
-    title = Text("GAPSL cosine · ★ leader")
-    return Panel(
-        Group(*(_fit(t, cw) for t in body)),
-        title=_fit(title, cw),
-        title_align="left",
-        subtitle=subtitle,
-        subtitle_align="right",
-        height=height,
-    )
-
-
-# --- waiting, events --------------------------------------------------------------------------
+    title, group = _fit(Text("GAPSL cosine · ★ leader"), cw), Group(*(_fit(t, cw) for t in body))
+    return Panel(group, title=title, title_align="left", subtitle=subtitle, height=height)
 
 
 def agent_command(listen: str, device_id: str) -> str:
@@ -382,9 +342,6 @@ def _events(events: Sequence[EventLine], width: int, height: int) -> Panel:
     return Panel(Group(*body), title="events", title_align="left", height=height)
 
 
-# --- layout -----------------------------------------------------------------------------------
-
-
 def render(snap: RunSnapshot, width: int = 120, height: int = 40) -> RenderableType:
     """The whole dashboard for `snap`, at most `width` cells wide and `height - 1` lines tall
     (one line is left for the cursor); detail is dropped, lowest priority first, to fit."""
@@ -413,7 +370,9 @@ def render(snap: RunSnapshot, width: int = 120, height: int = 40) -> RenderableT
         mid_full = max(15, g_base + 1) if side else 15 + g_base + 1
     ev_min = 3
     # A large fleet gets at most 3/5 of the space so charts and events stay on screen.
-    fleet_h = min(_fleet_height(snap), max(4, min(left - mid_base - ev_min, left * 3 // 5)))
+    fleet_h = min(
+        3 + max(len(snap.devices), 1), max(4, min(left - mid_base - ev_min, left * 3 // 5))
+    )
     mid_h = max(min(mid_base, left - fleet_h - ev_min), 0)
     ev_h = min(2 + max(len(snap.events), 1), left - fleet_h - mid_h)
     mid_h += max(min(mid_full - mid_h, left - fleet_h - mid_h - ev_h), 0)
@@ -439,9 +398,6 @@ def render(snap: RunSnapshot, width: int = 120, height: int = 40) -> RenderableT
     return Group(*parts)
 
 
-# --- headless lines ---------------------------------------------------------------------------
-
-
 def format_event(e: EventLine) -> str:
     """One greppable line, e.g. `event=joined device=dev-1 t=1.23 text="..."`."""
     line = f"event={e.event} device={e.device or '-'} t={e.t:.2f}"
@@ -455,9 +411,6 @@ def format_eval(p: EvalPoint, rounds: int) -> str:
         f"eval round={p.round}/{rounds} acc_mean={p.acc_mean:.3f} acc_min={p.acc_min:.3f} "
         f"acc_max={p.acc_max:.3f} loss={p.loss:.3f} time_s={p.time_s:.2f}"
     )
-
-
-# --- live driver ------------------------------------------------------------------------------
 
 
 class LiveDashboard:

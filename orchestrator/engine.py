@@ -54,7 +54,9 @@ def prepare_job(m: Manifest) -> Job:
     """Load data, partition it, and build the identical initial weights every device starts from."""
     t = m.training
     if t.algorithm not in SUPPORTED_ALGORITHMS:
-        raise RunError(f"training.algorithm = {t.algorithm!r} is not available in this version (use: psl)")
+        raise RunError(
+            f"training.algorithm = {t.algorithm!r} is not available in this version (use: psl)"
+        )
     ds = load_dataset(t.dataset, m.data_dir(), download=m.data.download)
     model = default_model(t.dataset) if t.model == "auto" else t.model
     shards = partition(
@@ -135,8 +137,12 @@ class Engine:
         try:
             st.event("preparing", None, {"dataset": m.training.dataset, "devices": len(m.devices)})
             self.job = await asyncio.to_thread(prepare_job, m)
-            self._frames = {s.id: job_message(m, self.job, self.run_id, s.rank) for s in self.sessions.values()}
-            admission = Admission(self.sessions, self.run_id, lambda s: self._frames[s.id], st.event, self._telemetry)
+            self._frames = {
+                s.id: job_message(m, self.job, self.run_id, s.rank) for s in self.sessions.values()
+            }
+            admission = Admission(
+                self.sessions, self.run_id, lambda s: self._frames[s.id], st.event, self._telemetry
+            )
             host, port = m.listen_host_port()
             async with serve(
                 admission.handler,
@@ -214,14 +220,18 @@ class Engine:
         assert self.job is not None
         server = self.job.server
         t = m.training
-        optimizer = torch.optim.SGD(server.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+        optimizer = torch.optim.SGD(
+            server.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay
+        )
         for r in range(1, t.rounds + 1):
             st.round = r
             await self._round(r, sessions, server, optimizer)
             if r % t.eval_every == 0 or r == t.rounds:
                 await self._evaluate(r, sessions)
 
-    async def _round(self, r: int, sessions: list[DeviceSession], server: torch.nn.Module, optimizer: Any) -> None:
+    async def _round(
+        self, r: int, sessions: list[DeviceSession], server: torch.nn.Module, optimizer: Any
+    ) -> None:
         m, st, job = self.m, self.state, self.job
         assert job is not None
         batch = m.training.batch_size
@@ -246,7 +256,9 @@ class Engine:
             acts.append(torch.from_numpy(np.array(x)).to(job.server_device))  # frames are read-only
             labels.append(torch.from_numpy(np.array(y)).to(job.server_device))
         t_server = time.perf_counter()
-        result = await asyncio.to_thread(algorithms.psl_server_step, server, optimizer, acts, labels)
+        result = await asyncio.to_thread(
+            algorithms.psl_server_step, server, optimizer, acts, labels
+        )
         server_s = time.perf_counter() - t_server
         t_down = time.perf_counter()
         for s, grad, loss in zip(sessions, result.grads, result.losses):
@@ -301,7 +313,10 @@ class Engine:
         request = encode("eval_request", round=r)
         try:
             replies = await asyncio.gather(
-                *(s.call(request, "eval_result", r, self.m.testbed.round_timeout_s) for s in sessions)
+                *(
+                    s.call(request, "eval_result", r, self.m.testbed.round_timeout_s)
+                    for s in sessions
+                )
             )
         except TimeoutError as exc:
             raise FleetError(str(exc)) from exc
@@ -318,7 +333,10 @@ class Engine:
             acc_max=float(np.max(accs)),
             loss=float(np.mean([loss for _, loss in scores])),
         )
-        record = {k: getattr(point, k) for k in ("round", "time_s", "acc_mean", "acc_min", "acc_max", "loss")}
+        record = {
+            k: getattr(point, k)
+            for k in ("round", "time_s", "acc_mean", "acc_min", "acc_max", "loss")
+        }
         record["acc"] = {s.id: acc for s, acc in zip(sessions, accs)}
         self.records.append("metrics", record)
         st.add_eval(point)
@@ -332,7 +350,9 @@ class Engine:
             try:
                 load_numpy_state(job.client_template, w)
             except (RuntimeError, KeyError) as exc:
-                raise RunError(f"a device returned weights that do not fit the model: {exc}") from exc
+                raise RunError(
+                    f"a device returned weights that do not fit the model: {exc}"
+                ) from exc
             job.client_template.to(job.server_device)
             out.append(algorithms.evaluate(job.client_template, job.server, job.x_test, job.y_test))
         return out
@@ -346,7 +366,9 @@ class Engine:
         record["rtt_ms"] = latency * 1000.0 if latency else None
         record["uplink_mbps"] = None
         record["downlink_mbps"] = None
-        record.update({k: session.stats.get(k) for k in ("cpu_percent", "mem_percent", "rss_bytes", "temp_c")})
+        record.update(
+            {k: session.stats.get(k) for k in ("cpu_percent", "mem_percent", "rss_bytes", "temp_c")}
+        )
         self.records.append("devices", record)
 
     async def _say_bye(self, reason: str) -> None:
@@ -384,11 +406,15 @@ class Engine:
         self.records.write_summary(summary)
 
 
-def _check_activations(device: str, msg: protocol.Message, batch: int, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+def _check_activations(
+    device: str, msg: protocol.Message, batch: int, num_classes: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Activations and labels must match the request; a device's bug must not poison the server."""
     x, y = msg["x"], msg["y"]
     if x.ndim < 2 or len(x) != len(y) or len(y) != batch:
-        raise RunError(f"device {device}: activations {x.shape} / labels {y.shape} do not match batch {batch}")
+        raise RunError(
+            f"device {device}: activations {x.shape} / labels {y.shape} do not match batch {batch}"
+        )
     if x.dtype != np.float32 or not np.isfinite(x).all():
         raise RunError(f"device {device}: activations must be finite float32")
     if y.dtype != np.int64 or (len(y) and (y.min() < 0 or y.max() >= num_classes)):

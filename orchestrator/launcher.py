@@ -40,7 +40,12 @@ def agent_command(
         cmd.append("--download")
     em = device.emulate
     if em != type(em)():  # only non-default emulation goes on the command line
-        cmd += ["--compute-slowdown", repr(em.compute_slowdown), "--uplink-mbps", repr(em.uplink_mbps)]
+        cmd += [
+            "--compute-slowdown",
+            repr(em.compute_slowdown),
+            "--uplink-mbps",
+            repr(em.uplink_mbps),
+        ]
         cmd += ["--downlink-mbps", repr(em.downlink_mbps), "--rtt-ms", repr(em.rtt_ms)]
     return cmd
 
@@ -55,25 +60,38 @@ class LocalFleet:
         self._logs: list[IO[bytes]] = []
         self._watchers: list[asyncio.Task[None]] = []
 
-    async def start(self, devices: list[DeviceConfig], url: str, data_dir: Path | None, download: bool) -> None:
+    async def start(
+        self, devices: list[DeviceConfig], url: str, data_dir: Path | None, download: bool
+    ) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ)
         # Local agents share this machine's cores: one torch thread each avoids oversubscription.
         env.setdefault("OMP_NUM_THREADS", "1")
         env["PYTHONUNBUFFERED"] = "1"
         project_root = str(Path(__file__).resolve().parent.parent)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (project_root, env.get("PYTHONPATH", "")) if p)
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (project_root, env.get("PYTHONPATH", "")) if p
+        )
         for device in devices:
             log = open(self.log_dir / f"{device.id}.log", "ab")
             self._logs.append(log)
             cmd = agent_command(device, url, data_dir, download) + ["--threads", "1"]
-            kwargs: dict[str, Any] = {"stdout": log, "stderr": log, "env": env, "stdin": asyncio.subprocess.DEVNULL}
+            kwargs: dict[str, Any] = {
+                "stdout": log,
+                "stderr": log,
+                "env": env,
+                "stdin": asyncio.subprocess.DEVNULL,
+            }
             if sys.platform.startswith("linux"):
                 kwargs["preexec_fn"] = _die_with_parent
-            kwargs["start_new_session"] = True  # Ctrl-C reaches the orchestrator, which stops agents
+            kwargs["start_new_session"] = (
+                True  # Ctrl-C reaches the orchestrator, which stops agents
+            )
             proc = await asyncio.create_subprocess_exec(*cmd, **kwargs)
             self.procs[device.id] = proc
-            self._watchers.append(asyncio.create_task(self._watch(device.id, proc), name=f"watch-{device.id}"))
+            self._watchers.append(
+                asyncio.create_task(self._watch(device.id, proc), name=f"watch-{device.id}")
+            )
 
     async def _watch(self, device_id: str, proc: asyncio.subprocess.Process) -> None:
         code = await proc.wait()

@@ -10,6 +10,7 @@ the raw table before validation, so a bad override is reported like a bad key (s
 from __future__ import annotations
 
 import difflib
+import importlib
 import math
 import os
 import re
@@ -292,16 +293,15 @@ def _describe(v: Any) -> str:
 
 def _toml_module() -> Any:
     try:
-        import tomllib  # Python >= 3.11
+        return importlib.import_module("tomllib")  # Python >= 3.11
     except ModuleNotFoundError:
         try:
-            import tomli as tomllib  # the same parser, packaged for older Pythons
+            return importlib.import_module("tomli")  # the same parser, for older Pythons
         except ModuleNotFoundError as exc:
             raise GapslError(
                 "reading testbed.toml on Python < 3.11 needs the 'tomli' package "
                 "(pip install tomli)"
             ) from exc
-    return tomllib
 
 
 # --- validation ------------------------------------------------------------------------------
@@ -329,6 +329,10 @@ def _schema(cls: type) -> dict[str, tuple[Any, bool, Any]]:
     }
 
 
+def _is_section(kind: Any) -> bool:
+    return isinstance(kind, type) and is_dataclass(kind)
+
+
 def _unknown(ctx: _Context, key: str, known: Sequence[str], what: str) -> ManifestError:
     name = key.rpartition(".")[2]
     close = difflib.get_close_matches(name, known, n=1)
@@ -336,7 +340,7 @@ def _unknown(ctx: _Context, key: str, known: Sequence[str], what: str) -> Manife
     return ctx.error(key, f"unknown {what} ({hint})")
 
 
-_TYPES = {bool: ("a boolean", bool), int: ("an integer", int), float: ("a number", (int, float)),
+_TYPES: dict[type, tuple[str, Any]] = {bool: ("a boolean", bool), int: ("an integer", int), float: ("a number", (int, float)),
           str: ("a string", str)}  # fmt: skip
 
 
@@ -377,7 +381,7 @@ def _build(ctx: _Context, cls: type, table: Any, prefix: str) -> Any:
         if name not in table:
             if required:
                 raise ctx.error(key, "missing")
-        elif is_dataclass(kind):
+        elif _is_section(kind):
             kwargs[name] = _build(ctx, kind, table[name], key)
         else:
             kwargs[name] = _value(ctx, key, kind, f, table[name])
@@ -503,7 +507,7 @@ def _apply_override(raw: dict[str, Any], item: str) -> str:
             is_scalar = isinstance(value, (bool, int, float)) or hasattr(value, "isoformat")
             table[name] = text if kind is str and is_scalar else value
             return key
-        if not is_dataclass(kind):
+        if not _is_section(kind):
             raise ctx.error(dotted, f'"{name}" is a single value, not a table of keys')
         table, cls = table.setdefault(name, {}), kind
     return key  # pragma: no cover - path is never empty

@@ -132,7 +132,9 @@ class Admission:
             try:
                 first = await asyncio.wait_for(ws.recv(), HELLO_TIMEOUT_S)
             except asyncio.TimeoutError:
-                await self._refuse(ws, None, peer, protocol.CLOSE_PROTOCOL_ERROR, "no hello in time")
+                await self._refuse(
+                    ws, None, peer, protocol.CLOSE_PROTOCOL_ERROR, "no hello in time"
+                )
                 return
             session = await self._admit(ws, first, peer)
             if session is None:
@@ -145,8 +147,15 @@ class Admission:
         except ConnectionClosed as exc:
             code = exc.sent.code if exc.sent is not None else None
             if code == protocol.CLOSE_MESSAGE_TOO_BIG:
-                self.on_event("bad_frame", session.id if session else None, {"code": code, "peer": peer,
-                              "reason": "frame larger than testbed.max_message_bytes"})
+                self.on_event(
+                    "bad_frame",
+                    session.id if session else None,
+                    {
+                        "code": code,
+                        "peer": peer,
+                        "reason": "frame larger than testbed.max_message_bytes",
+                    },
+                )
         finally:
             if session is not None and session.ws is ws:
                 session.ws = None
@@ -163,7 +172,9 @@ class Admission:
             await self._refuse(ws, None, peer, exc.code, exc.reason, event="bad_frame")
             return None
         if hello.type != "hello":
-            await self._refuse(ws, None, peer, protocol.CLOSE_PROTOCOL_ERROR, "the first frame must be hello")
+            await self._refuse(
+                ws, None, peer, protocol.CLOSE_PROTOCOL_ERROR, "the first frame must be hello"
+            )
             return None
         if hello["protocol"] != protocol.PROTOCOL_VERSION:
             reason = f"protocol {hello['protocol']} not supported (this orchestrator speaks {protocol.PROTOCOL_VERSION})"
@@ -175,12 +186,16 @@ class Admission:
         token_ok = hmac.compare_digest(hello["token"].encode(), expected.encode())
         if session is None or not token_ok:
             reason = "unknown device" if session is None else "bad token"
-            await self._refuse(ws, hello["device_id"][:64], peer, protocol.CLOSE_POLICY_VIOLATION, reason)
+            await self._refuse(
+                ws, hello["device_id"][:64], peer, protocol.CLOSE_POLICY_VIOLATION, reason
+            )
             return None
         old = session.ws
         session.ws = ws
         if old is not None:
-            await old.close(protocol.CLOSE_GOING_AWAY, "replaced by a newer connection of this device")
+            await old.close(
+                protocol.CLOSE_GOING_AWAY, "replaced by a newer connection of this device"
+            )
         session.facts = dict(hello["facts"])
         resume = hello.get("resume") or {}
         rejoin = resume.get("run_id") == self.run_id
@@ -188,7 +203,9 @@ class Admission:
         if not rejoin:
             session.ready.clear()
             await ws.send(self.job_frame(session))
-        elif session.last_gradient is not None and resume.get("round", 0) < session.last_gradient[0]:
+        elif (
+            session.last_gradient is not None and resume.get("round", 0) < session.last_gradient[0]
+        ):
             await ws.send(session.last_gradient[1])
         session.status = "joined"
         session.connected.set()
@@ -202,7 +219,11 @@ class Admission:
             session.shard_size = msg["shard_size"]
             session.facts["torch_device"] = msg["torch_device"]
             session.ready.set()
-            self.on_event("ready", session.id, {"shard_size": msg["shard_size"], "load_s": round(msg["load_s"], 3)})
+            self.on_event(
+                "ready",
+                session.id,
+                {"shard_size": msg["shard_size"], "load_s": round(msg["load_s"], 3)},
+            )
         elif kind == "telemetry":
             session.stats = dict(msg["stats"])
             self.on_telemetry(session)
@@ -230,7 +251,9 @@ def _peer(ws: Any) -> str:
     return f"{addr[0]}:{addr[1]}" if addr else "?"
 
 
-async def wait_ready(sessions: list[DeviceSession], timeout_s: float, tick: Callable[[list[str]], None]) -> None:
+async def wait_ready(
+    sessions: list[DeviceSession], timeout_s: float, tick: Callable[[list[str]], None]
+) -> None:
     """Wait until every device holds the job; ``tick(missing)`` runs about once a second."""
     deadline = time.monotonic() + timeout_s
     while True:

@@ -33,7 +33,9 @@ class RunState:
         self.round_started: float | None = None
         self.on_line: Callable[[str], None] | None = None  # headless printer
 
-    def event(self, event: str, device: str | None = None, fields: dict[str, Any] | None = None) -> None:
+    def event(
+        self, event: str, device: str | None = None, fields: dict[str, Any] | None = None
+    ) -> None:
         fields = dict(fields or {})
         rec = self.records.event(event, device, **fields)
         text = " ".join(f"{k}={v}" for k, v in fields.items())

@@ -79,12 +79,13 @@ def test_default_cut_is_resolved() -> None:
         assert build_split(name, "default").cut == model_info(name).default_cut
 
 
-@pytest.mark.parametrize(("name", "cut"), ALL_CUTS)
-def test_same_seed_gives_identical_weights(name: str, cut: str) -> None:
+@pytest.mark.parametrize("name", available_models())
+def test_same_seed_gives_identical_weights(name: str) -> None:
+    # One cut per model suffices: the cut-invariance test below covers the others.
     torch.manual_seed(11)
-    first = build_split(name, cut)
+    first = build_split(name)
     torch.manual_seed(11)
-    second = build_split(name, cut)
+    second = build_split(name)
     for part in ("client", "server"):
         a = getattr(first, part).state_dict()
         b = getattr(second, part).state_dict()
@@ -178,19 +179,25 @@ def test_digits_cnn_learns_sklearn_digits() -> None:
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
     train, test = order[:1500], order[1500:]
 
-    torch.manual_seed(0)
-    split = build_split("digits_cnn")
-    params = list(split.client.parameters()) + list(split.server.parameters())
-    optimizer = torch.optim.SGD(params, lr=0.05, momentum=0.9)
-    gen = torch.Generator().manual_seed(1)
-    for _ in range(150):
-        idx = train[torch.randint(len(train), (32,), generator=gen)]
-        loss = nn.functional.cross_entropy(split.forward(images[idx]), labels[idx])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    with torch.no_grad():
-        predicted = split.forward(images[test]).argmax(dim=1)
+    # One thread: the tensors are tiny, and on a busy 2-core machine extra threads only contend.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(0)
+        split = build_split("digits_cnn")
+        params = list(split.client.parameters()) + list(split.server.parameters())
+        optimizer = torch.optim.SGD(params, lr=0.05, momentum=0.9)
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(150):
+            idx = train[torch.randint(len(train), (32,), generator=gen)]
+            loss = nn.functional.cross_entropy(split.forward(images[idx]), labels[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        with torch.no_grad():
+            predicted = split.forward(images[test]).argmax(dim=1)
+    finally:
+        torch.set_num_threads(threads)
     accuracy = (predicted == labels[test]).float().mean().item()
     assert accuracy > 0.9, accuracy
 
