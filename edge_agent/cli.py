@@ -25,7 +25,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--orchestrator", required=True, help="ws://HOST:PORT or wss://HOST:PORT")
     p.add_argument("--id", required=True, dest="device_id", help="this device's id in the manifest")
-    p.add_argument("--token", required=True, help="this device's token in the manifest")
+    token = p.add_mutually_exclusive_group(required=True)
+    token.add_argument("--token", help="this device's token in the manifest")
+    token.add_argument(
+        "--token-file", type=Path, help="read the token from this file (keeps it out of ps)"
+    )
     p.add_argument("--data-dir", type=Path, default=None, help="folder with train.npz/test.npz")
     p.add_argument("--download", action="store_true", help="download the dataset if missing")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
@@ -77,6 +81,12 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"gapsl-agent: {exc}", file=sys.stderr)
         return AgentExit.USAGE
+    if args.token_file is not None:
+        try:
+            args.token = args.token_file.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            print(f"gapsl-agent: cannot read --token-file: {exc}", file=sys.stderr)
+            return AgentExit.USAGE
     if args.threads > 0:
         import torch
 
