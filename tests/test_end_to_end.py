@@ -10,7 +10,6 @@ import re
 import sys
 from pathlib import Path
 
-import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
@@ -170,8 +169,8 @@ def test_agent_with_wrong_token_exits_refused(tmp_path: Path) -> None:
     async def scenario() -> int:
         from websockets.asyncio.server import serve
 
-        from orchestrator.sessions import Admission, DeviceSession
         from orchestrator.manifest import parse_manifest
+        from orchestrator.sessions import Admission, DeviceSession
 
         m = parse_manifest('[[devices]]\nid = "pi"\ntoken = "right"\n')
         sessions = {"pi": DeviceSession(m.devices[0], 0)}
