@@ -64,6 +64,7 @@ class Agent:
         self.run_id: str | None = None
         self.trainer: Any = None
         self._last_activations: tuple[int, bytes] | None = None
+        self._last_client_grad: tuple[int, bytes] | None = None
         self._up = LinkShaper(cfg.emulation.uplink_mbps, cfg.emulation.rtt_ms)
         self._down = LinkShaper(cfg.emulation.downlink_mbps, cfg.emulation.rtt_ms)
 
@@ -176,14 +177,18 @@ class Agent:
         elif kind == "round":
             await self._forward(ws, msg["round"], msg["batch_size"])
         elif kind == "gradients":
-            if self.trainer is None:
-                raise JobFailed("gradients before a job")
-            if msg["round"] > self.trainer.applied_round:  # a resent gradient is already applied
-                seconds = await asyncio.to_thread(self.trainer.backward, msg["round"], msg["grad"])
+            await self._backward(ws, msg)
+        elif kind == "align":
+            trainer = self._trainer()
+            if trainer._held == msg["round"]:  # a resent alignment already applied is ignored
+                seconds = await asyncio.to_thread(
+                    trainer.align, msg["round"], msg["leader"], msg["mode"], msg["lam"]
+                )
                 await asyncio.to_thread(pad_compute, seconds, self.cfg.emulation.compute_slowdown)
+        elif kind == "set_weights":
+            await asyncio.to_thread(self._trainer().set_weights, msg["weights"])
         elif kind == "eval_request":
-            if self.trainer is None:
-                raise JobFailed("evaluation request before a job")
+            self._trainer()
             start = time.perf_counter()
             weights = await asyncio.to_thread(self.trainer.weights)
             frame = encode(
@@ -250,9 +255,29 @@ class Agent:
             job, shard, weights, ds.x_train, ds.y_train, ds.normalize, self.cfg.device
         )
 
-    async def _forward(self, ws: Any, round_: int, batch_size: int) -> None:
+    def _trainer(self) -> Any:
         if self.trainer is None:
-            raise JobFailed("round before a job")
+            raise JobFailed("a training message arrived before the job")
+        return self.trainer
+
+    async def _backward(self, ws: Any, msg: protocol.Message) -> None:
+        trainer, r = self._trainer(), msg["round"]
+        hold = bool(msg.get("hold", False))
+        if self._last_client_grad is not None and self._last_client_grad[0] == r:
+            await self._send(ws, self._last_client_grad[1])  # a repeated request after a redial
+            return
+        if r <= trainer.applied_round:
+            return  # a resent gradient that was already applied
+        flat, seconds = await asyncio.to_thread(trainer.backward, r, msg["grad"], hold)
+        await asyncio.to_thread(pad_compute, seconds, self.cfg.emulation.compute_slowdown)
+        if flat is not None:
+            seconds *= self.cfg.emulation.compute_slowdown
+            frame = encode("client_grad", round=r, grad=flat, compute_s=seconds)
+            self._last_client_grad = (r, frame)
+            await self._send(ws, frame)
+
+    async def _forward(self, ws: Any, round_: int, batch_size: int) -> None:
+        self._trainer()
         # After a reconnect the orchestrator re-asks; answer with the same batch, not a new one.
         if self._last_activations is not None and self._last_activations[0] == round_:
             await self._send(ws, self._last_activations[1])

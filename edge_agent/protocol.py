@@ -10,6 +10,7 @@ Each message type has a schema (below); :func:`decode` checks a frame against it
 from __future__ import annotations
 
 import math
+import struct
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -42,7 +43,9 @@ DTYPES = (
     "float64",
 )
 _WIRE_DTYPE = {name: np.dtype(name).newbyteorder("<") for name in DTYPES}
+_WIRE_NAME = {d: name for name, dt in _WIRE_DTYPE.items() for d in (dt, dt.newbyteorder(">"))}
 MAX_TENSOR_DIMS = 8
+_TENSOR_KEYS = frozenset({"dtype", "shape", "data"})
 
 
 class ProtocolError(Exception):
@@ -116,7 +119,20 @@ SCHEMAS: dict[str, dict[str, tuple[str, bool]]] = {
         "y": ("tensor", True),
         "compute_s": ("float", True),
     },
-    "gradients": {"round": ("int", True), "grad": ("tensor", True), "loss": ("float", True)},
+    "gradients": {
+        "round": ("int", True),
+        "grad": ("tensor", True),
+        "loss": ("float", True),
+        "hold": ("bool", False),  # true: do not step yet; upload client_grad, wait for align
+    },
+    "client_grad": {"round": ("int", True), "grad": ("tensor", True), "compute_s": ("float", True)},
+    "align": {
+        "round": ("int", True),
+        "leader": ("tensor", True),
+        "mode": ("str", True),
+        "lam": ("float", True),
+    },
+    "set_weights": {"round": ("int", True), "weights": ("tensors", True)},
     "eval_request": {"round": ("int", True)},
     "eval_result": {
         "round": ("int", True),
@@ -128,9 +144,11 @@ SCHEMAS: dict[str, dict[str, tuple[str, bool]]] = {
     "bye": {"reason": ("str", True)},
 }
 AGENT_TYPES = frozenset(
-    {"hello", "ready", "activations", "eval_result", "telemetry", "error", "bye"}
+    {"hello", "ready", "activations", "client_grad", "eval_result", "telemetry", "error", "bye"}
 )
-ORCHESTRATOR_TYPES = frozenset({"job", "round", "gradients", "eval_request", "error", "bye"})
+ORCHESTRATOR_TYPES = frozenset(
+    {"job", "round", "gradients", "align", "set_weights", "eval_request", "error", "bye"}
+)
 
 
 # --- tensors -------------------------------------------------------------------------------
@@ -139,7 +157,7 @@ ORCHESTRATOR_TYPES = frozenset({"job", "round", "gradients", "eval_request", "er
 def tensor_to_wire(array: np.ndarray) -> dict[str, Any]:
     """The wire form of an array; no copy when it is already C-contiguous little-endian."""
     arr = np.asarray(array)
-    name = arr.dtype.name
+    name = _WIRE_NAME.get(arr.dtype) or arr.dtype.name  # dtype.name alone costs microseconds
     if name not in _WIRE_DTYPE:
         raise ValueError(
             f"dtype {arr.dtype} cannot travel on the wire (allowed: {', '.join(DTYPES)})"
@@ -152,7 +170,7 @@ def tensor_to_wire(array: np.ndarray) -> dict[str, Any]:
 
 
 def _decode_tensor(value: Any, where: str) -> np.ndarray:
-    if not isinstance(value, dict) or set(value) != {"dtype", "shape", "data"}:
+    if not isinstance(value, dict) or value.keys() != _TENSOR_KEYS:
         raise ProtocolError(
             CLOSE_INVALID_PAYLOAD, f"{where}: expected a tensor map {{dtype, shape, data}}"
         )
@@ -162,7 +180,7 @@ def _decode_tensor(value: Any, where: str) -> np.ndarray:
     if (
         not isinstance(shape, list)
         or len(shape) > MAX_TENSOR_DIMS
-        or not all(_is_int(d) and d >= 0 for d in shape)
+        or any(type(d) is not int or d < 0 for d in shape)  # msgpack ints are exact ints
     ):
         raise ProtocolError(CLOSE_INVALID_PAYLOAD, f"{where}: bad shape {shape!r}")
     if not isinstance(data, (bytes, bytearray, memoryview)):
@@ -174,10 +192,133 @@ def _decode_tensor(value: Any, where: str) -> np.ndarray:
             CLOSE_INVALID_PAYLOAD,
             f"{where}: {len(data)} bytes do not hold shape {shape} of {dtype}",
         )
-    arr = np.frombuffer(data, dtype=wire, count=count).reshape(shape)
+    arr = np.frombuffer(data, wire, count).reshape(shape)
     if sys.byteorder == "big":
         arr = arr.astype(wire.newbyteorder("="))
     return arr
+
+
+# --- frames: plain msgpack, tensor bytes copied at most once -------------------------------
+# The bytes are exactly what msgpack.packb writes. But packb copies a payload twice (into its
+# buffer, then into the result) and unpackb once (into a new bytes object); here encoding copies
+# each tensor once, straight into the frame, and decoding returns read-only views of the frame.
+
+_SPLICE_MIN_BYTES = 512  # below this a copy is cheaper than a splice
+_SCAN_MAX_OBJECTS = 4096  # frames of many small objects are left to msgpack's C parser
+_UNPACK_OPTIONS: dict[str, Any] = {"raw": False, "strict_map_key": True}
+_PLACEHOLDER = b"\xd6\x00"  # fixext 4 of type 0 + a payload index; exists only in shadow frames
+_DATA_KEY = b"\xa4data"  # the key "data" as msgpack writes it
+
+
+def _scan_table() -> list[tuple[int, int, struct.Struct | None] | None]:
+    """Per msgpack format byte: (kind, length, length field if any). Kinds: 0 other (``length``
+    bytes follow), 1 bin, 2 map (pairs), 3 array; None: ext types (refused) and unused 0xC1."""
+    table: list[tuple[int, int, struct.Struct | None] | None] = [None] * 256
+    for code in (*range(0x80), *range(0xE0, 0x100), 0xC0, 0xC2, 0xC3):
+        table[code] = (0, 0, None)
+    for n in range(32):
+        table[0xA0 + n] = (0, n, None)  # fixstr
+        table[0x80 + n] = (2 + n // 16, n % 16, None)  # fixmap 0x80-0x8F, fixarray 0x90-0x9F
+    for code, n in zip(range(0xCA, 0xD4), (4, 8, 1, 2, 4, 8, 1, 2, 4, 8)):
+        table[code] = (0, n, None)  # float 32/64, uint 8-64, int 8-64
+    fields = [struct.Struct(f) for f in (">B", ">H", ">I")]
+    for kind, first, count in ((1, 0xC4, 3), (0, 0xD9, 3), (3, 0xDC, 2), (2, 0xDE, 2)):
+        for i in range(count):  # bin and str have 8/16/32-bit lengths, array and map 16/32
+            table[first + i] = (kind, 0, fields[i + 3 - count])
+    return table
+
+
+_SCAN = _scan_table()
+
+
+def _pack(obj: Any, packer: msgpack.Packer, pieces: list[Any], depth: int = 0) -> None:
+    if isinstance(obj, memoryview) and obj.nbytes >= _SPLICE_MIN_BYTES:
+        wide = obj.nbytes >= 1 << 16  # bin 32, else bin 16: the header msgpack would write
+        head = (b"\xc6" if wide else b"\xc5") + obj.nbytes.to_bytes(4 if wide else 2, "big")
+        pieces += (packer.bytes(), head, obj)
+        packer.reset()
+    elif isinstance(obj, dict) and depth < 3:  # message > tensors map > tensor: no deeper
+        packer.pack_map_header(len(obj))
+        for key, value in obj.items():
+            packer.pack(key)
+            _pack(value, packer, pieces, depth + 1)
+    else:
+        packer.pack(obj)
+
+
+def _packb(obj: Any) -> bytes:
+    """``msgpack.packb(obj, use_bin_type=True)`` byte for byte; tensor data copied once."""
+    packer = msgpack.Packer(use_bin_type=True, autoreset=False)
+    pieces: list[Any] = []
+    _pack(obj, packer, pieces)
+    pieces.append(packer.bytes())
+    return b"".join(pieces)
+
+
+def _tensor_payloads(buf: bytes | memoryview) -> list[tuple[int, int, int]] | None:
+    """(header, start, stop) of each large `bin` under a "data" key; None if ``buf`` is not one
+    msgpack object without ext types, or too long to walk: then msgpack alone decodes it."""
+    spans: list[tuple[int, int, int]] = []
+    end, pos, here = len(buf), 0, 0
+    left, in_map = 1, False  # the open container: objects still to come (a pair is two), kind
+    stack: list[tuple[int, bool]] = []
+    for _ in range(_SCAN_MAX_OBJECTS):
+        while not left:
+            if not stack:
+                return spans if pos == end else None
+            left, in_map = stack.pop()
+        step = _SCAN[buf[pos]] if pos < end else None
+        if step is None:
+            return None
+        kind, size, field = step
+        left -= 1
+        prev, here, start = here, pos, pos + 1
+        if field is not None:
+            start += field.size
+            if start > end:
+                return None
+            (size,) = field.unpack_from(buf, pos + 1)
+        if kind >= 2:
+            stack.append((left, in_map))
+            left, in_map, pos = size * (4 - kind), kind == 2, start
+            continue
+        # A map value (even count left) right after the key "data". Keys are scalars in every
+        # frame msgpack accepts (strict_map_key), so the previous object is that key.
+        if kind == 1 and size >= _SPLICE_MIN_BYTES and in_map and not left & 1:
+            if buf[prev:pos] == _DATA_KEY:
+                spans.append((pos, start, start + size))
+        pos = start + size
+    return None
+
+
+def _unpackb(frame: Any) -> Any:
+    """``msgpack.unpackb`` with this protocol's options; tensor data as views of the frame.
+
+    Each large payload is replaced by an ext placeholder in a small shadow frame, which msgpack
+    decodes and validates as usual. Only bytes frames are viewed: a view of a buffer its owner
+    may still change (bytearray, memoryview) would change the decoded tensors.
+    """
+    big = isinstance(frame, bytes) and len(frame) > _SPLICE_MIN_BYTES
+    spans = _tensor_payloads(frame) if big else None
+    if not spans:
+        return msgpack.unpackb(frame, max_ext_len=0, **_UNPACK_OPTIONS)
+    view = memoryview(frame)
+    payloads = [view[start:stop] for _, start, stop in spans]
+    pieces: list[Any] = []
+    prev = 0
+    for index, (head, _, stop) in enumerate(spans):
+        pieces += (view[prev:head], _PLACEHOLDER + index.to_bytes(4, "big"))
+        prev = stop
+    pieces.append(view[prev:])
+    try:
+        return msgpack.unpackb(
+            b"".join(pieces),
+            ext_hook=lambda _type, index: payloads[int.from_bytes(index, "big")],
+            **_UNPACK_OPTIONS,
+        )
+    except Exception:
+        # Let msgpack judge the frame itself, so that errors read the same on either path.
+        return msgpack.unpackb(frame, max_ext_len=0, **_UNPACK_OPTIONS)
 
 
 # --- messages ------------------------------------------------------------------------------
@@ -213,7 +354,7 @@ def encode(msg_type: str, **fields: Any) -> bytes:
     missing = [n for n, (_, required) in schema.items() if required and n not in payload]
     if missing:
         raise ValueError(f"{msg_type}: missing field(s) {', '.join(missing)}")
-    return msgpack.packb(payload, use_bin_type=True)
+    return _packb(payload)
 
 
 def decode(
@@ -227,7 +368,7 @@ def decode(
     if isinstance(frame, str):
         raise ProtocolError(CLOSE_UNSUPPORTED_DATA, "text frames are not part of the protocol")
     try:
-        obj = msgpack.unpackb(frame, raw=False, strict_map_key=True, max_ext_len=0)
+        obj = _unpackb(frame)
     except Exception as exc:  # msgpack raises a zoo of types for corrupt input
         raise ProtocolError(
             CLOSE_INVALID_PAYLOAD, f"undecodable frame: {type(exc).__name__}"

@@ -17,6 +17,8 @@ import torch
 
 from models import build_split, select_device
 
+from .align import alignment_penalty, blend, flat_grad, set_flat_grad
+
 
 class BatchSampler:
     """Deterministic mini-batches from a shard: reshuffled each epoch, seeded by (seed, rank).
@@ -86,6 +88,9 @@ class ClientTrainer:
         self.sampler = BatchSampler(shard, int(job["seed"]), int(job["rank"]))
         self.shard_size = len(shard)
         self._pending: tuple[int, torch.Tensor] | None = None
+        self._held: int | None = None
+        self._params = [p for p in self.model.parameters() if p.requires_grad]
+        self.gda_mode = str(job.get("gda_mode", ""))
         self.applied_round = 0
 
     def forward(self, round_: int, batch_size: int) -> tuple[np.ndarray, np.ndarray, float]:
@@ -99,8 +104,15 @@ class ClientTrainer:
         out = acts.detach().to("cpu", torch.float32).numpy()
         return out, self._y[idx].astype(np.int64), time.perf_counter() - start
 
-    def backward(self, round_: int, grad: np.ndarray) -> float:
-        """Apply the server's activation gradient for ``round_``; returns seconds spent."""
+    def backward(
+        self, round_: int, grad: np.ndarray, hold: bool = False
+    ) -> tuple[np.ndarray | None, float]:
+        """Back-propagate the server's activation gradient for ``round_``.
+
+        Without ``hold`` the optimizer steps at once (PSL). With ``hold`` (GAPSL in the client
+        space) the step waits for :meth:`align`, and the client gradient is returned for upload.
+        Returns (client gradient or None, seconds spent).
+        """
         if self._pending is None or self._pending[0] != round_:
             raise ValueError(f"gradient for round {round_} but no forward pass of that round")
         start = time.perf_counter()
@@ -111,11 +123,45 @@ class ClientTrainer:
                 f"gradient shape {tuple(g.shape)} != activation shape {tuple(acts.shape)}"
             )
         self.optimizer.zero_grad(set_to_none=True)
-        acts.backward(g)
-        self.optimizer.step()
+        # The exact alignment differentiates the client gradient itself: keep its graph.
+        exact = hold and self.gda_mode == "exact"
+        acts.backward(g, create_graph=exact)
         self._pending = None
+        if not hold:
+            self.optimizer.step()
+            self.applied_round = round_
+            return None, time.perf_counter() - start
+        self._held = round_
+        flat = flat_grad(self._params).detach().to("cpu", torch.float32).numpy()
+        return flat, time.perf_counter() - start
+
+    def align(self, round_: int, leader: np.ndarray, mode: str, lam: float) -> float:
+        """Turn the held client gradient toward the leader (GDA), then step."""
+        if self._held != round_:
+            raise ValueError(f"alignment for round {round_} but no held gradient of that round")
+        start = time.perf_counter()
+        g_l = torch.from_numpy(np.array(leader)).to(self.device)
+        if mode == "exact":
+            # PSL backward already filled .grad (with a graph); add lam * d(1 - cos)/d(theta).
+            penalty = alignment_penalty(flat_grad(self._params), g_l)
+            extra = torch.autograd.grad(penalty, self._params, allow_unused=True)
+            with torch.no_grad():
+                for p, e in zip(self._params, extra):
+                    g = p.grad.detach() if p.grad is not None else torch.zeros_like(p)
+                    p.grad = g + lam * e if e is not None else g
+        else:
+            with torch.no_grad():
+                set_flat_grad(self._params, blend(mode, flat_grad(self._params), g_l, lam))
+        self.optimizer.step()
+        self._held = None
         self.applied_round = round_
         return time.perf_counter() - start
+
+    def set_weights(self, weights: Mapping[str, np.ndarray]) -> None:
+        """Replace the client partition's weights (SFL averaging); the optimizer state stays."""
+        with torch.no_grad():
+            for name, tensor in self.model.state_dict().items():
+                tensor.copy_(torch.from_numpy(np.array(weights[name])))
 
     def weights(self) -> dict[str, np.ndarray]:
         return state_to_numpy(self.model)

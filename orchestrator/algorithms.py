@@ -10,7 +10,7 @@ PSL (parallel split learning): one shared server partition. Each device i upload
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +21,7 @@ class ServerStepResult:
     grads: list[torch.Tensor]  # dl_i/da_i, one per device, shaped like its activations
     losses: list[float]  # l_i, device i's mean loss on its batch
     loss: float  # L, the batch-weighted mean
+    diag: dict[str, object] = field(default_factory=dict)  # leaders, cosines, ... for the records
 
 
 def psl_server_step(
@@ -51,6 +52,61 @@ def psl_server_step(
         grads.append(leaf.grad * (total / b))  # d(l_i)/d(a_i) = (B / b_i) * dL/da_i
         start += b
     return ServerStepResult(grads=grads, losses=losses, loss=float(loss.detach()))
+
+
+def epsl_server_step(
+    server: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    activations: Sequence[torch.Tensor],
+    labels: Sequence[torch.Tensor],
+    phi: float,
+) -> ServerStepResult:
+    """EPSL (Lin et al., TMC 2024): PSL with last-layer gradient aggregation of ratio ``phi``.
+
+    Our reading: for the first ``round(phi * b)`` positions of every device's batch, the loss
+    gradient at the server's output layer is averaged across devices (position j of every device
+    gets the mean of their j-th gradients) before back-propagation; the rest stays per device.
+    phi = 0 is PSL bit for bit (the same backward, split at the logits).
+    """
+    sizes = [len(y) for y in labels]
+    if len(set(sizes)) != 1:
+        raise ValueError("EPSL aggregates position-wise: every device needs the same batch size")
+    leaves = [a.detach().requires_grad_(True) for a in activations]
+    total, b, n = sum(sizes), sizes[0], len(sizes)
+    server.train()
+    optimizer.zero_grad(set_to_none=True)
+    logits = server(torch.cat(leaves))
+    per_sample = F.cross_entropy(logits, torch.cat(list(labels)), reduction="none")
+    loss = per_sample.mean()
+    (d_logits,) = torch.autograd.grad(loss, logits, retain_graph=True)
+    k = int(round(phi * b))
+    if k > 0:
+        per_device = d_logits.view(n, b, -1)
+        shared = per_device[:, :k].mean(dim=0, keepdim=True).expand(n, k, -1)
+        d_logits = torch.cat([shared, per_device[:, k:]], dim=1).reshape_as(d_logits)
+    logits.backward(d_logits)
+    optimizer.step()
+    losses = [float(per_sample[i * b : (i + 1) * b].detach().mean()) for i in range(n)]
+    grads: list[torch.Tensor] = [leaf.grad * (total / b) for leaf in leaves]  # type: ignore[operator,misc]
+    return ServerStepResult(
+        grads=grads, losses=losses, loss=float(loss.detach()), diag={"phi": phi}
+    )
+
+
+def fedavg(
+    states: Sequence[dict[str, torch.Tensor]], weights: Sequence[float]
+) -> dict[str, torch.Tensor]:
+    """Weighted average of client partitions (SplitFed): sum_i w_i * theta_i / sum_i w_i."""
+    if not states or len(states) != len(weights):
+        raise ValueError("fedavg needs one weight per state")
+    total = float(sum(weights))
+    out = {}
+    for name in states[0]:
+        acc = torch.zeros_like(states[0][name], dtype=torch.float64)
+        for state, w in zip(states, weights):
+            acc += state[name].to(torch.float64) * (w / total)
+        out[name] = acc.to(states[0][name].dtype)
+    return out
 
 
 @torch.no_grad()

@@ -19,19 +19,17 @@ import torch
 from edge_agent import protocol
 from edge_agent.data import Dataset, labels_fingerprint, load_dataset, partition
 from edge_agent.protocol import encode
-from edge_agent.trainer import load_numpy_state, state_to_numpy
+from edge_agent.trainer import state_to_numpy
 from models import build_split, default_model, select_device
 
-from . import algorithms
-from .errors import FleetError, GapslError, RunError
+from .errors import GapslError
+from .group import SessionGroup
 from .launcher import LocalFleet
 from .manifest import Manifest
 from .records import RunRecords
+from .rounds import Runner
 from .sessions import Admission, DeviceSession, wait_ready
-from .snapshot import EvalPoint, RoundPoint
 from .state import RunState
-
-SUPPORTED_ALGORITHMS = ("psl",)
 
 
 @dataclass
@@ -53,10 +51,6 @@ class Job:
 def prepare_job(m: Manifest) -> Job:
     """Load data, partition it, and build the identical initial weights every device starts from."""
     t = m.training
-    if t.algorithm not in SUPPORTED_ALGORITHMS:
-        raise RunError(
-            f"training.algorithm = {t.algorithm!r} is not available in this version (use: psl)"
-        )
     ds = load_dataset(t.dataset, m.data_dir(), download=m.data.download)
     model = default_model(t.dataset) if t.model == "auto" else t.model
     shards = partition(
@@ -104,6 +98,8 @@ def job_message(m: Manifest, job: Job, run_id: str, rank: int) -> bytes:
         "weight_decay": t.weight_decay,
         "seed": t.seed,
         "rank": rank,
+        "gapsl_space": m.gapsl.space if t.algorithm == "gapsl" else "",
+        "gda_mode": m.gapsl.gda_mode if t.algorithm == "gapsl" else "",
     }
     return encode("job", run_id=run_id, job=spec, shard=job.shards[rank], weights=job.client_init)
 
@@ -122,7 +118,6 @@ class Engine:
         self.fleet: LocalFleet | None = None
         self.job: Job | None = None
         self._frames: dict[str, bytes] = {}
-        self._eval_template: torch.nn.Module | None = None
 
     # --- the run ------------------------------------------------------------------------------
 
@@ -215,147 +210,13 @@ class Engine:
                 st.event("waiting", None, {"missing": ",".join(missing)})
 
         await wait_ready(sessions, m.testbed.join_timeout_s, tick)
-        st.phase = "training"
-        st.round_started = self.records.elapsed()
         assert self.job is not None
-        server = self.job.server
-        t = m.training
-        optimizer = torch.optim.SGD(
-            server.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay
-        )
-        for r in range(1, t.rounds + 1):
-            st.round = r
-            await self._round(r, sessions, server, optimizer)
-            if r % t.eval_every == 0 or r == t.rounds:
-                await self._evaluate(r, sessions)
-
-    async def _round(
-        self, r: int, sessions: list[DeviceSession], server: torch.nn.Module, optimizer: Any
-    ) -> None:
-        m, st, job = self.m, self.state, self.job
-        assert job is not None
-        batch = m.training.batch_size
-        start = time.perf_counter()
-        request = encode("round", round=r, batch_size=batch)
-        for s in sessions:
-            s.status = "computing"
-
-        async def ask(s: DeviceSession) -> tuple[protocol.Message, float]:
-            t0 = time.perf_counter()
-            reply = await s.call(request, "activations", r, m.testbed.round_timeout_s)
-            s.status = "joined"
-            return reply, time.perf_counter() - t0
-
-        try:
-            replies = await asyncio.gather(*(ask(s) for s in sessions))
-        except TimeoutError as exc:
-            raise FleetError(str(exc)) from exc
-        acts, labels = [], []
-        for s, (msg, _) in zip(sessions, replies):
-            x, y = _check_activations(s.id, msg, batch, job.dataset.num_classes)
-            acts.append(torch.from_numpy(np.array(x)).to(job.server_device))  # frames are read-only
-            labels.append(torch.from_numpy(np.array(y)).to(job.server_device))
-        t_server = time.perf_counter()
-        result = await asyncio.to_thread(
-            algorithms.psl_server_step, server, optimizer, acts, labels
-        )
-        server_s = time.perf_counter() - t_server
-        t_down = time.perf_counter()
-        for s, grad, loss in zip(sessions, result.grads, result.losses):
-            frame = encode("gradients", round=r, grad=grad.detach().cpu().numpy(), loss=loss)
-            s.last_gradient = (r, frame)
-            await s.send(frame)  # a device that is away gets it again when it rejoins
-            st.device_loss[s.id] = loss
-            st.device_rounds[s.id] = r
-        downlink_s = time.perf_counter() - t_down
-        round_s = time.perf_counter() - start
-        per_device = {}
-        for s, (msg, wait_s) in zip(sessions, replies):
-            compute_s = float(msg["compute_s"])
-            st.compute_ms[s.id] = 1000.0 * compute_s / max(len(msg["y"]), 1)
-            per_device[s.id] = {
-                "batch": int(len(msg["y"])),
-                "compute_s": round(compute_s, 6),
-                "uplink_s": round(max(wait_s - compute_s, 0.0), 6),
-                "wait_s": round(wait_s, 6),
-            }
-        slowest = max(per_device.values(), key=lambda d: d["wait_s"])
-        self.records.append(
-            "rounds",
-            {
-                "round": r,
-                "round_time_s": round(round_s, 6),
-                "predicted_s": None,  # the latency model arrives with the profiler
-                "server_s": round(server_s, 6),
-                "downlink_s": round(downlink_s, 6),
-                "loss": result.loss,
-                "leaders": None,
-                "mean_cos": None,
-                "devices": per_device,
-            },
-        )
-        st.rounds.append(
-            RoundPoint(
-                round=r,
-                round_time_s=round_s,
-                loss=result.loss,
-                compute_s=slowest["compute_s"],
-                uplink_s=slowest["uplink_s"],
-                server_s=server_s,
-                downlink_s=downlink_s,
-            )
-        )
-
-    async def _evaluate(self, r: int, sessions: list[DeviceSession]) -> None:
-        st, job = self.state, self.job
-        assert job is not None
-        st.phase = "evaluating"
-        request = encode("eval_request", round=r)
-        try:
-            replies = await asyncio.gather(
-                *(
-                    s.call(request, "eval_result", r, self.m.testbed.round_timeout_s)
-                    for s in sessions
-                )
-            )
-        except TimeoutError as exc:
-            raise FleetError(str(exc)) from exc
-        weights = [msg["weights"] for msg in replies]
-        scores = await asyncio.to_thread(self._score, weights)
-        accs = [a for a, _ in scores]
-        for s, (acc, _) in zip(sessions, scores):
-            st.device_acc[s.id] = acc
-        point = EvalPoint(
-            round=r,
-            time_s=self.records.elapsed(),
-            acc_mean=float(np.mean(accs)),
-            acc_min=float(np.min(accs)),
-            acc_max=float(np.max(accs)),
-            loss=float(np.mean([loss for _, loss in scores])),
-        )
-        record = {
-            k: getattr(point, k)
-            for k in ("round", "time_s", "acc_mean", "acc_min", "acc_max", "loss")
-        }
-        record["acc"] = {s.id: acc for s, acc in zip(sessions, accs)}
-        self.records.append("metrics", record)
-        st.add_eval(point)
-        st.phase = "training"
-
-    def _score(self, weights: list[dict[str, np.ndarray]]) -> list[tuple[float, float]]:
-        job = self.job
-        assert job is not None
-        out = []
-        for w in weights:
-            try:
-                load_numpy_state(job.client_template, w)
-            except (RuntimeError, KeyError) as exc:
-                raise RunError(
-                    f"a device returned weights that do not fit the model: {exc}"
-                ) from exc
-            job.client_template.to(job.server_device)
-            out.append(algorithms.evaluate(job.client_template, job.server, job.x_test, job.y_test))
-        return out
+        await Runner(
+            m,
+            self.job,
+            SessionGroup(sessions, m.testbed.round_timeout_s, self.job.dataset.num_classes),
+            st,
+        ).train()
 
     # --- bookkeeping --------------------------------------------------------------------------
 
@@ -404,22 +265,6 @@ class Engine:
         if error:
             summary["error"] = error
         self.records.write_summary(summary)
-
-
-def _check_activations(
-    device: str, msg: protocol.Message, batch: int, num_classes: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Activations and labels must match the request; a device's bug must not poison the server."""
-    x, y = msg["x"], msg["y"]
-    if x.ndim < 2 or len(x) != len(y) or len(y) != batch:
-        raise RunError(
-            f"device {device}: activations {x.shape} / labels {y.shape} do not match batch {batch}"
-        )
-    if x.dtype != np.float32 or not np.isfinite(x).all():
-        raise RunError(f"device {device}: activations must be finite float32")
-    if y.dtype != np.int64 or (len(y) and (y.min() < 0 or y.max() >= num_classes)):
-        raise RunError(f"device {device}: labels must be int64 in [0, {num_classes})")
-    return x, y
 
 
 def _dial_host(host: str) -> str:

@@ -22,7 +22,7 @@ from .manifest import DeviceConfig
 _DROPPED = object()  # the connection went away: resend after the device is back
 _FAILED = object()  # the device reported that it cannot carry out the job
 
-REPLY_TYPES = frozenset({"activations", "eval_result"})
+REPLY_TYPES = frozenset({"activations", "client_grad", "eval_result"})
 HELLO_TIMEOUT_S = 10.0
 
 

@@ -11,7 +11,7 @@ from typing import Any, Callable
 from .manifest import Manifest
 from .records import RunRecords
 from .sessions import DeviceSession
-from .snapshot import DeviceView, EvalPoint, EventLine, RoundPoint, RunSnapshot
+from .snapshot import DeviceView, EvalPoint, EventLine, GapslView, RoundPoint, RunSnapshot
 
 
 class RunState:
@@ -31,6 +31,7 @@ class RunState:
         self.device_rounds: dict[str, int] = {}
         self.compute_ms: dict[str, float] = {}
         self.round_started: float | None = None
+        self.gapsl: GapslView | None = None
         self.on_line: Callable[[str], None] | None = None  # headless printer
 
     def event(
@@ -102,6 +103,7 @@ class RunState:
             evals=tuple(self.evals),
             recent_rounds=tuple(self.rounds),
             events=tuple(self.events),
+            gapsl=self.gapsl,
             run_dir=str(self.records.dir),
             message=self.message,
         )

@@ -1,0 +1,233 @@
+"""The training loop shared by the distributed engine and the in-process reference engine.
+
+The loop talks to its devices only through a :class:`DeviceGroup`: over WebSockets in a real run,
+by direct calls in ``simulate``. Everything else — batches, the server rule of each algorithm,
+LGI state, SFL averaging, evaluation, records — is this one piece of code, which is why the two
+engines produce the same metrics for the same manifest and seed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from edge_agent.trainer import load_numpy_state
+
+from . import algorithms
+from .gapsl import LeaderTracker, client_alignment, gapsl_server_step
+from .manifest import Manifest
+from .snapshot import EvalPoint, GapslView, RoundPoint
+from .state import RunState
+
+Weights = dict[str, np.ndarray]
+
+
+@dataclass
+class ForwardOut:
+    acts: np.ndarray
+    labels: np.ndarray
+    compute_s: float  # as the device measured it
+    wait_s: float  # from request to reply, as the orchestrator saw it
+
+
+class DeviceGroup(Protocol):
+    """The devices of a run, however they are reached. Results are keyed by device id."""
+
+    ids: list[str]
+
+    async def forward(self, r: int, batch: dict[str, int]) -> dict[str, ForwardOut]: ...
+
+    async def backward(
+        self, r: int, grads: dict[str, np.ndarray], losses: dict[str, float], hold: bool
+    ) -> dict[str, np.ndarray]: ...
+
+    async def align(self, r: int, leader: np.ndarray, mode: str, lam: float) -> None: ...
+
+    async def fetch_weights(self, r: int) -> dict[str, Weights]: ...
+
+    async def set_weights(self, r: int, weights: Weights) -> None: ...
+
+
+def uses_client_space(m: Manifest) -> bool:
+    return m.training.algorithm == "gapsl" and m.gapsl.space == "client"
+
+
+class Runner:
+    """Runs the rounds of one manifest against a device group, updating state and records."""
+
+    def __init__(self, m: Manifest, job: Any, group: DeviceGroup, state: RunState) -> None:
+        self.m, self.job, self.group, self.state = m, job, group, state
+        self.records = state.records
+        t = m.training
+        self.optimizer = torch.optim.SGD(
+            job.server.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay
+        )
+        g = m.gapsl
+        self.tracker = LeaderTracker(tau=g.tau, rho=g.rho, beta=g.ema_beta)
+        self.shard_sizes = {i: len(job.shards[k]) for k, i in enumerate(group.ids)}
+
+    async def train(self) -> None:
+        t = self.m.training
+        self.state.phase = "training"
+        self.state.round_started = self.records.elapsed()
+        for r in range(1, t.rounds + 1):
+            self.state.round = r
+            await self.round(r)
+            if r % t.eval_every == 0 or r == t.rounds:
+                await self.evaluate(r)
+
+    def _server_step(
+        self, acts: list[torch.Tensor], labels: list[torch.Tensor]
+    ) -> algorithms.ServerStepResult:
+        m, server = self.m, self.job.server
+        algo = m.training.algorithm
+        if algo == "epsl":
+            return algorithms.epsl_server_step(server, self.optimizer, acts, labels, m.epsl.phi)
+        if algo == "gapsl" and m.gapsl.space != "client":
+            g = m.gapsl
+            return gapsl_server_step(
+                server,
+                self.optimizer,
+                acts,
+                labels,
+                self.tracker,
+                g.space,
+                g.gda_mode,
+                g.gda_lambda,
+            )
+        return algorithms.psl_server_step(server, self.optimizer, acts, labels)
+
+    async def round(self, r: int) -> None:
+        m, st, job, ids = self.m, self.state, self.job, self.group.ids
+        start = time.perf_counter()
+        batch = {i: m.training.batch_size for i in ids}
+        for s in st.sessions:
+            s.status = "computing"
+        fwd = await self.group.forward(r, batch)
+        for s in st.sessions:
+            s.status = "joined"
+        dev = job.server_device
+        acts = [
+            torch.from_numpy(np.array(fwd[i].acts)).to(dev) for i in ids
+        ]  # frames are read-only
+        labels = [torch.from_numpy(np.array(fwd[i].labels)).to(dev) for i in ids]
+        t_server = time.perf_counter()
+        result = await asyncio.to_thread(self._server_step, acts, labels)
+        server_s = time.perf_counter() - t_server
+        hold = uses_client_space(m)
+        grads = {i: g.detach().cpu().numpy() for i, g in zip(ids, result.grads)}
+        losses = dict(zip(ids, result.losses))
+        t_down = time.perf_counter()
+        client_grads = await self.group.backward(r, grads, losses, hold)
+        diag = dict(result.diag)
+        if hold:
+            g_list = [torch.from_numpy(np.array(client_grads[i])) for i in ids]
+            leader, diag = client_alignment(self.tracker, g_list, [len(fwd[i].labels) for i in ids])
+            await self.group.align(r, leader.numpy(), m.gapsl.gda_mode, m.gapsl.gda_lambda)
+        downlink_s = time.perf_counter() - t_down
+        if m.training.algorithm == "sfl" and r % m.sfl.avg_every == 0:
+            await self._fedavg(r)
+        for i in ids:
+            st.device_loss[i] = losses[i]
+            st.device_rounds[i] = r
+            st.compute_ms[i] = 1000.0 * fwd[i].compute_s / max(len(fwd[i].labels), 1)
+        self._record(r, time.perf_counter() - start, fwd, result.loss, server_s, downlink_s, diag)
+
+    async def _fedavg(self, r: int) -> None:
+        ids = self.group.ids
+        states = await self.group.fetch_weights(r)
+        avg = algorithms.fedavg(
+            [{k: torch.from_numpy(np.array(v)) for k, v in states[i].items()} for i in ids],
+            [self.shard_sizes[i] for i in ids],
+        )
+        await self.group.set_weights(r, {k: v.numpy() for k, v in avg.items()})
+
+    def _record(
+        self, r: int, round_s: float, fwd: dict[str, ForwardOut], loss: float, server_s: float,
+        downlink_s: float, diag: dict[str, Any],
+    ) -> None:  # fmt: skip
+        per_device = {
+            i: {
+                "batch": int(len(f.labels)),
+                "compute_s": round(f.compute_s, 6),
+                "uplink_s": round(max(f.wait_s - f.compute_s, 0.0), 6),
+                "wait_s": round(f.wait_s, 6),
+            }
+            for i, f in fwd.items()
+        }
+        leaders = diag.get("leaders")
+        if leaders is not None:
+            diag["leaders"] = [self.group.ids[k] for k in leaders]
+        record = {
+            "round": r,
+            "round_time_s": round(round_s, 6),
+            "predicted_s": None,  # the latency model arrives with the profiler
+            "server_s": round(server_s, 6),
+            "downlink_s": round(downlink_s, 6),
+            "loss": loss,
+            "leaders": diag.pop("leaders", None),
+            "mean_cos": diag.pop("mean_cos", None),
+            "devices": per_device,
+        }
+        record.update(diag)
+        self.records.append("rounds", record)
+        slowest = max(per_device.values(), key=lambda d: d["wait_s"])
+        self.state.rounds.append(
+            RoundPoint(
+                round=r, round_time_s=round_s, loss=loss, compute_s=slowest["compute_s"],
+                uplink_s=slowest["uplink_s"], server_s=server_s, downlink_s=downlink_s,
+            )
+        )  # fmt: skip
+        if record["leaders"] is not None and "cos" in record:
+            self.state.gapsl = GapslView(
+                leaders=tuple(record["leaders"]),
+                cosine=tuple(tuple(row) for row in record["cos"]),
+                device_ids=tuple(self.group.ids),
+                align_before=record.get("align_before"),
+                align_after=record.get("align_after"),
+            )
+
+    async def evaluate(self, r: int) -> None:
+        st, ids = self.state, self.group.ids
+        st.phase = "evaluating"
+        states = await self.group.fetch_weights(r)
+        scores = await asyncio.to_thread(self._score, [states[i] for i in ids])
+        accs = [a for a, _ in scores]
+        for i, (acc, _) in zip(ids, scores):
+            st.device_acc[i] = acc
+        point = EvalPoint(
+            round=r,
+            time_s=self.records.elapsed(),
+            acc_mean=float(np.mean(accs)),
+            acc_min=float(np.min(accs)),
+            acc_max=float(np.max(accs)),
+            loss=float(np.mean([loss for _, loss in scores])),
+        )
+        record: dict[str, Any] = {
+            k: getattr(point, k)
+            for k in ("round", "time_s", "acc_mean", "acc_min", "acc_max", "loss")
+        }
+        record["acc"] = dict(zip(ids, accs))
+        self.records.append("metrics", record)
+        st.add_eval(point)
+        st.phase = "training"
+
+    def _score(self, states: list[Weights]) -> list[tuple[float, float]]:
+        from .errors import RunError
+
+        job = self.job
+        out = []
+        for w in states:
+            try:
+                load_numpy_state(job.client_template, w)
+            except (RuntimeError, KeyError) as exc:
+                raise RunError(
+                    f"a device returned weights that do not fit the model: {exc}"
+                ) from exc
+            out.append(algorithms.evaluate(job.client_template, job.server, job.x_test, job.y_test))
+        return out
