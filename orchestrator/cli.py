@@ -28,23 +28,25 @@ def _parser() -> argparse.ArgumentParser:
         epilog="Exit codes: 0 ok, 1 run failed, 2 bad manifest or usage, 130 interrupted.",
     )
     sub = p.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run a manifest on its fleet")
-    run.add_argument("manifest", nargs="?", default=DEFAULT_MANIFEST)
-    run.add_argument(
-        "--no-dashboard", action="store_true", help="plain log lines instead of the live view"
-    )
-    run.add_argument(
-        "--run-dir",
-        type=Path,
-        default=None,
-        help="write the run here (default: under testbed.runs_dir)",
-    )
-    run.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a manifest key"
-    )
+    for name, text in (
+        ("run", "run a manifest on its fleet"),
+        ("simulate", "run a manifest with every device in this process (the reference engine)"),
+    ):
+        run = sub.add_parser(name, help=text)
+        run.add_argument("manifest", nargs="?", default=DEFAULT_MANIFEST)
+        run.add_argument("--no-dashboard", action="store_true", help="log lines, no live view")
+        run.add_argument(
+            "--run-dir", type=Path, default=None, help="default: under testbed.runs_dir"
+        )
+        run.add_argument(
+            "--set", action="append", default=[], metavar="KEY=VALUE", help="override a key"
+        )
     check = sub.add_parser("check", help="validate a manifest and exit")
     check.add_argument("manifest", nargs="?", default=DEFAULT_MANIFEST)
     check.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    from .report import add_parser as add_report
+
+    add_report(sub)
     return p
 
 
@@ -64,10 +66,12 @@ def _check(args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
-async def _run_async(m: Manifest, run_dir: Path, dashboard: bool) -> str:
+async def _run_async(m: Manifest, run_dir: Path, dashboard: bool, in_process: bool) -> str:
     from .engine import Engine
 
-    engine = Engine(m, run_dir, manifest_to_toml(m), run_id=uuid.uuid4().hex[:12])
+    engine = Engine(
+        m, run_dir, manifest_to_toml(m), run_id=uuid.uuid4().hex[:12], in_process=in_process
+    )
     loop = asyncio.get_running_loop()
     main = asyncio.current_task()
     assert main is not None
@@ -100,7 +104,7 @@ def _run(args: argparse.Namespace) -> int:
     dashboard = not args.no_dashboard and sys.stdout.isatty() and os.environ.get("TERM") != "dumb"
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        status = asyncio.run(_run_async(m, run_dir, dashboard))
+        status = asyncio.run(_run_async(m, run_dir, dashboard, args.command == "simulate"))
     except (KeyboardInterrupt, asyncio.CancelledError):
         print(f"interrupted; run directory: {run_dir}", file=sys.stderr)
         return ExitCode.INTERRUPTED
@@ -120,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "check":
             return _check(args)
+        if args.command == "report":
+            return int(args.func(args))
         return _run(args)
     except ManifestError as exc:
         print(f"gapsl-orchestrator: {exc}", file=sys.stderr)

@@ -22,7 +22,7 @@ from edge_agent.protocol import encode
 from edge_agent.trainer import state_to_numpy
 from models import build_split, default_model, select_device
 
-from .errors import GapslError
+from .errors import GapslError, RunError
 from .group import SessionGroup
 from .launcher import LocalFleet
 from .manifest import Manifest
@@ -61,6 +61,8 @@ def prepare_job(m: Manifest) -> Job:
         alpha=m.data.alpha,
         shards_per_device=m.data.shards_per_device,
     )
+    if t.algorithm == "central":  # the ceiling: one learner holding everyone's data
+        shards = [np.sort(np.concatenate(shards))]
     torch.manual_seed(t.seed)
     split = build_split(model, t.cut, num_classes=ds.num_classes)
     device = select_device(m.server.device)
@@ -82,9 +84,10 @@ def prepare_job(m: Manifest) -> Job:
     )
 
 
-def job_message(m: Manifest, job: Job, run_id: str, rank: int) -> bytes:
+def job_spec(m: Manifest, job: Job, rank: int) -> dict[str, Any]:
+    """The job description a device receives (the ``job`` field of the protocol's job message)."""
     t = m.training
-    spec = {
+    return {
         "model": job.model,
         "cut": job.cut,
         "dataset": t.dataset,
@@ -101,14 +104,21 @@ def job_message(m: Manifest, job: Job, run_id: str, rank: int) -> bytes:
         "gapsl_space": m.gapsl.space if t.algorithm == "gapsl" else "",
         "gda_mode": m.gapsl.gda_mode if t.algorithm == "gapsl" else "",
     }
+
+
+def job_message(m: Manifest, job: Job, run_id: str, rank: int) -> bytes:
+    spec = job_spec(m, job, rank)
     return encode("job", run_id=run_id, job=spec, shard=job.shards[rank], weights=job.client_init)
 
 
 class Engine:
     """Runs one manifest on the fleet and writes its run directory."""
 
-    def __init__(self, m: Manifest, run_dir: Path, manifest_toml: str, run_id: str) -> None:
+    def __init__(
+        self, m: Manifest, run_dir: Path, manifest_toml: str, run_id: str, in_process: bool = False
+    ) -> None:
         self.m = m
+        self.in_process = in_process  # the reference engine: devices in this process, no network
         self.run_id = run_id
         self.records = RunRecords(run_dir, manifest_toml)
         host, port = m.listen_host_port()
@@ -132,6 +142,14 @@ class Engine:
         try:
             st.event("preparing", None, {"dataset": m.training.dataset, "devices": len(m.devices)})
             self.job = await asyncio.to_thread(prepare_job, m)
+            if self.in_process:
+                await self._train_in_process()
+                status = "completed"
+                return status
+            if m.training.algorithm == "central":
+                raise RunError(
+                    "training.algorithm = 'central' (the pooled-data ceiling) runs only with simulate"
+                )
             self._frames = {
                 s.id: job_message(m, self.job, self.run_id, s.rank) for s in self.sessions.values()
             }
@@ -197,6 +215,21 @@ class Engine:
             tail = self.fleet.log_tail(device_id, 3) if self.fleet else ""
             session.failure = session.failure or f"local agent exited with code {code}: {tail}"
         self.state.event("agent_exited", device_id, {"code": code})
+
+    async def _train_in_process(self) -> None:
+        from .inprocess import InProcessGroup
+
+        assert self.job is not None
+        central = self.m.training.algorithm == "central"
+        ids = ["central"] if central else [s.id for s in self.sessions.values()]
+        group = InProcessGroup(self.m, self.job, ids)
+        for s in self.sessions.values():
+            s.status = "joined"
+            s.shard_size = len(self.job.shards[0 if central else s.rank])
+        self.state.listen = "in-process"
+        await Runner(self.m, self.job, group, self.state).train()
+        for s in self.sessions.values():
+            s.status = "done"
 
     async def _train(self) -> None:
         m, st = self.m, self.state

@@ -94,7 +94,8 @@ class TestbedConfig:
 class TrainingConfig:
     """The learning problem and the optimiser every device and the server use."""
 
-    algorithm: str = _opt("psl", choices=("psl", "gapsl", "sfl", "epsl"))
+    # "central" (pooled data, one learner: the accuracy ceiling) runs only in-process (simulate).
+    algorithm: str = _opt("psl", choices=("psl", "gapsl", "sfl", "epsl", "central"))
     dataset: str = _opt("digits", choices=("digits", "fashion_mnist", "cifar10"))
     model: str = _opt("auto", check=_non_empty)  # "auto": the dataset's default small model
     cut: str = _opt("default", check=_non_empty)

@@ -105,7 +105,9 @@ class Runner:
     async def round(self, r: int) -> None:
         m, st, job, ids = self.m, self.state, self.job, self.group.ids
         start = time.perf_counter()
-        batch = {i: m.training.batch_size for i in ids}
+        # The pooled-data ceiling takes every device's batch in one step.
+        scale = len(m.devices) if m.training.algorithm == "central" else 1
+        batch = {i: m.training.batch_size * scale for i in ids}
         for s in st.sessions:
             s.status = "computing"
         fwd = await self.group.forward(r, batch)

@@ -1,0 +1,80 @@
+"""The in-process reference engine's devices: every client partition in this process, no network.
+
+It is the fast path for sweeps and the oracle for the distributed engine: the same round loop
+drives the same :class:`~edge_agent.trainer.ClientTrainer` code that runs on a device. Client
+work runs on one torch thread, as a local-fleet agent does, so the float results agree.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+
+from edge_agent.trainer import ClientTrainer
+
+from .manifest import Manifest
+from .rounds import ForwardOut, Weights
+
+
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+class InProcessGroup:
+    """A ``DeviceGroup`` of trainers called directly."""
+
+    def __init__(self, m: Manifest, job: Any, ids: list[str]) -> None:
+        from .engine import job_spec
+
+        ds = job.dataset
+        devices = {d.id: d for d in m.devices}
+        self.ids = ids
+        self.trainers: dict[str, ClientTrainer] = {}
+        with _one_thread():
+            for rank, i in enumerate(ids):
+                device = devices[i].device if i in devices else "cpu"
+                self.trainers[i] = ClientTrainer(
+                    job_spec(m, job, rank), job.shards[rank], job.client_init,
+                    ds.x_train, ds.y_train, ds.normalize, device,
+                )  # fmt: skip
+
+    async def forward(self, r: int, batch: dict[str, int]) -> dict[str, ForwardOut]:
+        out = {}
+        with _one_thread():
+            for i in self.ids:
+                acts, labels, seconds = self.trainers[i].forward(r, batch[i])
+                out[i] = ForwardOut(acts=acts, labels=labels, compute_s=seconds, wait_s=seconds)
+        return out
+
+    async def backward(
+        self, r: int, grads: dict[str, np.ndarray], losses: dict[str, float], hold: bool
+    ) -> dict[str, np.ndarray]:
+        flats = {}
+        with _one_thread():
+            for i in self.ids:
+                flat, _ = self.trainers[i].backward(r, grads[i], hold)
+                if flat is not None:
+                    flats[i] = flat
+        return flats
+
+    async def align(self, r: int, leader: np.ndarray, mode: str, lam: float) -> None:
+        with _one_thread():
+            for i in self.ids:
+                self.trainers[i].align(r, leader, mode, lam)
+
+    async def fetch_weights(self, r: int) -> dict[str, Weights]:
+        return {i: self.trainers[i].weights() for i in self.ids}
+
+    async def set_weights(self, r: int, weights: Weights) -> None:
+        for i in self.ids:
+            self.trainers[i].set_weights(weights)
