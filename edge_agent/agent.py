@@ -24,6 +24,14 @@ from .telemetry import device_facts, live_stats
 log = logging.getLogger("edge_agent")
 
 
+_PROTOCOL_CLOSES = {
+    protocol.CLOSE_PROTOCOL_ERROR,
+    protocol.CLOSE_UNSUPPORTED_DATA,
+    protocol.CLOSE_INVALID_PAYLOAD,
+    protocol.CLOSE_MESSAGE_TOO_BIG,
+}
+
+
 class AgentExit(enum.IntEnum):
     """Exit codes of ``gapsl-agent``."""
 
@@ -106,7 +114,9 @@ class Agent:
                     log.error("refused by the orchestrator: %s", reason)
                     return AgentExit.REFUSED
                 log.warning("connection closed (%s %s); redialling", code, reason)
-                last_contact = time.monotonic()
+                # A protocol complaint is no sign of a healthy orchestrator: let --give-up-s run.
+                if code not in _PROTOCOL_CLOSES:
+                    last_contact = time.monotonic()
             except (OSError, TimeoutError, InvalidHandshake) as exc:
                 log.warning("cannot reach %s: %s", self.cfg.url, exc or type(exc).__name__)
             else:

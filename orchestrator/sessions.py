@@ -190,14 +190,21 @@ class Admission:
                 ws, hello["device_id"][:64], peer, protocol.CLOSE_POLICY_VIOLATION, reason
             )
             return None
+        resume = hello.get("resume") or {}
+        if not isinstance(resume.get("run_id", ""), str) or not _is_int(resume.get("round", 0)):
+            reason = "hello.resume must hold a string run_id and an integer round"
+            await self._refuse(
+                ws, session.id, peer, protocol.CLOSE_INVALID_PAYLOAD, reason, event="bad_frame"
+            )
+            return None
         old = session.ws
         session.ws = ws
         if old is not None:
+            session._push(_DROPPED)  # a request in flight on the old link is asked again
             await old.close(
                 protocol.CLOSE_GOING_AWAY, "replaced by a newer connection of this device"
             )
         session.facts = dict(hello["facts"])
-        resume = hello.get("resume") or {}
         rejoin = resume.get("run_id") == self.run_id
         self.on_event("rejoined" if rejoin else "joined", session.id, {"peer": peer})
         if not rejoin:
@@ -244,6 +251,10 @@ class Admission:
         except Exception:  # the peer may already be gone; closing below is what matters
             pass
         await ws.close(code, reason[:120])
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _peer(ws: Any) -> str:
