@@ -3,7 +3,8 @@
 Run ``python -m bench.codec`` (``--quick`` for a smoke run). Every figure is best-of-N in one
 process, side by side, so the ratios hold on any machine; the last line of output is a JSON
 object whose headline ``ratio_vs_memcpy`` is the 4 MiB float32 encode + decode throughput over the
-throughput of ONE copy of the same bytes (``np.copyto`` into a preallocated array).
+throughput of ONE copy of the same bytes: the faster of ``np.copyto`` into a preallocated array
+and ``arr.copy()``.
 """
 
 from __future__ import annotations
@@ -118,12 +119,15 @@ def measure(nbytes: int, dtype: str, repeats: int, min_sample_s: float) -> dict[
         "codec": codec,
         "encode": lambda: encode("activations", round=1, x=x, y=y, compute_s=0.0),
         "decode": lambda: decode(frame),
-        "memcpy": lambda: np.copyto(dst, x),
-        "alloc_copy": x.copy,
+        "copyto": lambda: np.copyto(dst, x),
+        "copy": x.copy,
         "pickle": pickled,
     }
     times = best_times(cases, repeats, min_sample_s)
     gbps = {name: nbytes / t / 1e9 for name, t in times.items()}
+    # Two ways to make one copy; the faster one is the yardstick. Either can fall into a slow
+    # path of the C library's memcpy (see docs/performance.md), and that is not the codec's due.
+    gbps["memcpy"] = max(gbps["copyto"], gbps["copy"])
     return {
         "size_bytes": nbytes,
         "dtype": dtype,
@@ -135,7 +139,8 @@ def measure(nbytes: int, dtype: str, repeats: int, min_sample_s: float) -> dict[
     }
 
 
-def _size(nbytes: int) -> str:
+def size_label(nbytes: int) -> str:
+    """A size as the tables print it: 64 KiB, 4 MiB."""
     return f"{nbytes // MIB} MiB" if nbytes >= MIB else f"{nbytes // KIB} KiB"
 
 
@@ -156,16 +161,17 @@ def main(argv: list[str] | None = None) -> int:
 
     print(
         "GB/s of tensor bytes; codec = encode + decode of one activations message; "
-        "memcpy = ONE np.copyto into a preallocated array; alloc_copy = arr.copy()"
+        "memcpy = ONE copy, the faster of copyto (np.copyto into a preallocated array) and "
+        "copy (arr.copy())"
     )
-    header = ("size", "dtype", "codec", "encode", "decode", "memcpy", "alloc_copy", "pickle")
+    header = ("size", "dtype", "codec", "encode", "decode", "copyto", "copy", "pickle")
     print("".join(f"{h:>11}" for h in header) + "   codec/memcpy")
     rows = []
     for nbytes in sizes:
         for dtype in dtypes:
             row = measure(nbytes, dtype, repeats, min_sample_s)
             rows.append(row)
-            cells = [_size(nbytes), dtype] + [f"{row[f'{k}_gbps']:.2f}" for k in header[2:]]
+            cells = [size_label(nbytes), dtype] + [f"{row[f'{k}_gbps']:.2f}" for k in header[2:]]
             print("".join(f"{c:>11}" for c in cells) + f"   {row['ratio_vs_memcpy']:.2f}")
             sys.stdout.flush()
     headline = next(r for r in rows if (r["size_bytes"], r["dtype"]) == HEADLINE)
@@ -173,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         "bench": "codec",
         "ratio_vs_memcpy": headline["ratio_vs_memcpy"],
         "ratio_vs_pickle": headline["ratio_vs_pickle"],
-        "headline": "4 MiB float32 encode+decode GB/s / one np.copyto GB/s",
+        "headline": "4 MiB float32 encode+decode GB/s / one-copy GB/s",
         "quick": args.quick,
         "repeats": repeats,
         "machine": machine_info(),

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from . import protocol
 from .emulation import EmulationProfile, LinkShaper, pad_compute
 from .protocol import ProtocolError, decode, encode
@@ -57,6 +59,7 @@ class AgentConfig:
     ping_interval_s: float = 10.0
     ping_timeout_s: float = 30.0
     give_up_s: float = 300.0  # stop redialling after this long without an orchestrator
+    ca_file: Path | None = None  # wss://: trust only this CA; None = the system store
     telemetry_every_s: float = 2.0
 
 
@@ -73,6 +76,7 @@ class Agent:
         self.trainer: Any = None
         self._last_activations: tuple[int, bytes] | None = None
         self._last_client_grad: tuple[int, bytes] | None = None
+        self._backward_s: float | None = None
         self._up = LinkShaper(cfg.emulation.uplink_mbps, cfg.emulation.rtt_ms)
         self._down = LinkShaper(cfg.emulation.downlink_mbps, cfg.emulation.rtt_ms)
 
@@ -84,6 +88,13 @@ class Agent:
         from websockets.asyncio.client import connect
         from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
+        from .tlsctx import TlsConfigError, client_ssl_context, describe_tls_failure
+
+        try:
+            ssl_context = client_ssl_context(self.cfg.ca_file, self.cfg.url)
+        except TlsConfigError as exc:
+            log.error("%s", exc)
+            return AgentExit.USAGE
         last_contact = time.monotonic()
         delay = 0.5
         while True:
@@ -97,6 +108,7 @@ class Agent:
                         ping_interval=self.cfg.ping_interval_s,
                         ping_timeout=self.cfg.ping_timeout_s,
                         close_timeout=5,
+                        ssl=ssl_context,
                     ) as ws
                 ):
                     delay = 0.5
@@ -118,7 +130,11 @@ class Agent:
                 if code not in _PROTOCOL_CLOSES:
                     last_contact = time.monotonic()
             except (OSError, TimeoutError, InvalidHandshake) as exc:
-                log.warning("cannot reach %s: %s", self.cfg.url, exc or type(exc).__name__)
+                hint = describe_tls_failure(exc)
+                if hint is not None:  # keep redialling: a clock set late by NTP recovers
+                    log.error("%s: %s", self.cfg.url, hint)
+                else:
+                    log.warning("cannot reach %s: %s", self.cfg.url, exc or type(exc).__name__)
             else:
                 last_contact = time.monotonic()
             if time.monotonic() - last_contact > self.cfg.give_up_s:
@@ -195,6 +211,22 @@ class Agent:
                     trainer.align, msg["round"], msg["leader"], msg["mode"], msg["lam"]
                 )
                 await asyncio.to_thread(pad_compute, seconds, self.cfg.emulation.compute_slowdown)
+        elif kind == "echo":
+            size = msg.get("reply_bytes")
+            payload = msg["payload"] if size is None else np.zeros(size, dtype=np.uint8)
+            await self._send(ws, encode("echo_reply", seq=msg["seq"], payload=payload))
+        elif kind == "bench":
+            fwd_s, bwd_s = await asyncio.to_thread(
+                self._trainer().benchmark, msg["batch_size"], msg["repeats"]
+            )
+            # On this device's clock a batch costs slowdown times the work, as pad_compute makes
+            # every real round cost; the benchmark reports that figure without sleeping it out.
+            slow = self.cfg.emulation.compute_slowdown
+            await self._send(
+                ws, encode("bench_result", seq=msg["seq"], fwd_s=fwd_s * slow, bwd_s=bwd_s * slow)
+            )
+        elif kind == "skip":
+            self._trainer().skip(msg["round"])
         elif kind == "set_weights":
             await asyncio.to_thread(self._trainer().set_weights, msg["weights"])
         elif kind == "eval_request":
@@ -280,6 +312,7 @@ class Agent:
             return  # a resent gradient that was already applied
         flat, seconds = await asyncio.to_thread(trainer.backward, r, msg["grad"], hold)
         await asyncio.to_thread(pad_compute, seconds, self.cfg.emulation.compute_slowdown)
+        self._backward_s = seconds * self.cfg.emulation.compute_slowdown
         if flat is not None:
             seconds *= self.cfg.emulation.compute_slowdown
             frame = encode("client_grad", round=r, grad=flat, compute_s=seconds)
@@ -295,6 +328,13 @@ class Agent:
         acts, labels, seconds = await asyncio.to_thread(self.trainer.forward, round_, batch_size)
         await asyncio.to_thread(pad_compute, seconds, self.cfg.emulation.compute_slowdown)
         seconds *= self.cfg.emulation.compute_slowdown
-        frame = encode("activations", round=round_, x=acts, y=labels, compute_s=seconds)
+        frame = encode(
+            "activations",
+            round=round_,
+            x=acts,
+            y=labels,
+            compute_s=seconds,
+            backward_s=self._backward_s,
+        )
         self._last_activations = (round_, frame)
         await self._send(ws, frame)

@@ -49,10 +49,12 @@ def flat_grad(params: Iterable[torch.nn.Parameter]) -> torch.Tensor:
 
 def set_flat_grad(params: Iterable[torch.nn.Parameter], flat: torch.Tensor) -> None:
     """Write a vector back into the parameters' ``.grad`` (the inverse of :func:`flat_grad`)."""
+    params = list(params)
+    total = sum(p.numel() for p in params)
+    if total != flat.numel():  # checked first: a mismatch must not leave half the grads written
+        raise ValueError(f"flat gradient has {flat.numel()} values, parameters hold {total}")
     offset = 0
     for p in params:
         n = p.numel()
         p.grad = flat[offset : offset + n].view_as(p).clone()
         offset += n
-    if offset != flat.numel():
-        raise ValueError(f"flat gradient has {flat.numel()} values, parameters hold {offset}")

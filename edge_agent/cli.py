@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .agent import Agent, AgentConfig, AgentExit
 from .emulation import EmulationProfile
+from .tlsctx import TlsConfigError, client_ssl_context
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -29,6 +30,12 @@ def _parser() -> argparse.ArgumentParser:
     token.add_argument("--token", help="this device's token in the manifest")
     token.add_argument(
         "--token-file", type=Path, help="read the token from this file (keeps it out of ps)"
+    )
+    p.add_argument(
+        "--ca-file",
+        type=Path,
+        default=None,
+        help="with wss://: trust only this CA certificate (the ca.pem of tls-init)",
     )
     p.add_argument("--data-dir", type=Path, default=None, help="folder with train.npz/test.npz")
     p.add_argument("--download", action="store_true", help="download the dataset if missing")
@@ -81,6 +88,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"gapsl-agent: {exc}", file=sys.stderr)
         return AgentExit.USAGE
+    try:
+        client_ssl_context(args.ca_file, args.orchestrator)  # a bad --ca-file is a usage error
+    except TlsConfigError as exc:
+        print(f"gapsl-agent: {exc}", file=sys.stderr)
+        return AgentExit.USAGE
     if args.token_file is not None:
         try:
             args.token = args.token_file.read_text(encoding="utf-8").strip()
@@ -101,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         emulation=emulation,
         max_message_bytes=args.max_message_bytes,
         give_up_s=args.give_up_s,
+        ca_file=args.ca_file,
     )
     try:
         return int(asyncio.run(Agent(cfg).run()))

@@ -118,6 +118,7 @@ SCHEMAS: dict[str, dict[str, tuple[str, bool]]] = {
         "x": ("tensor", True),
         "y": ("tensor", True),
         "compute_s": ("float", True),
+        "backward_s": ("float", False),  # the previous round's backward, for the profiler
     },
     "gradients": {
         "round": ("int", True),
@@ -139,15 +140,43 @@ SCHEMAS: dict[str, dict[str, tuple[str, bool]]] = {
         "weights": ("tensors", True),
         "compute_s": ("float", True),
     },
+    "echo": {"seq": ("int", True), "payload": ("tensor", True), "reply_bytes": ("int", False)},
+    "echo_reply": {"seq": ("int", True), "payload": ("tensor", True)},
+    "bench": {"seq": ("int", True), "batch_size": ("int", True), "repeats": ("int", True)},
+    "bench_result": {"seq": ("int", True), "fwd_s": ("float", True), "bwd_s": ("float", True)},
+    "skip": {"round": ("int", True)},
     "telemetry": {"stats": ("map", True)},
     "error": {"code": ("str", True), "message": ("str", True)},
     "bye": {"reason": ("str", True)},
 }
 AGENT_TYPES = frozenset(
-    {"hello", "ready", "activations", "client_grad", "eval_result", "telemetry", "error", "bye"}
+    {
+        "hello",
+        "ready",
+        "activations",
+        "client_grad",
+        "eval_result",
+        "echo_reply",
+        "bench_result",
+        "telemetry",
+        "error",
+        "bye",
+    }
 )
 ORCHESTRATOR_TYPES = frozenset(
-    {"job", "round", "gradients", "align", "set_weights", "eval_request", "error", "bye"}
+    {
+        "job",
+        "round",
+        "gradients",
+        "align",
+        "set_weights",
+        "eval_request",
+        "echo",
+        "bench",
+        "skip",
+        "error",
+        "bye",
+    }
 )
 
 
@@ -206,7 +235,7 @@ def _decode_tensor(value: Any, where: str) -> np.ndarray:
 _SPLICE_MIN_BYTES = 512  # smaller payloads are copied as usual
 # Finding the payloads costs ~0.2 us an object (in Python): smaller frames, and frames with more
 # than one object per 4 KiB, are cheaper to copy with msgpack than to walk.
-_VIEW_MIN_FRAME_BYTES = 256 << 10
+_VIEW_MIN_BYTES = 256 << 10
 _UNPACK_OPTIONS: dict[str, Any] = {"raw": False, "strict_map_key": True}
 _PLACEHOLDER = b"\xd6\x00"  # fixext 4 of type 0 + a payload index; exists only in shadow frames
 _DATA_KEY = b"\xa4data"  # the key "data" as msgpack writes it
@@ -257,7 +286,7 @@ def _packb(obj: Any) -> bytes:
     return b"".join(pieces)
 
 
-def _tensor_payloads(buf: bytes, max_objects: int) -> list[tuple[int, int, int]] | None:
+def _tensor_payloads(buf: memoryview, max_objects: int) -> list[tuple[int, int, int]] | None:
     """(header, start, stop) of each large `bin` under a "data" key; None if ``buf`` is not one
     msgpack object without ext types, or has too many objects: then msgpack alone decodes it."""
     spans: list[tuple[int, int, int]] = []
@@ -297,14 +326,16 @@ def _unpackb(frame: Any) -> Any:
     """``msgpack.unpackb`` with this protocol's options; tensor data as views of the frame.
 
     Each large payload is replaced by an ext placeholder in a small shadow frame, which msgpack
-    decodes and validates as usual. Only bytes frames are viewed: a view of a buffer its owner
-    may still change (bytearray, memoryview) would change the decoded tensors.
+    decodes and validates as usual. Only immutable frames are viewed: a view of a buffer its
+    owner may still change (a bytearray) would change the decoded tensors.
     """
-    big = isinstance(frame, bytes) and len(frame) >= _VIEW_MIN_FRAME_BYTES
-    spans = _tensor_payloads(frame, len(frame) >> 12) if big else None
-    if not spans:
+    view = memoryview(frame) if isinstance(frame, (bytes, memoryview)) else None
+    spans = None
+    if view is not None and view.readonly and view.c_contiguous and view.nbytes >= _VIEW_MIN_BYTES:
+        view = view.cast("B")
+        spans = _tensor_payloads(view, len(view) >> 12)
+    if not spans or view is None:
         return msgpack.unpackb(frame, max_ext_len=0, **_UNPACK_OPTIONS)
-    view = memoryview(frame)
     payloads = [view[start:stop] for _, start, stop in spans]
     pieces: list[Any] = []
     prev = 0

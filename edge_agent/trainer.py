@@ -30,6 +30,7 @@ class BatchSampler:
         if len(shard) == 0:
             raise ValueError("empty shard")
         self._shard = np.asarray(shard, dtype=np.int64)
+        self.shard = self._shard
         self._rng = np.random.default_rng([seed, rank])
         self._order = self._rng.permutation(self._shard)
         self._pos = 0
@@ -73,7 +74,7 @@ class ClientTrainer:
         device: str = "auto",
     ) -> None:
         self.device = select_device(device)
-        torch.manual_seed(int(job["seed"]) + int(job["rank"]))
+        # The weights come from the job, so building the model needs no seeding here.
         split = build_split(job["model"], job["cut"], num_classes=int(job["num_classes"]))
         self.model = split.client
         load_numpy_state(self.model, weights)
@@ -89,6 +90,7 @@ class ClientTrainer:
         self.shard_size = len(shard)
         self._pending: tuple[int, torch.Tensor] | None = None
         self._held: int | None = None
+        self._graph_grads: tuple[torch.Tensor, ...] | None = None
         self._params = [p for p in self.model.parameters() if p.requires_grad]
         self.gda_mode = str(job.get("gda_mode", ""))
         self.applied_round = 0
@@ -123,9 +125,15 @@ class ClientTrainer:
                 f"gradient shape {tuple(g.shape)} != activation shape {tuple(acts.shape)}"
             )
         self.optimizer.zero_grad(set_to_none=True)
-        # The exact alignment differentiates the client gradient itself: keep its graph.
+        # The exact alignment differentiates the client gradient itself, so it needs that
+        # gradient with a graph; .grad comes from the plain backward, which keeps lam = 0
+        # identical to PSL bit for bit (a create_graph backward rounds differently).
         exact = hold and self.gda_mode == "exact"
-        acts.backward(g, create_graph=exact)
+        if exact:
+            self._graph_grads = torch.autograd.grad(
+                acts, self._params, g, create_graph=True, retain_graph=True
+            )
+        acts.backward(g)
         self._pending = None
         if not hold:
             self.optimizer.step()
@@ -143,8 +151,12 @@ class ClientTrainer:
         g_l = torch.from_numpy(np.array(leader)).to(self.device)
         if mode == "exact":
             # PSL backward already filled .grad (with a graph); add lam * d(1 - cos)/d(theta).
-            penalty = alignment_penalty(flat_grad(self._params), g_l)
+            if self._graph_grads is None:
+                raise ValueError("exact alignment needs a backward with hold in exact mode")
+            flat = torch.cat([t.reshape(-1) for t in self._graph_grads])
+            penalty = alignment_penalty(flat, g_l)
             extra = torch.autograd.grad(penalty, self._params, allow_unused=True)
+            self._graph_grads = None
             with torch.no_grad():
                 for p, e in zip(self._params, extra):
                     g = p.grad.detach() if p.grad is not None else torch.zeros_like(p)
@@ -162,6 +174,34 @@ class ClientTrainer:
         with torch.no_grad():
             for name, tensor in self.model.state_dict().items():
                 tensor.copy_(torch.from_numpy(np.array(weights[name])))
+
+    def benchmark(self, batch_size: int, repeats: int, min_s: float = 0.05) -> tuple[float, float]:
+        """Mean forward and backward seconds of one batch, without changing the model.
+
+        Repeats until at least ``min_s`` of work is timed, so that small partitions on fast
+        devices are measured above timer and scheduler noise.
+        """
+        idx = np.resize(self.sampler.shard, batch_size)  # a fixed batch: the sampler is untouched
+        x = torch.from_numpy(self._normalize(self._x[idx])).to(self.device)
+        fwd = bwd = 0.0
+        done = 0
+        self.model.train()
+        while done < max(repeats, 1) or (fwd + bwd < min_s and done < 1000):
+            t0 = time.perf_counter()
+            acts = self.model(x)
+            t1 = time.perf_counter()
+            acts.backward(torch.ones_like(acts))
+            t2 = time.perf_counter()
+            fwd += t1 - t0
+            bwd += t2 - t1
+            done += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        return fwd / done, bwd / done
+
+    def skip(self, round_: int) -> None:
+        """The orchestrator left this device out of ``round_``: drop that forward pass."""
+        if self._pending is not None and self._pending[0] == round_:
+            self._pending = None
 
     def weights(self) -> dict[str, np.ndarray]:
         return state_to_numpy(self.model)

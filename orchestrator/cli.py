@@ -47,6 +47,9 @@ def _parser() -> argparse.ArgumentParser:
     from .report import add_parser as add_report
 
     add_report(sub)
+    from .tls import add_parser as add_tls
+
+    add_tls(sub)
     return p
 
 
@@ -124,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "check":
             return _check(args)
-        if args.command == "report":
+        if args.command in ("report", "tls-init"):
             return int(args.func(args))
         return _run(args)
     except ManifestError as exc:

@@ -8,6 +8,7 @@ update the shared server partition once, and send each device its activation gra
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ from .records import RunRecords
 from .rounds import Runner
 from .sessions import Admission, DeviceSession, wait_ready
 from .state import RunState
+from .tls import server_ssl_context
 
 
 @dataclass
@@ -46,6 +48,10 @@ class Job:
     server_device: torch.device
     x_test: torch.Tensor
     y_test: torch.Tensor
+    act_bytes_per_sample: int = 0  # cut-layer activation size of one sample, float32
+
+
+_BUILD_LOCK = threading.Lock()
 
 
 def prepare_job(m: Manifest) -> Job:
@@ -63,14 +69,21 @@ def prepare_job(m: Manifest) -> Job:
     )
     if t.algorithm == "central":  # the ceiling: one learner holding everyone's data
         shards = [np.sort(np.concatenate(shards))]
-    torch.manual_seed(t.seed)
-    split = build_split(model, t.cut, num_classes=ds.num_classes)
+    # torch's generator is process-wide: engines preparing jobs in threads at once must not
+    # take each other's draws, so seeding and building happen under a lock on a forked RNG.
+    with _BUILD_LOCK, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(t.seed)
+        split = build_split(model, t.cut, num_classes=ds.num_classes)
     device = select_device(m.server.device)
     x_test, y_test = ds.x_test, ds.y_test
     if 0 < m.data.test_limit < len(y_test):
         keep = np.sort(np.random.default_rng(t.seed).permutation(len(y_test))[: m.data.test_limit])
         x_test, y_test = x_test[keep], y_test[keep]
+    with torch.no_grad():
+        probe_x = torch.from_numpy(ds.normalize(ds.x_train[:1]))
+        act_bytes = int(split.client(probe_x).numel()) * 4
     return Job(
+        act_bytes_per_sample=act_bytes,
         dataset=ds,
         model=model,
         cut=split.cut,
@@ -141,6 +154,10 @@ class Engine:
         admission: Admission | None = None
         try:
             st.event("preparing", None, {"dataset": m.training.dataset, "devices": len(m.devices)})
+            # A bad certificate or key fails the run before the data is loaded.
+            tls = None if self.in_process else m.tls_files()
+            ssl_context = server_ssl_context(tls.cert, tls.key) if tls is not None else None
+            scheme = "ws" if ssl_context is None else "wss"
             self.job = await asyncio.to_thread(prepare_job, m)
             if self.in_process:
                 await self._train_in_process()
@@ -167,14 +184,15 @@ class Engine:
                 ping_timeout=m.testbed.ping_timeout_s,
                 open_timeout=10,
                 close_timeout=5,
+                ssl=ssl_context,  # with TLS on, a plain ws:// client fails its handshake
             ) as server:
                 port = server.sockets[0].getsockname()[1]
                 st.listen = f"{host}:{port}"
-                st.event("listening", None, {"url": f"ws://{st.listen}"})
+                st.event("listening", None, {"url": f"{scheme}://{st.listen}"})
                 if on_listening is not None:
                     on_listening(st.listen)
                 try:
-                    await self._start_fleet(f"ws://{_dial_host(host)}:{port}")
+                    await self._start_fleet(f"{scheme}://{_dial_host(host)}:{port}")
                     await self._train()
                     status = "completed"
                 finally:
@@ -206,7 +224,9 @@ class Engine:
         if not local:
             return
         self.fleet = LocalFleet(self.records.dir / "agents", self._agent_exited)
-        await self.fleet.start(local, url, self.m.data_dir(), self.m.data.download)
+        tls = self.m.tls_files()
+        ca_file = tls.ca if tls is not None else None
+        await self.fleet.start(local, url, self.m.data_dir(), self.m.data.download, ca_file)
         self.state.event("fleet_started", None, {"local_agents": len(local)})
 
     def _agent_exited(self, device_id: str, code: int) -> None:
@@ -255,11 +275,15 @@ class Engine:
 
     def _telemetry(self, session: DeviceSession) -> None:
         record = {"t": round(self.records.elapsed(), 3), "device": session.id}
-        record["compute_ms_per_sample"] = self.state.compute_ms.get(session.id)
-        latency = getattr(session.ws, "latency", 0.0) if session.ws is not None else 0.0
-        record["rtt_ms"] = latency * 1000.0 if latency else None
-        record["uplink_mbps"] = None
-        record["downlink_mbps"] = None
+        profile = self.state.profiles.get(session.id)
+        if profile is not None:
+            record.update(profile.record())
+        else:
+            record["compute_ms_per_sample"] = self.state.compute_ms.get(session.id)
+            latency = getattr(session.ws, "latency", 0.0) if session.ws is not None else 0.0
+            record["rtt_ms"] = latency * 1000.0 if latency else None
+            record["uplink_mbps"] = None
+            record["downlink_mbps"] = None
         record.update(
             {k: session.stats.get(k) for k in ("cpu_percent", "mem_percent", "rss_bytes", "temp_c")}
         )

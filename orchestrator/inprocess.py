@@ -48,10 +48,17 @@ class InProcessGroup:
                     ds.x_train, ds.y_train, ds.normalize, device,
                 )  # fmt: skip
 
-    async def forward(self, r: int, batch: dict[str, int]) -> dict[str, ForwardOut]:
+    async def forward(
+        self,
+        r: int,
+        batch: dict[str, int],
+        deadline_s: float | None = None,
+        min_participants: int = 1,
+    ) -> dict[str, ForwardOut]:
+        # No clocks to race here: every planned device answers (deadlines need a real fleet).
         out = {}
         with _one_thread():
-            for i in self.ids:
+            for i in batch:
                 acts, labels, seconds = self.trainers[i].forward(r, batch[i])
                 out[i] = ForwardOut(acts=acts, labels=labels, compute_s=seconds, wait_s=seconds)
         return out
@@ -61,15 +68,17 @@ class InProcessGroup:
     ) -> dict[str, np.ndarray]:
         flats = {}
         with _one_thread():
-            for i in self.ids:
+            for i in grads:
                 flat, _ = self.trainers[i].backward(r, grads[i], hold)
                 if flat is not None:
                     flats[i] = flat
         return flats
 
-    async def align(self, r: int, leader: np.ndarray, mode: str, lam: float) -> None:
+    async def align(
+        self, r: int, ids: list[str], leader: np.ndarray, mode: str, lam: float
+    ) -> None:
         with _one_thread():
-            for i in self.ids:
+            for i in ids:
                 self.trainers[i].align(r, leader, mode, lam)
 
     async def fetch_weights(self, r: int) -> dict[str, Weights]:

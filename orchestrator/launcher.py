@@ -29,7 +29,11 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
 
 
 def agent_command(
-    device: DeviceConfig, url: str, data_dir: Path | None, download: bool
+    device: DeviceConfig,
+    url: str,
+    data_dir: Path | None,
+    download: bool,
+    ca_file: Path | None = None,
 ) -> list[str]:
     """The command line that starts one local agent (also shown to users for remote ones)."""
     cmd = [sys.executable, "-m", "edge_agent", "--orchestrator", url, "--id", device.id]
@@ -38,6 +42,8 @@ def agent_command(
         cmd += ["--data-dir", str(data_dir)]
     if download:
         cmd.append("--download")
+    if ca_file is not None:
+        cmd += ["--ca-file", str(ca_file)]
     em = device.emulate
     if em != type(em)():  # only non-default emulation goes on the command line
         cmd += [
@@ -61,7 +67,12 @@ class LocalFleet:
         self._watchers: list[asyncio.Task[None]] = []
 
     async def start(
-        self, devices: list[DeviceConfig], url: str, data_dir: Path | None, download: bool
+        self,
+        devices: list[DeviceConfig],
+        url: str,
+        data_dir: Path | None,
+        download: bool,
+        ca_file: Path | None = None,
     ) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ)
@@ -75,7 +86,7 @@ class LocalFleet:
         for device in devices:
             log = open(self.log_dir / f"{device.id}.log", "ab")
             self._logs.append(log)
-            cmd = agent_command(device, url, data_dir, download) + ["--threads", "1"]
+            cmd = agent_command(device, url, data_dir, download, ca_file) + ["--threads", "1"]
             kwargs: dict[str, Any] = {
                 "stdout": log,
                 "stderr": log,

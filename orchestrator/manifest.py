@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass, replace
 from functools import cache
 from pathlib import Path
-from typing import Any, Callable, Optional, get_type_hints
+from typing import Any, Callable, NamedTuple, Optional, get_type_hints
 
 from orchestrator.errors import GapslError, ManifestError
 
@@ -88,6 +88,11 @@ class TestbedConfig:
     ping_interval_s: float = _opt(10.0, check=_positive)
     ping_timeout_s: float = _opt(30.0, check=_positive)
     runs_dir: str = _opt("runs", check=_non_empty)  # relative to the working directory
+    # wss:// (README, "TLS for a lab testbed"): PEM files; relative paths resolve against the
+    # manifest's folder. "" for tls_cert and tls_key = plain ws://.
+    tls_cert: str = _opt("")
+    tls_key: str = _opt("")
+    tls_ca: str = _opt("")  # the CA local agents trust (--ca-file); needed with local agents
 
 
 @dataclass(frozen=True)
@@ -211,6 +216,14 @@ _SECTIONS: dict[str, type] = {
 }
 
 
+class TlsFiles(NamedTuple):
+    """``testbed.tls_*`` resolved to paths."""
+
+    cert: Path
+    key: Path
+    ca: Path | None
+
+
 @dataclass(frozen=True)
 class Manifest:
     """A validated testbed manifest. ``source``/``base_dir`` say where it came from and are left
@@ -235,9 +248,19 @@ class Manifest:
 
     def data_dir(self) -> Path | None:
         """``data.dir`` resolved against the manifest's folder, or None for the default lookup."""
-        if not self.data.dir:
+        return self._path(self.data.dir)
+
+    def tls_files(self) -> TlsFiles | None:
+        """``testbed.tls_cert``/``tls_key``/``tls_ca`` as paths, or None when TLS is off."""
+        cert, key = self._path(self.testbed.tls_cert), self._path(self.testbed.tls_key)
+        if cert is None or key is None:
             return None
-        path = Path(self.data.dir).expanduser()
+        return TlsFiles(cert, key, self._path(self.testbed.tls_ca))
+
+    def _path(self, value: str) -> Path | None:
+        if not value:
+            return None
+        path = Path(value).expanduser()
         return path if path.is_absolute() else self.base_dir / path
 
     def device(self, id: str) -> DeviceConfig:
@@ -430,6 +453,14 @@ def _validate(raw: dict[str, Any], ctx: _Context, base_dir: Path) -> Manifest:
         raise ctx.error(
             "scheduler.min_participants", f"is {need}, but only {len(devices)} devices are listed"
         )
+    tb = sections["testbed"]
+    if bool(tb.tls_cert) != bool(tb.tls_key):
+        missing = "testbed.tls_key" if tb.tls_cert else "testbed.tls_cert"
+        raise ctx.error(missing, "missing (tls_cert and tls_key go together)")
+    if tb.tls_ca and not tb.tls_cert:
+        raise ctx.error("testbed.tls_ca", "set, but TLS is off (testbed.tls_cert is empty)")
+    if tb.tls_cert and not tb.tls_ca and any(d.launch == "local" for d in devices):
+        raise ctx.error("testbed.tls_ca", "missing (local agents must trust the CA of tls_cert)")
     return Manifest(**sections, devices=devices, source=ctx.source, base_dir=base_dir)
 
 
@@ -563,7 +594,15 @@ def manifest_to_toml(m: Manifest, *, absolute_paths: bool = False) -> str:
     data = m.data
     if absolute_paths and m.data_dir() is not None:
         data = replace(data, dir=str(m.data_dir()))
-    tables = [(f"[{name}]", getattr(m, name)) for name in _SECTIONS if name != "data"]
+    testbed, tls = m.testbed, m.tls_files() if absolute_paths else None
+    if tls is not None:  # like data.dir: the files must still be found from a run directory
+        ca = str(tls.ca) if tls.ca is not None else ""
+        testbed = replace(testbed, tls_cert=str(tls.cert), tls_key=str(tls.key), tls_ca=ca)
+    tables = [
+        (f"[{name}]", testbed if name == "testbed" else getattr(m, name))
+        for name in _SECTIONS
+        if name != "data"
+    ]
     tables.insert(2, ("[data]", data))
     for dev in m.devices:
         tables += [("[[devices]]", dev), ("[devices.emulate]", dev.emulate)]

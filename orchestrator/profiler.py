@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import statistics
-import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -188,7 +187,3 @@ def sample_participants(
         return list(ids)
     chosen = set(rng.choice(len(ids), size=n, replace=False).tolist())
     return [i for k, i in enumerate(ids) if k in chosen]
-
-
-def now() -> float:
-    return time.perf_counter()

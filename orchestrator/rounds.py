@@ -21,6 +21,7 @@ from edge_agent.trainer import load_numpy_state
 from . import algorithms
 from .gapsl import LeaderTracker, client_alignment, gapsl_server_step
 from .manifest import Manifest
+from .profiler import DeviceProfile, Prediction, balance_batches, predict_round, sample_participants
 from .snapshot import EvalPoint, GapslView, RoundPoint
 from .state import RunState
 
@@ -33,6 +34,8 @@ class ForwardOut:
     labels: np.ndarray
     compute_s: float  # as the device measured it
     wait_s: float  # from request to reply, as the orchestrator saw it
+    backward_s: float | None = None  # the device's previous backward, for the profiler
+    nbytes: int = 0  # activation and label bytes uploaded
 
 
 class DeviceGroup(Protocol):
@@ -40,13 +43,21 @@ class DeviceGroup(Protocol):
 
     ids: list[str]
 
-    async def forward(self, r: int, batch: dict[str, int]) -> dict[str, ForwardOut]: ...
+    async def forward(
+        self,
+        r: int,
+        batch: dict[str, int],
+        deadline_s: float | None = None,
+        min_participants: int = 1,
+    ) -> dict[str, ForwardOut]: ...
 
     async def backward(
         self, r: int, grads: dict[str, np.ndarray], losses: dict[str, float], hold: bool
     ) -> dict[str, np.ndarray]: ...
 
-    async def align(self, r: int, leader: np.ndarray, mode: str, lam: float) -> None: ...
+    async def align(
+        self, r: int, ids: list[str], leader: np.ndarray, mode: str, lam: float
+    ) -> None: ...
 
     async def fetch_weights(self, r: int) -> dict[str, Weights]: ...
 
@@ -70,11 +81,45 @@ class Runner:
         g = m.gapsl
         self.tracker = LeaderTracker(tau=g.tau, rho=g.rho, beta=g.ema_beta)
         self.shard_sizes = {i: len(job.shards[k]) for k, i in enumerate(group.ids)}
+        self.profiles: dict[str, DeviceProfile] = {}  # filled by profile(); empty in simulate
+        self.act_bytes_per_sample = 0.0
+        self.server_s_per_sample = 0.0
+        self._participation_rng = np.random.default_rng([t.seed, 0x5C4ED])
+
+    async def profile(self) -> None:
+        """Measure every device (link and compute) before the first round, where the group can."""
+        probe = getattr(self.group, "profile", None)
+        if probe is None:
+            return
+        b = self.m.training.batch_size
+        self.act_bytes_per_sample = float(self.job.act_bytes_per_sample)
+        self.profiles = await probe(int(self.act_bytes_per_sample * b), b)
+        for i, p in self.profiles.items():
+            self.records.append(
+                "devices",
+                {
+                    "t": round(self.records.elapsed(), 3),
+                    "device": i,
+                    "source": "probe",
+                    **p.record(),
+                },
+            )
+            self.state.event(
+                "profiled",
+                i,
+                {
+                    k: v
+                    for k, v in p.record().items()
+                    if k in ("rtt_ms", "uplink_mbps", "downlink_mbps", "compute_ms_per_sample")
+                },
+            )
+        self.state.profiles = self.profiles
 
     async def train(self) -> None:
         t = self.m.training
         self.state.phase = "training"
         self.state.round_started = self.records.elapsed()
+        await self.profile()
         for r in range(1, t.rounds + 1):
             self.state.round = r
             await self.round(r)
@@ -102,17 +147,52 @@ class Runner:
             )
         return algorithms.psl_server_step(server, self.optimizer, acts, labels)
 
+    def _plan(self, r: int) -> tuple[list[str], dict[str, int], Prediction | None]:
+        """Who takes part in round r, with which batch sizes, and the predicted round time."""
+        m, sc = self.m, self.m.scheduler
+        ids = list(self.group.ids)
+        if sc.participation < 1.0:
+            ids = sample_participants(
+                ids, sc.participation, sc.min_participants, self._participation_rng
+            )
+        b = m.training.batch_size
+        if (
+            m.training.algorithm == "central"
+        ):  # the pooled-data ceiling takes everyone's batch at once
+            return ids, {i: b * len(m.devices) for i in ids}, None
+        batch = {i: b for i in ids}
+        if sc.policy == "latency_balanced" and self.profiles:
+            batch = balance_batches(
+                {i: self.profiles[i] for i in ids}, b * len(ids), self.act_bytes_per_sample
+            )
+        predicted = None
+        if self.profiles:
+            predicted = predict_round(
+                self.profiles,
+                batch,
+                self.act_bytes_per_sample,
+                self.server_s_per_sample,
+                after_first=r > 1,
+            )
+        return ids, batch, predicted
+
     async def round(self, r: int) -> None:
-        m, st, job, ids = self.m, self.state, self.job, self.group.ids
+        m, st, job = self.m, self.state, self.job
         start = time.perf_counter()
-        # The pooled-data ceiling takes every device's batch in one step.
-        scale = len(m.devices) if m.training.algorithm == "central" else 1
-        batch = {i: m.training.batch_size * scale for i in ids}
+        planned, batch, predicted = self._plan(r)
         for s in st.sessions:
-            s.status = "computing"
-        fwd = await self.group.forward(r, batch)
+            s.status = "computing" if s.id in batch else s.status
+        deadline = None
+        if predicted is not None and m.scheduler.deadline_factor > 0 and r > 1:
+            deadline = m.scheduler.deadline_factor * predicted.total_s
+        fwd = await self.group.forward(r, batch, deadline, m.scheduler.min_participants)
+        ids = [i for i in planned if i in fwd]
+        for i in planned:
+            if i not in fwd:
+                st.event("straggler", i, {"round": r, "deadline_s": round(deadline or 0.0, 3)})
         for s in st.sessions:
-            s.status = "joined"
+            if s.id in fwd:
+                s.status = "joined"
         dev = job.server_device
         acts = [
             torch.from_numpy(np.array(fwd[i].acts)).to(dev) for i in ids
@@ -130,15 +210,38 @@ class Runner:
         if hold:
             g_list = [torch.from_numpy(np.array(client_grads[i])) for i in ids]
             leader, diag = client_alignment(self.tracker, g_list, [len(fwd[i].labels) for i in ids])
-            await self.group.align(r, leader.numpy(), m.gapsl.gda_mode, m.gapsl.gda_lambda)
+            await self.group.align(r, ids, leader.numpy(), m.gapsl.gda_mode, m.gapsl.gda_lambda)
         downlink_s = time.perf_counter() - t_down
         if m.training.algorithm == "sfl" and r % m.sfl.avg_every == 0:
             await self._fedavg(r)
+        total = sum(len(fwd[i].labels) for i in ids)
+        self.server_s_per_sample = (
+            server_s / total
+            if self.server_s_per_sample == 0
+            else (0.7 * self.server_s_per_sample + 0.3 * server_s / total)
+        )
         for i in ids:
             st.device_loss[i] = losses[i]
             st.device_rounds[i] = r
+            st.device_batch[i] = len(fwd[i].labels)
             st.compute_ms[i] = 1000.0 * fwd[i].compute_s / max(len(fwd[i].labels), 1)
-        self._record(r, time.perf_counter() - start, fwd, result.loss, server_s, downlink_s, diag)
+            p = self.profiles.get(i)
+            if p is not None:
+                p.update_compute(fwd[i].compute_s, fwd[i].backward_s, len(fwd[i].labels))
+                p.update_uplink(
+                    fwd[i].nbytes, fwd[i].wait_s - fwd[i].compute_s - (fwd[i].backward_s or 0.0)
+                )
+        self._record(
+            r,
+            ids,
+            time.perf_counter() - start,
+            fwd,
+            result.loss,
+            server_s,
+            downlink_s,
+            diag,
+            predicted,
+        )
 
     async def _fedavg(self, r: int) -> None:
         ids = self.group.ids
@@ -150,8 +253,8 @@ class Runner:
         await self.group.set_weights(r, {k: v.numpy() for k, v in avg.items()})
 
     def _record(
-        self, r: int, round_s: float, fwd: dict[str, ForwardOut], loss: float, server_s: float,
-        downlink_s: float, diag: dict[str, Any],
+        self, r: int, ids: list[str], round_s: float, fwd: dict[str, ForwardOut], loss: float,
+        server_s: float, downlink_s: float, diag: dict[str, Any], predicted: Prediction | None,
     ) -> None:  # fmt: skip
         per_device = {
             i: {
@@ -164,11 +267,21 @@ class Runner:
         }
         leaders = diag.get("leaders")
         if leaders is not None:
-            diag["leaders"] = [self.group.ids[k] for k in leaders]
+            diag["leaders"] = [ids[k] for k in leaders]
         record = {
             "round": r,
             "round_time_s": round(round_s, 6),
-            "predicted_s": None,  # the latency model arrives with the profiler
+            "predicted_s": round(predicted.total_s, 6) if predicted else None,
+            "predicted": None
+            if predicted is None
+            else {
+                "critical": predicted.critical,
+                "compute_s": round(predicted.compute_s, 6),
+                "uplink_s": round(predicted.uplink_s, 6),
+                "server_s": round(predicted.server_s, 6),
+                "downlink_s": round(predicted.downlink_s, 6),
+            },
+            "participants": ids,
             "server_s": round(server_s, 6),
             "downlink_s": round(downlink_s, 6),
             "loss": loss,
@@ -183,13 +296,14 @@ class Runner:
             RoundPoint(
                 round=r, round_time_s=round_s, loss=loss, compute_s=slowest["compute_s"],
                 uplink_s=slowest["uplink_s"], server_s=server_s, downlink_s=downlink_s,
+                predicted_s=predicted.total_s if predicted else None,
             )
         )  # fmt: skip
         if record["leaders"] is not None and "cos" in record:
             self.state.gapsl = GapslView(
                 leaders=tuple(record["leaders"]),
                 cosine=tuple(tuple(row) for row in record["cos"]),
-                device_ids=tuple(self.group.ids),
+                device_ids=tuple(ids),
                 align_before=record.get("align_before"),
                 align_after=record.get("align_after"),
             )

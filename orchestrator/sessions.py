@@ -22,7 +22,7 @@ from .manifest import DeviceConfig
 _DROPPED = object()  # the connection went away: resend after the device is back
 _FAILED = object()  # the device reported that it cannot carry out the job
 
-REPLY_TYPES = frozenset({"activations", "client_grad", "eval_result"})
+REPLY_TYPES = frozenset({"activations", "client_grad", "eval_result", "echo_reply", "bench_result"})
 HELLO_TIMEOUT_S = 10.0
 
 
@@ -59,20 +59,22 @@ class DeviceSession:
             return False
         return True
 
-    async def call(self, frame: bytes, reply_type: str, round_: int, timeout_s: float) -> Message:
+    async def call(
+        self, frame: bytes, reply_type: str, round_: int, timeout_s: float, key: str = "round"
+    ) -> Message:
         """Send a request and wait for its reply, resending after a reconnect.
 
         Raises TimeoutError after ``timeout_s`` and FleetError if the device reports a failed job.
         Cancelling is safe: a late reply is discarded by its round number.
         """
         try:
-            return await asyncio.wait_for(self._call(frame, reply_type, round_), timeout_s)
+            return await asyncio.wait_for(self._call(frame, reply_type, round_, key), timeout_s)
         except asyncio.TimeoutError:
             raise TimeoutError(
                 f"device {self.id} did not answer {reply_type} of round {round_} within {timeout_s:.0f} s"
             ) from None
 
-    async def _call(self, frame: bytes, reply_type: str, round_: int) -> Message:
+    async def _call(self, frame: bytes, reply_type: str, round_: int, key: str) -> Message:
         while True:
             await self.connected.wait()
             if not await self.send(frame):
@@ -83,7 +85,7 @@ class DeviceSession:
                     break  # wait for the device to come back, then ask again
                 if item is _FAILED:
                     raise FleetError(f"device {self.id} failed its job: {self.failure}")
-                if item.type == reply_type and item["round"] == round_:
+                if item.type == reply_type and item.get(key) == round_:
                     return item  # type: ignore[no-any-return]
                 # anything else is a stale reply to an earlier, resent request: drop it
 

@@ -32,6 +32,8 @@ class RunState:
         self.compute_ms: dict[str, float] = {}
         self.round_started: float | None = None
         self.gapsl: GapslView | None = None
+        self.device_batch: dict[str, int] = {}
+        self.profiles: dict[str, Any] = {}  # measured DeviceProfile per device
         self.on_line: Callable[[str], None] | None = None  # headless printer
 
     def event(
@@ -78,8 +80,10 @@ class RunState:
                     mem_percent=stats.get("mem_percent"),
                     temp_c=stats.get("temp_c"),
                     compute_ms_per_sample=self.compute_ms.get(s.id),
-                    rtt_ms=_latency_ms(s),
-                    batch_size=self.m.training.batch_size,
+                    rtt_ms=_profile(self, s.id, "rtt_ms") or _latency_ms(s),
+                    uplink_mbps=_profile(self, s.id, "uplink_mbps"),
+                    downlink_mbps=_profile(self, s.id, "downlink_mbps"),
+                    batch_size=self.device_batch.get(s.id, self.m.training.batch_size),
                     shard_size=s.shard_size,
                     rounds_done=self.device_rounds.get(s.id, 0),
                     last_loss=self.device_loss.get(s.id),
@@ -107,6 +111,12 @@ class RunState:
             run_dir=str(self.records.dir),
             message=self.message,
         )
+
+
+def _profile(state: RunState, device: str, field: str) -> float | None:
+    p = state.profiles.get(device)
+    value = getattr(p, field, None) if p is not None else None
+    return value if isinstance(value, float) and value != float("inf") else None
 
 
 def _latency_ms(session: DeviceSession) -> float | None:

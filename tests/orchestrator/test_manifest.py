@@ -136,7 +136,7 @@ def test_token_stays_out_of_repr() -> None:
         (
             BASE + '[training]\nalgorithm = "fedavg"\n',
             "testbed.toml: [training].algorithm: must be one of "
-            '"psl", "gapsl", "sfl", "epsl"; got string "fedavg"',
+            '"psl", "gapsl", "sfl", "epsl", "central"; got string "fedavg"',
         ),
         (
             BASE + '[testbed]\nlisten = "localhost"\n',

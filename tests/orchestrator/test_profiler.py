@@ -1,0 +1,105 @@
+"""The profiler measures what the agents emulate; the scheduler's arithmetic holds."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+
+from orchestrator.engine import Engine
+from orchestrator.manifest import manifest_to_toml, parse_manifest
+from orchestrator.profiler import DeviceProfile, balance_batches, predict_round
+
+SCALE = float(os.environ.get("GAPSL_TEST_TIMEOUT_SCALE", "1"))
+EMULATED = {  # id: (compute_slowdown, uplink_mbps, downlink_mbps, rtt_ms)
+    "fast": (1.0, 50.0, 100.0, 20.0),
+    "mid": (2.0, 20.0, 50.0, 40.0),
+    "slow": (4.0, 5.0, 20.0, 80.0),
+}
+
+
+def _manifest() -> str:
+    text = '[testbed]\nlisten = "127.0.0.1:0"\n[training]\nrounds = 3\neval_every = 3\n'
+    # An unshaped device: the reference for relative compute speed.
+    text += '[[devices]]\nid = "base"\ntoken = "t-base"\nlaunch = "local"\ndevice = "cpu"\n'
+    for i, (slow, up, down, rtt) in EMULATED.items():
+        text += (
+            f'[[devices]]\nid = "{i}"\ntoken = "t-{i}"\nlaunch = "local"\ndevice = "cpu"\n'
+            f"[devices.emulate]\ncompute_slowdown = {slow}\nuplink_mbps = {up}\n"
+            f"downlink_mbps = {down}\nrtt_ms = {rtt}\n"
+        )
+    return text
+
+
+def test_measured_matches_emulated(tmp_path: Path) -> None:
+    m = parse_manifest(_manifest())
+    engine = Engine(m, tmp_path / "run", manifest_to_toml(m), run_id="profile")
+
+    async def run() -> str:
+        async with asyncio.timeout(180 * SCALE):
+            return await engine.run()
+
+    assert asyncio.run(run()) == "completed"
+    lines = (tmp_path / "run" / "devices.jsonl").read_text().splitlines()
+    probes = {r["device"]: r for r in map(json.loads, lines) if r.get("source") == "probe"}
+    assert set(probes) == set(EMULATED) | {"base"}
+    for i, (_, up, down, rtt) in EMULATED.items():
+        p = probes[i]
+        assert p["rtt_ms"] == pytest.approx(rtt, rel=0.2), (i, p)
+        assert p["uplink_mbps"] == pytest.approx(up, rel=0.2), (i, p)
+        assert p["downlink_mbps"] == pytest.approx(down, rel=0.2), (i, p)
+    base = probes["base"]["compute_ms_per_sample"]
+    for i, (slowdown, *_) in EMULATED.items():
+        assert probes[i]["compute_ms_per_sample"] / base == pytest.approx(slowdown, rel=0.25), (
+            i,
+            probes,
+        )
+    rounds = [json.loads(x) for x in (tmp_path / "run" / "rounds.jsonl").read_text().splitlines()]
+    assert all(r["predicted_s"] is not None and r["predicted_s"] > 0 for r in rounds)
+    assert rounds[-1]["predicted"]["critical"] == "slow"
+
+
+def _profiles() -> dict[str, DeviceProfile]:
+    return {
+        "a": DeviceProfile(fwd_ms_per_sample=1.0, bwd_ms_per_sample=1.0, rtt_ms=10.0),
+        "b": DeviceProfile(fwd_ms_per_sample=2.0, bwd_ms_per_sample=2.0, rtt_ms=10.0),
+        "c": DeviceProfile(
+            fwd_ms_per_sample=4.0, bwd_ms_per_sample=4.0, rtt_ms=50.0, uplink_mbps=5.0
+        ),
+    }
+
+
+def test_latency_balanced_equalises_predicted_paths() -> None:
+    profiles = _profiles()
+    act = 4096.0
+    batch = balance_batches(profiles, 96, act)
+    assert sum(batch.values()) == 96 and all(b >= 1 for b in batch.values())
+    uniform = predict_round(profiles, {i: 32 for i in profiles}, act, 0.0)
+    balanced = predict_round(profiles, batch, act, 0.0)
+    spread = max(balanced.device_s.values()) - min(balanced.device_s.values())
+    per_sample = max(p.compute_ms_per_sample / 1000 + act * 8 / 5e6 for p in profiles.values())
+    assert spread <= per_sample + 1e-9  # equal up to one sample of the slowest device
+    assert balanced.total_s < uniform.total_s
+    assert batch["a"] > batch["b"] > batch["c"]
+
+
+def test_balance_pins_hopeless_devices_to_the_minimum() -> None:
+    profiles = _profiles()
+    profiles["c"] = DeviceProfile(fwd_ms_per_sample=1.0, bwd_ms_per_sample=1.0, rtt_ms=5000.0)
+    batch = balance_batches(profiles, 40, 0.0)
+    assert batch["c"] == 1 and sum(batch.values()) == 40
+
+
+def test_prediction_sums_the_critical_path() -> None:
+    p = {"x": DeviceProfile(fwd_ms_per_sample=1.0, bwd_ms_per_sample=3.0, rtt_ms=20.0,
+                            uplink_mbps=8.0, downlink_mbps=16.0)}  # fmt: skip
+    pred = predict_round(p, {"x": 10}, 1000.0, 0.001)
+    expected = 0.010 * 4 + 10_000 * 8 / 8e6 + 10_000 * 8 / 16e6 + 0.020 + 0.010
+    assert pred.total_s == pytest.approx(expected)
+    first = predict_round(p, {"x": 10}, 1000.0, 0.001, after_first=False)
+    assert first.total_s == pytest.approx(0.010 + 10_000 * 8 / 8e6 + 0.020 + 0.010)
+    assert math.isclose(pred.server_s, 0.010)
