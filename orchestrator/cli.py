@@ -50,6 +50,9 @@ def _parser() -> argparse.ArgumentParser:
     from .tls import add_parser as add_tls
 
     add_tls(sub)
+    from .watch import add_parser as add_watch
+
+    add_watch(sub)
     return p
 
 
@@ -127,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "check":
             return _check(args)
-        if args.command in ("report", "tls-init"):
+        if args.command in ("report", "tls-init", "watch"):
             return int(args.func(args))
         return _run(args)
     except ManifestError as exc:

@@ -96,18 +96,20 @@ class SessionGroup:
     async def backward(
         self, r: int, grads: dict[str, np.ndarray], losses: dict[str, float], hold: bool
     ) -> dict[str, np.ndarray]:
+        """Send this round's participants their gradients; in the client space, collect theirs."""
+        sessions = [s for s in self.sessions if s.id in grads]
         frames = {
             s.id: encode(
                 "gradients", round=r, grad=grads[s.id], loss=losses[s.id], hold=hold or None
             )
-            for s in self.sessions
+            for s in sessions
         }
         if hold:
             replies = await self._all(
-                [s.call(frames[s.id], "client_grad", r, self.timeout_s) for s in self.sessions]
+                [s.call(frames[s.id], "client_grad", r, self.timeout_s) for s in sessions]
             )
-            return {s.id: msg["grad"] for s, msg in zip(self.sessions, replies)}
-        for s in self.sessions:
+            return {s.id: msg["grad"] for s, msg in zip(sessions, replies)}
+        for s in sessions:
             s.last_gradient = (r, frames[s.id])
             await s.send(frames[s.id])  # a device that is away gets it again when it rejoins
         return {}
@@ -120,12 +122,22 @@ class SessionGroup:
             s.last_gradient = (r, frame)  # what completes round r on the device
             await s.send(frame)
 
-    async def fetch_weights(self, r: int) -> dict[str, Weights]:
+    async def fetch_weights(self, r: int, deadline_s: float | None = None) -> dict[str, Weights]:
+        """Every device's client partition; with a deadline, of those that answer in time."""
         request = encode("eval_request", round=r)
-        replies = await self._all(
-            [s.call(request, "eval_result", r, self.timeout_s) for s in self.sessions]
-        )
-        return {s.id: dict(msg["weights"]) for s, msg in zip(self.sessions, replies)}
+        tasks = {
+            asyncio.create_task(s.call(request, "eval_result", r, self.timeout_s)): s
+            for s in self.sessions
+        }
+        try:
+            done, _ = await asyncio.wait(tasks, timeout=deadline_s)
+            return {tasks[t].id: dict(t.result()["weights"]) for t in tasks if t in done}
+        except TimeoutError as exc:
+            raise FleetError(str(exc)) from exc
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def set_weights(self, r: int, weights: Weights) -> None:
         frame = encode("set_weights", round=r, weights=weights)

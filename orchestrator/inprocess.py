@@ -81,7 +81,7 @@ class InProcessGroup:
             for i in ids:
                 self.trainers[i].align(r, leader, mode, lam)
 
-    async def fetch_weights(self, r: int) -> dict[str, Weights]:
+    async def fetch_weights(self, r: int, deadline_s: float | None = None) -> dict[str, Weights]:
         return {i: self.trainers[i].weights() for i in self.ids}
 
     async def set_weights(self, r: int, weights: Weights) -> None:

@@ -59,7 +59,9 @@ class DeviceGroup(Protocol):
         self, r: int, ids: list[str], leader: np.ndarray, mode: str, lam: float
     ) -> None: ...
 
-    async def fetch_weights(self, r: int) -> dict[str, Weights]: ...
+    async def fetch_weights(
+        self, r: int, deadline_s: float | None = None
+    ) -> dict[str, Weights]: ...
 
     async def set_weights(self, r: int, weights: Weights) -> None: ...
 
@@ -243,9 +245,16 @@ class Runner:
             predicted,
         )
 
+    def _fetch_deadline(self) -> float | None:
+        """With a deadline policy, a stalled device must not stall weight collection either."""
+        if self.m.scheduler.deadline_factor <= 0 or not self.state.rounds:
+            return None
+        recent = [p.round_time_s for p in list(self.state.rounds)[-10:]]
+        return max(5.0, self.m.scheduler.deadline_factor * 4 * max(recent))
+
     async def _fedavg(self, r: int) -> None:
-        ids = self.group.ids
-        states = await self.group.fetch_weights(r)
+        states = await self.group.fetch_weights(r, self._fetch_deadline())
+        ids = [i for i in self.group.ids if i in states]
         avg = algorithms.fedavg(
             [{k: torch.from_numpy(np.array(v)) for k, v in states[i].items()} for i in ids],
             [self.shard_sizes[i] for i in ids],
@@ -309,9 +318,13 @@ class Runner:
             )
 
     async def evaluate(self, r: int) -> None:
-        st, ids = self.state, self.group.ids
+        st = self.state
         st.phase = "evaluating"
-        states = await self.group.fetch_weights(r)
+        states = await self.group.fetch_weights(r, self._fetch_deadline())
+        ids = [i for i in self.group.ids if i in states]
+        for i in self.group.ids:
+            if i not in states:
+                st.event("straggler", i, {"round": r, "during": "evaluation"})
         scores = await asyncio.to_thread(self._score, [states[i] for i in ids])
         accs = [a for a, _ in scores]
         for i, (acc, _) in zip(ids, scores):

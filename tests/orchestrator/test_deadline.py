@@ -1,0 +1,58 @@
+"""With a deadline, a device that stalls (SIGSTOPped mid-run) does not stall the run."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+from pathlib import Path
+
+from orchestrator.engine import Engine
+from orchestrator.manifest import manifest_to_toml, parse_manifest
+
+SCALE = float(os.environ.get("GAPSL_TEST_TIMEOUT_SCALE", "1"))
+
+MANIFEST = """
+[testbed]
+listen = "127.0.0.1:0"
+round_timeout_s = 600.0   # far beyond the test's own limit: only the deadline can save the run
+[training]
+rounds = 30
+eval_every = 10
+[scheduler]
+deadline_factor = 3.0
+min_participants = 2
+"""
+for _id in ("a", "b", "c"):
+    MANIFEST += f'[[devices]]\nid = "{_id}"\ntoken = "t-{_id}"\nlaunch = "local"\ndevice = "cpu"\n'
+
+
+def test_stalled_device_is_left_out_and_the_run_completes(tmp_path: Path) -> None:
+    m = parse_manifest(MANIFEST)
+    engine = Engine(m, tmp_path / "run", manifest_to_toml(m), run_id="stall")
+
+    async def stall_c() -> None:
+        while engine.state.round < 8:  # the run's own progress, bounded by the outer timeout
+            await asyncio.sleep(0.05)
+        assert engine.fleet is not None
+        os.kill(engine.fleet.procs["c"].pid, signal.SIGSTOP)
+
+    async def scenario() -> str:
+        async with asyncio.timeout(240 * SCALE):
+            staller = asyncio.create_task(stall_c())
+            try:
+                return await engine.run()
+            finally:
+                staller.cancel()
+
+    assert asyncio.run(scenario()) == "completed"
+    run = tmp_path / "run"
+    rounds = [json.loads(x) for x in (run / "rounds.jsonl").read_text().splitlines()]
+    assert len(rounds) == 30
+    assert rounds[-1]["participants"] == ["a", "b"]
+    events = [json.loads(x) for x in (run / "events.jsonl").read_text().splitlines()]
+    assert any(e["event"] == "straggler" and e.get("device") == "c" for e in events)
+    metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert set(metrics[-1]["acc"]) == {"a", "b"}  # the stalled device could not be evaluated
+    assert json.loads((run / "summary.json").read_text())["status"] == "completed"
