@@ -131,6 +131,7 @@ def run_one(
         "dataset": dataset, "alpha": alpha, "seed": seed, "variant": variant, "status": status,
         "final_mean": metrics[-1]["acc_mean"], "final_min": metrics[-1]["acc_min"],
         "curve": [(x["round"], x["acc_mean"]) for x in metrics],
+        "spread": [(x["round"], x.get("client_spread")) for x in metrics],
         "bytes_per_round_per_device": traffic(m),
         "leader_churn": statistics.fmean(churn) if churn else None,
         "mean_cos": statistics.fmean(cos) if cos else None,

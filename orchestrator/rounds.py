@@ -70,6 +70,23 @@ def uses_client_space(m: Manifest) -> bool:
     return m.training.algorithm == "gapsl" and m.gapsl.space == "client"
 
 
+def client_spread(states: list[Weights]) -> float | None:
+    """How far apart the client partitions are: mean pairwise distance / mean norm.
+
+    0 when every device holds the same partition (SFL right after averaging, client FedSGD);
+    the drift that aggregation-free training lets grow.
+    """
+    if len(states) < 2:
+        return None
+    flat = np.stack(
+        [np.concatenate([np.ravel(v).astype(np.float64) for v in w.values()]) for w in states]
+    )
+    norm = float(np.linalg.norm(flat, axis=1).mean())
+    n = len(flat)
+    dists = [np.linalg.norm(flat[i] - flat[j]) for i in range(n) for j in range(i + 1, n)]
+    return float(np.mean(dists)) / norm if norm > 0 else None
+
+
 class Runner:
     """Runs the rounds of one manifest against a device group, updating state and records."""
 
@@ -342,6 +359,7 @@ class Runner:
             for k in ("round", "time_s", "acc_mean", "acc_min", "acc_max", "loss")
         }
         record["acc"] = dict(zip(ids, accs))
+        record["client_spread"] = client_spread([states[i] for i in ids])
         self.records.append("metrics", record)
         st.add_eval(point)
         st.phase = "training"
