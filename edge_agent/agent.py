@@ -160,10 +160,20 @@ class Agent:
                 resume=resume,
             ),
         )
+        # A reader task stamps each frame's arrival, so the emulated downlink delays frames from
+        # when they reached this device, not from when a busy handler got round to them.
+        inbox: asyncio.Queue[Any] = asyncio.Queue(maxsize=64)
         telemetry = asyncio.create_task(self._telemetry(ws), name="telemetry")
+        reader = asyncio.create_task(self._read(ws, inbox), name="reader")
         try:
-            async for frame in ws:
-                await self._down.pass_frame(len(frame))
+            while True:
+                item = await inbox.get()
+                if item is None:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                arrived, frame = item
+                await self._down.pass_frame(len(frame), arrived)
                 try:
                     msg = decode(frame, protocol.ORCHESTRATOR_TYPES)
                 except ProtocolError as exc:
@@ -181,10 +191,24 @@ class Agent:
                     return result
         finally:
             telemetry.cancel()
-            # return_exceptions collects the task's own CancelledError (or ConnectionClosed);
+            reader.cancel()
+            # return_exceptions collects the tasks' own CancelledError (or ConnectionClosed);
             # a cancellation of this coroutine still propagates.
-            await asyncio.gather(telemetry, return_exceptions=True)
+            await asyncio.gather(telemetry, reader, return_exceptions=True)
         return None
+
+    @staticmethod
+    async def _read(ws: Any, inbox: asyncio.Queue[Any]) -> None:
+        """Frames with their arrival time; then None (clean close) or the closing exception."""
+        from websockets.exceptions import ConnectionClosed
+
+        try:
+            async for frame in ws:
+                await inbox.put((time.monotonic(), frame))
+        except ConnectionClosed as exc:
+            await inbox.put(exc)
+            return
+        await inbox.put(None)
 
     async def _send(self, ws: Any, frame: bytes) -> None:
         await self._up.pass_frame(len(frame))

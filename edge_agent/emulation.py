@@ -38,11 +38,13 @@ class LinkShaper:
         self._one_way_s = rtt_ms / 2000.0
         self._free_at = 0.0  # when the emulated link finishes the previous frame
 
-    async def pass_frame(self, size: int) -> None:
-        """Wait until a frame of ``size`` bytes would have crossed the link. Safe to cancel."""
+    async def pass_frame(self, size: int, entered: float | None = None) -> None:
+        """Wait until a frame of ``size`` bytes that entered the link at ``entered`` (default:
+        now) would have come out of it. Safe to cancel."""
         now = time.monotonic()
+        start = now if entered is None else entered
         busy = size / self._bytes_per_s if self._bytes_per_s else 0.0
-        self._free_at = max(self._free_at, now) + busy
+        self._free_at = max(self._free_at, start) + busy
         delay = self._free_at - now + self._one_way_s
         if delay > 0:
             await asyncio.sleep(delay)
