@@ -181,8 +181,12 @@ class Runner:
             return ids, {i: b * len(m.devices) for i in ids}, None
         batch = {i: b for i in ids}
         if sc.policy == "latency_balanced" and self.profiles:
+            # A floor of a quarter batch keeps a slow device's partition learning at all.
             batch = balance_batches(
-                {i: self.profiles[i] for i in ids}, b * len(ids), self.act_bytes_per_sample
+                {i: self.profiles[i] for i in ids},
+                b * len(ids),
+                self.act_bytes_per_sample,
+                max(1, b // 4),
             )
         predicted = None
         if self.profiles:
