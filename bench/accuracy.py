@@ -180,7 +180,8 @@ def _fmt(values: list[float], pct: bool = True) -> str:
     scale = 100.0 if pct else 1.0
     mean = statistics.fmean(values) * scale
     std = statistics.stdev(values) * scale if len(values) > 1 else 0.0
-    return f"{mean:.1f} ± {std:.1f}"
+    digits = 1 if pct else 3
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
 def table(results: list[dict[str, Any]], variants: list[str]) -> tuple[str, dict[str, Any]]:
