@@ -191,8 +191,8 @@ def table(results: list[dict[str, Any]], variants: list[str]) -> tuple[str, dict
         rows = [r for r in results if r["alpha"] == alpha]
         psl = {r["seed"]: r for r in rows if r["variant"] == "psl"}
         lines += [f"\n**α = {alpha}** ({len(psl)} seeds, paired)\n",
-                  "| variant | final mean acc % | worst device % | Δ vs PSL (paired) | rounds to PSL final (× PSL) | bytes/round/device | leader churn | mean cos |",
-                  "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+                  "| variant | final mean acc % | worst device % | Δ vs PSL (paired) | rounds to PSL final (× PSL) | bytes/round/device | leader churn | mean cos | client spread |",
+                  "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for v in variants:
             vr = [r for r in rows if r["variant"] == v]
             if not vr:
@@ -215,10 +215,14 @@ def table(results: list[dict[str, Any]], variants: list[str]) -> tuple[str, dict
             )
             churn = [r["leader_churn"] for r in vr if r["leader_churn"] is not None]
             cos = [r["mean_cos"] for r in vr if r["mean_cos"] is not None]
+            spread = [
+                r["spread"][-1][1] for r in vr if r.get("spread") and r["spread"][-1][1] is not None
+            ]
             lines.append(
                 f"| {v} | {_fmt([r['final_mean'] for r in vr])} | {_fmt([r['final_min'] for r in vr])} "
                 f"| {_fmt(deltas)} | {ratio} | {vr[0]['bytes_per_round_per_device']:,.0f} "
-                f"| {_fmt(churn, pct=False) if churn else '–'} | {_fmt(cos, pct=False) if cos else '–'} |"
+                f"| {_fmt(churn, pct=False) if churn else '–'} | {_fmt(cos, pct=False) if cos else '–'} "
+                f"| {_fmt(spread, pct=False) if spread else '–'} |"
             )
             headline[f"{v}@{alpha}"] = round(statistics.fmean(r["final_mean"] for r in vr), 4)
     return "\n".join(lines) + "\n", headline
