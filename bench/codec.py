@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
 import json
 import math
 import os
@@ -18,11 +19,12 @@ import pickle
 import platform
 import sys
 import time
+from types import ModuleType
 from typing import Any, Callable
 
 import numpy as np
 
-from edge_agent.protocol import decode, encode
+from edge_agent import protocol
 
 KIB = 1 << 10
 MIB = 1 << 20
@@ -101,22 +103,36 @@ def activations(nbytes: int, dtype: str, seed: int = 0) -> tuple[np.ndarray, np.
     return x, y
 
 
-def measure(nbytes: int, dtype: str, repeats: int, min_sample_s: float) -> dict[str, Any]:
+def load_codec(path: str) -> ModuleType:
+    """Another version of edge_agent/protocol.py (e.g. from ``git show``), to compare codecs."""
+    spec = importlib.util.spec_from_file_location("protocol_under_test", path)
+    if spec is None or spec.loader is None:
+        raise SystemExit(f"--protocol: cannot load {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def measure(
+    nbytes: int, dtype: str, repeats: int, min_sample_s: float, codec: ModuleType = protocol
+) -> dict[str, Any]:
     """Throughputs (GB/s of tensor bytes) of the codec and its baselines for one tensor."""
+    encode, decode = codec.encode, codec.decode
     x, y = activations(nbytes, dtype)
     dst = np.empty_like(x)
     frame = encode("activations", round=1, x=x, y=y, compute_s=0.0)
     decoded = decode(frame)["x"]
     assert np.array_equal(decoded, x)
 
-    def codec() -> object:
+    def round_trip() -> object:
         return decode(encode("activations", round=1, x=x, y=y, compute_s=0.0))
 
     def pickled() -> object:
         return pickle.loads(pickle.dumps(x, protocol=pickle.HIGHEST_PROTOCOL))
 
     cases: dict[str, Callable[[], object]] = {
-        "codec": codec,
+        "codec": round_trip,
         "encode": lambda: encode("activations", round=1, x=x, y=y, compute_s=0.0),
         "decode": lambda: decode(frame),
         "copyto": lambda: np.copyto(dst, x),
@@ -152,7 +168,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--min-sample-ms", type=float, default=2.0, help="minimum duration of one sample"
     )
+    parser.add_argument(
+        "--protocol",
+        metavar="PATH",
+        help="measure the encode/decode of this protocol.py instead of edge_agent.protocol",
+    )
     args = parser.parse_args(argv)
+    codec = load_codec(args.protocol) if args.protocol else protocol
     sizes: tuple[int, ...] = SIZES
     dtypes: tuple[str, ...] = DTYPES
     repeats, min_sample_s = args.repeats, args.min_sample_ms / 1e3
@@ -169,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for nbytes in sizes:
         for dtype in dtypes:
-            row = measure(nbytes, dtype, repeats, min_sample_s)
+            row = measure(nbytes, dtype, repeats, min_sample_s, codec)
             rows.append(row)
             cells = [size_label(nbytes), dtype] + [f"{row[f'{k}_gbps']:.2f}" for k in header[2:]]
             print("".join(f"{c:>11}" for c in cells) + f"   {row['ratio_vs_memcpy']:.2f}")
@@ -180,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         "ratio_vs_memcpy": headline["ratio_vs_memcpy"],
         "ratio_vs_pickle": headline["ratio_vs_pickle"],
         "headline": "4 MiB float32 encode+decode GB/s / one-copy GB/s",
+        "protocol": args.protocol or "edge_agent/protocol.py",
         "quick": args.quick,
         "repeats": repeats,
         "machine": machine_info(),

@@ -17,6 +17,7 @@ import asyncio
 import json
 import math
 import multiprocessing
+import multiprocessing.connection
 import os
 import statistics
 import sys
@@ -33,7 +34,8 @@ from edge_agent.protocol import decode, encode
 
 SWEEP = (8, 32, 64, 128, 256)
 START_TIMEOUT_S = 120.0  # spawning the orchestrator imports torch: slow on a busy machine
-AGENT_SAMPLE_EVERY_S = 0.25  # orchestrator RSS / CPU sampling period
+SAMPLE_EVERY_S = 0.25  # orchestrator RSS sampling period
+LAG_TICK_S = 0.005  # event-loop lag probe period; lags above one tick are recorded
 
 
 def manifest_text(agents: int, rounds: int, ping_interval_s: float) -> str:
@@ -50,6 +52,25 @@ def manifest_text(agents: int, rounds: int, ping_interval_s: float) -> str:
     return text
 
 
+async def loop_lag(out: list[float]) -> None:
+    """How late this event loop wakes a sleeper (blocking code, GC, or no CPU): lags > 1 tick."""
+    loop = asyncio.get_running_loop()
+    while True:
+        due = loop.time() + LAG_TICK_S
+        await asyncio.sleep(LAG_TICK_S)
+        if loop.time() - due > LAG_TICK_S:
+            out.append(loop.time() - due)
+
+
+async def _with_lag_probe(coro: Any, lags: list[float]) -> Any:
+    probe = asyncio.create_task(loop_lag(lags))
+    try:
+        return await coro
+    finally:
+        probe.cancel()
+        await asyncio.gather(probe, return_exceptions=True)
+
+
 # --- the lightweight agent ------------------------------------------------------------------
 
 
@@ -57,11 +78,10 @@ class LiteModel:
     """The client partition of digits_mlp at fc1, relu(x @ W.T + b), with an SGD step in numpy."""
 
     def __init__(self, weights: dict[str, np.ndarray], lr: float, momentum: float) -> None:
-        self.names = list(weights)  # the job's names: eval_result must use the same ones
-        w_name = next(n for n in self.names if weights[n].ndim == 2)
-        b_name = next(n for n in self.names if weights[n].ndim == 1)
-        self.w_name, self.b_name = w_name, b_name
-        self.w, self.b = np.array(weights[w_name]), np.array(weights[b_name])
+        # The job's names: eval_result must send the same ones, the orchestrator loads strictly.
+        self.w_name = next(n for n, v in weights.items() if v.ndim == 2)
+        self.b_name = next(n for n, v in weights.items() if v.ndim == 1)
+        self.w, self.b = np.array(weights[self.w_name]), np.array(weights[self.b_name])
         self.lr, self.momentum = lr, momentum
         self.vw, self.vb = np.zeros_like(self.w), np.zeros_like(self.b)
 
@@ -83,18 +103,16 @@ class LiteModel:
 class LiteAgent:
     """One device: hello, job, ready, then rounds, evaluations and probes until bye."""
 
-    def __init__(self, device_id: str, token: str, data: tuple[np.ndarray, np.ndarray, str]):
-        self.id, self.token = device_id, token
+    def __init__(self, k: int, data: tuple[np.ndarray, np.ndarray, str]) -> None:
+        self.id, self.token = f"lite-{k:03d}", f"tok-{k:03d}"
         self.x_all, self.y_all, self.fingerprint = data
         self.model: LiteModel | None = None
         self.shard = np.zeros(0, np.int64)
         self.rng = np.random.default_rng()
         self.pending: tuple[int, np.ndarray, np.ndarray] | None = None
         self.applied = 0
-        self.latency_ms: list[float] = []
-        self.evals = 0
+        self.latency_ms: list[float] = []  # the connection's keepalive latency, once a round
         self.outcome = "no bye"
-        self.trace: list[tuple[float, int, float]] = []
 
     async def run(self, url: str, ping_interval_s: float, telemetry_s: float) -> dict[str, Any]:
         """Connect once and serve until bye; a dropped link ends this agent (it is counted)."""
@@ -105,10 +123,10 @@ class LiteAgent:
                 url, compression=None, max_size=64 << 20, open_timeout=120,
                 ping_interval=ping_interval_s, ping_timeout=60, close_timeout=10,
             ) as ws:  # fmt: skip
-                hello = {"hostname": "lite", "platform": sys.platform, "torch_device": "cpu"}
+                facts = {"hostname": "lite", "platform": sys.platform, "torch_device": "cpu"}
                 await ws.send(
                     encode("hello", protocol=protocol.PROTOCOL_VERSION, device_id=self.id,
-                           token=self.token, facts=hello)
+                           token=self.token, facts=facts)
                 )  # fmt: skip
                 beat = asyncio.create_task(self._telemetry(ws, telemetry_s))
                 try:
@@ -120,13 +138,10 @@ class LiteAgent:
                     await asyncio.gather(beat, return_exceptions=True)
         except Exception as exc:  # reported, not raised: one lost agent must not hide the rest
             self.outcome = f"{type(exc).__name__}: {exc}"
-        return {"id": self.id, "applied": self.applied, "evals": self.evals,
-                "latency_ms": self.latency_ms, "outcome": self.outcome, "trace": self.trace}  # fmt: skip
+        return {"applied": self.applied, "latency_ms": self.latency_ms, "outcome": self.outcome}
 
     async def _telemetry(self, ws: Any, every_s: float) -> None:
-        if every_s <= 0:
-            return
-        while True:  # as the reference agent does: small live figures every couple of seconds
+        while every_s > 0:  # as the reference agent: small live figures every couple of seconds
             await asyncio.sleep(every_s)
             await ws.send(encode("telemetry", stats={"cpu_percent": 0.0, "mem_percent": 0.0}))
 
@@ -150,7 +165,6 @@ class LiteAgent:
             assert self.model is not None
             if ws.latency > 0:  # 0.0 until the first pong of this connection
                 self.latency_ms.append(1000.0 * ws.latency)
-                self.trace.append((time.time(), msg["round"], 1000.0 * ws.latency))
             start = time.perf_counter()
             x, y = self._batch(msg["batch_size"])
             acts = self.model.forward(x)
@@ -159,31 +173,26 @@ class LiteAgent:
                                  compute_s=time.perf_counter() - start))  # fmt: skip
         elif kind == "gradients":
             if self.model is not None and self.pending and self.pending[0] == msg["round"]:
-                _, x, acts = self.pending
-                self.model.step(x, acts, msg["grad"])
+                self.model.step(self.pending[1], self.pending[2], msg["grad"])
                 self.pending, self.applied = None, msg["round"]
         elif kind == "eval_request":
             assert self.model is not None
-            self.evals += 1
             await ws.send(encode("eval_result", round=msg["round"],
                                  weights=self.model.weights(), compute_s=0.0))  # fmt: skip
         elif kind == "set_weights":
             assert self.model is not None
-            self.model.w, self.model.b = (np.array(msg["weights"][n]) for n in
-                                          (self.model.w_name, self.model.b_name))  # fmt: skip
+            self.model.w = np.array(msg["weights"][self.model.w_name])
+            self.model.b = np.array(msg["weights"][self.model.b_name])
         elif kind == "echo":
             size = msg.get("reply_bytes")
             payload = msg["payload"] if size is None else np.zeros(size, np.uint8)
             await ws.send(encode("echo_reply", seq=msg["seq"], payload=payload))
         elif kind == "bench":
-            assert self.model is not None
-            fwd, bwd = self._benchmark(msg["batch_size"], msg["repeats"])
+            fwd, bwd = self._benchmark(msg["batch_size"], max(msg["repeats"], 1))
             await ws.send(encode("bench_result", seq=msg["seq"], fwd_s=fwd, bwd_s=bwd))
         elif kind == "skip":
             self.pending = None
         elif kind == "bye":
-            if ws.latency > 0:
-                self.latency_ms.append(1000.0 * ws.latency)
             self.outcome = "bye"
             await ws.close(protocol.CLOSE_NORMAL, "bye")
             return True
@@ -192,199 +201,193 @@ class LiteAgent:
     def _benchmark(self, batch: int, repeats: int) -> tuple[float, float]:
         assert self.model is not None
         x, _ = self._batch(batch)
-        start = time.perf_counter()
-        for _ in range(max(repeats, 1)):
+        t0 = time.perf_counter()
+        for _ in range(repeats):
             acts = self.model.forward(x)
-        mid = time.perf_counter()
-        for _ in range(max(repeats, 1)):
+        t1 = time.perf_counter()
+        for _ in range(repeats):
             g = np.where(acts > 0, acts, 0.0).astype(np.float32)
             _ = g.T @ x, g.sum(axis=0)
-        n = max(repeats, 1)
-        return (mid - start) / n, (time.perf_counter() - mid) / n
+        return (t1 - t0) / repeats, (time.perf_counter() - t1) / repeats
 
 
-def _worker(url: str, ids: list[int], ping_interval_s: float, telemetry_s: float,
-            conn: Connection) -> None:  # fmt: skip
+def _worker(url: str, ks: list[int], ping_s: float, telemetry_s: float, conn: Connection) -> None:
     """One worker process: load the digits once, run its agents concurrently, report them."""
+    import resource
+
     from edge_agent.data import labels_fingerprint, load_dataset
 
     ds = load_dataset("digits")
     x = ds.normalize(ds.x_train).reshape(len(ds.y_train), -1)
-    data = (np.ascontiguousarray(x, np.float32), ds.y_train.astype(np.int64),
-            labels_fingerprint(ds.y_train))  # fmt: skip
-    agents = [LiteAgent(f"lite-{k:03d}", f"tok-{k:03d}", data) for k in ids]
+    data = (np.ascontiguousarray(x, np.float32), ds.y_train, labels_fingerprint(ds.y_train))
+    agents = [LiteAgent(k, data) for k in ks]
+    lags: list[float] = []
 
     async def run_all() -> list[dict[str, Any]]:
-        return list(
-            await asyncio.gather(*(a.run(url, ping_interval_s, telemetry_s) for a in agents))
-        )
+        runs = asyncio.gather(*(a.run(url, ping_s, telemetry_s) for a in agents))
+        return list(await _with_lag_probe(runs, lags))
 
-    conn.send(asyncio.run(run_all()))
+    results = asyncio.run(run_all())
+    use = resource.getrusage(resource.RUSAGE_SELF)
+    conn.send({"agents": results, "lags": lags, "cpu_s": use.ru_utime + use.ru_stime})
 
 
 # --- the orchestrator process ---------------------------------------------------------------
 
 
-def _orchestrator(text: str, run_dir: str, conn: Connection) -> None:
-    """The real Engine in this process; reports where it listens and CPU time per phase."""
+def _orchestrator(text: str, run_dir: str, profile: bool, conn: Connection) -> None:
+    """The real Engine in this process; it reports its port, then CPU time and time per phase."""
+    import cProfile
+    import io
+    import pstats
     import resource
 
+    from orchestrator import group, rounds
     from orchestrator.engine import Engine
     from orchestrator.manifest import manifest_to_toml, parse_manifest
-    from orchestrator.rounds import Runner
 
-    def stamp(phase: str) -> None:
+    marks: dict[str, tuple[float, float]] = {}
+    spans: dict[str, list[float]] = {}
+    profiler = cProfile.Profile()
+
+    def mark(name: str) -> None:
         use = resource.getrusage(resource.RUSAGE_SELF)
-        conn.send(("phase", phase, time.monotonic(), use.ru_utime + use.ru_stime, use.ru_maxrss))
+        marks[name] = (time.monotonic(), use.ru_utime + use.ru_stime)
 
-    profile = Runner.profile
+    def timed(name: str, fn: Any, is_async: bool = True) -> Any:  # the same call, timed
+        async def run_async(*args: Any, **kw: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return await fn(*args, **kw)
+            finally:
+                spans.setdefault(name, []).append(time.perf_counter() - t0)
 
-    async def timed_profile(self: Runner) -> None:  # stamps around the probes, same work
-        stamp("profile")
-        await profile(self)
-        stamp("rounds")
+        def run_sync(*args: Any, **kw: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kw)
+            finally:
+                spans.setdefault(name, []).append(time.perf_counter() - t0)
 
-    Runner.profile = timed_profile  # type: ignore[method-assign]
-    timeline: list[tuple[str, int, float, float]] = []
+        return run_async if is_async else run_sync
 
-    def timed(name: str, fn: Any) -> Any:
-        async def wrapper(self: Runner, r: int) -> None:
-            t0 = time.time()
-            await fn(self, r)
-            timeline.append((name, r, t0, time.time()))
+    probe_fleet = rounds.Runner.profile
 
-        return wrapper
+    async def profile_then_mark(self: rounds.Runner) -> None:
+        mark("probes")
+        await probe_fleet(self)
+        mark("rounds")
+        if profile:
+            profiler.enable()  # the event-loop thread only: the server step runs in a worker
 
-    Runner.round = timed("round", Runner.round)  # type: ignore[method-assign]
-    Runner.evaluate = timed("evaluate", Runner.evaluate)  # type: ignore[method-assign]
+    rounds.Runner.profile = profile_then_mark  # type: ignore[method-assign]
+    rounds.Runner.round = timed("round", rounds.Runner.round)  # type: ignore[method-assign]
+    rounds.Runner.evaluate = timed("evaluate", rounds.Runner.evaluate)  # type: ignore[method-assign]
+    group.SessionGroup.fetch_weights = timed("eval_fetch", group.SessionGroup.fetch_weights)  # type: ignore[method-assign]
+    rounds.Runner._score = timed("eval_score", rounds.Runner._score, False)  # type: ignore[method-assign]
+    rounds.client_spread = timed("eval_spread", rounds.client_spread, False)
     m = parse_manifest(text)
     engine = Engine(m, Path(run_dir), manifest_to_toml(m), run_id="scale")
-    lags: list[tuple[float, float]] = []
-
-    async def serve() -> str:
-        monitor = asyncio.create_task(loop_lag(lags))
-        try:
-            return await engine.run(on_listening=lambda addr: conn.send(("listening", addr)))
-        finally:
-            monitor.cancel()
-            await asyncio.gather(monitor, return_exceptions=True)
-
-    status = asyncio.run(serve())
-    stamp("end")
-    conn.send(("timeline", timeline, lags))
-    conn.send(("done", status))
+    lags: list[float] = []
+    run = engine.run(on_listening=lambda addr: conn.send(("listening", addr)))
+    status = asyncio.run(_with_lag_probe(run, lags))
+    profiler.disable()
+    mark("end")
+    text_out = io.StringIO()
+    if profile:
+        pstats.Stats(profiler, stream=text_out).sort_stats("tottime").print_stats(25)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    conn.send(("done", {"status": status, "marks": marks, "spans": spans, "lags": lags,
+                        "maxrss": peak, "profile": text_out.getvalue()}))  # fmt: skip
 
 
-async def loop_lag(out: list[tuple[float, float]], period_s: float = 0.005) -> None:
-    """Record how late this event loop wakes a sleeper: lags over 5 ms, with wall times."""
-    loop = asyncio.get_running_loop()
-    while True:
-        due = loop.time() + period_s
-        await asyncio.sleep(period_s)
-        late = loop.time() - due
-        if late > 0.005:
-            out.append((time.time(), late))
+def _quantile(values: list[float], q: float) -> float | None:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1)] if ordered else None
+
+
+def _phase(marks: dict[str, tuple[float, float]], a: str, b: str, k: int) -> float | None:
+    return marks[b][k] - marks[a][k] if a in marks and b in marks else None
 
 
 def run_fleet(agents: int, rounds: int, workers: int, ping_interval_s: float,
-              telemetry_s: float, work: Path) -> dict[str, Any]:  # fmt: skip
-    """One run: the orchestrator process, ``workers`` agent processes; the figures measured."""
+              telemetry_s: float, work: Path, profile: bool = False) -> dict[str, Any]:  # fmt: skip
+    """One run: the orchestrator process and ``workers`` agent processes; what was measured."""
     import psutil
 
     ctx = multiprocessing.get_context("spawn")  # fresh interpreters, as real peers would be
     run_dir = work / f"scale-{agents}"
     recv, send = ctx.Pipe(duplex=False)
-    orch = ctx.Process(target=_orchestrator, args=(manifest_text(agents, rounds, ping_interval_s),
-                                                   str(run_dir), send))  # fmt: skip
+    text = manifest_text(agents, rounds, ping_interval_s)
+    orch = ctx.Process(target=_orchestrator, args=(text, str(run_dir), profile, send))
     started = time.monotonic()
     orch.start()
-    procs: list[Any] = []
-    pipes: list[Connection] = []
-    phases: dict[str, tuple[float, float, int]] = {}
-    status, rss_peak, rss_listen, cpu_listen = "failed", 0, 0, 0.0
-    timeline: list[Any] = []
-    orch_lags: list[Any] = []
+    procs, pipes, report = [orch], [], None
+    rss_peak = 0
     try:
-        if not recv.poll(START_TIMEOUT_S):
+        if recv not in multiprocessing.connection.wait([recv, orch.sentinel], START_TIMEOUT_S):
             raise RuntimeError(f"the orchestrator did not start (exit code {orch.exitcode})")
-        kind, addr = recv.recv()
+        addr = recv.recv()[1]
         watch = psutil.Process(orch.pid)
         rss_listen = watch.memory_info().rss
-        cpu_listen = sum(watch.cpu_times()[:2])
         per = math.ceil(agents / workers)
         for w in range(workers):
-            ids = list(range(w * per, min(agents, (w + 1) * per)))
+            ks = list(range(w * per, min(agents, (w + 1) * per)))
             r_end, s_end = ctx.Pipe(duplex=False)
-            p = ctx.Process(target=_worker, args=(f"ws://{addr}", ids, ping_interval_s,
-                                                  telemetry_s, s_end), daemon=True)  # fmt: skip
-            p.start()
-            procs.append(p)
+            args = (f"ws://{addr}", ks, ping_interval_s, telemetry_s, s_end)
+            procs.append(ctx.Process(target=_worker, args=args, daemon=True))
+            procs[-1].start()
             pipes.append(r_end)
-        while True:  # sample the orchestrator until it says it is done
-            if recv.poll(AGENT_SAMPLE_EVERY_S):
-                msg = recv.recv()
-                if msg[0] == "phase":
-                    phases[msg[1]] = (msg[2], msg[3], msg[4])
-                elif msg[0] == "timeline":
-                    timeline, orch_lags = msg[1], msg[2]
-                elif msg[0] == "done":
-                    status = msg[1]
-                    break
+        while report is None:  # sample the orchestrator's RSS until it says it is done
+            if recv.poll(SAMPLE_EVERY_S):
+                report = recv.recv()[1]
             elif not orch.is_alive():
                 raise RuntimeError(f"the orchestrator died (exit code {orch.exitcode})")
-            try:
+            else:
                 rss_peak = max(rss_peak, watch.memory_info().rss)
-            except psutil.NoSuchProcess:
-                break
-        reports = [pipe.recv() for pipe in pipes if pipe.poll(60)]
-        results = [r for rep in reports for r in rep[0]]
-        worker_lags = [lag for rep in reports for lag in rep[1]]
-        worker_cpu = [rep[2] for rep in reports]
+        fleet = [pipe.recv() for pipe in pipes if pipe.poll(120)]
     finally:
-        for p in [*procs, orch]:
+        for p in procs:
             p.join(30)
             if p.is_alive():
                 p.terminate()
                 p.join(10)
-    wall_s = time.monotonic() - started
     recs = [json.loads(ln) for ln in (run_dir / "rounds.jsonl").read_text().splitlines()]
     steady = [r["round_time_s"] for r in recs[1:]] or [r["round_time_s"] for r in recs]
-    lat = sorted(v for r in results for v in r["latency_ms"])
-    cpu = {a: phases[b][1] - phases[a][1] for a, b in (("profile", "rounds"), ("rounds", "end"))
-           if a in phases and b in phases}  # fmt: skip
-    wall = {a: phases[b][0] - phases[a][0] for a, b in (("profile", "rounds"), ("rounds", "end"))
-            if a in phases and b in phases}  # fmt: skip
+    results = [a for w in fleet for a in w["agents"]]
+    lat = [v for a in results for v in a["latency_ms"]]
+    marks, spans = report["marks"], report["spans"]
+    cpu_rounds = _phase(marks, "rounds", "end", 1)
     return {
         "agents": agents,
-        "status": status,
+        "status": report["status"],
         "rounds": len(recs),
-        "agents_completed": sum(r["outcome"] == "bye" for r in results),
-        "min_rounds_applied": min((r["applied"] for r in results), default=0),
-        "failures": sorted({r["outcome"] for r in results if r["outcome"] != "bye"})[:5],
-        "mean_round_s": statistics.fmean(steady) if steady else None,
-        "median_round_s": statistics.median(steady) if steady else None,
+        "agents_completed": sum(a["outcome"] == "bye" for a in results),
+        "min_rounds_applied": min((a["applied"] for a in results), default=0),
+        "failures": sorted({a["outcome"] for a in results if a["outcome"] != "bye"})[:5],
+        "mean_round_s": statistics.fmean(steady),
+        "median_round_s": statistics.median(steady),
+        "eval_s": statistics.fmean(spans.get("evaluate", [0.0])),
+        "eval_parts_s": {k: statistics.fmean(spans[k]) for k in spans if k.startswith("eval_")},
         "latency_samples": len(lat),
         "p50_ms": _quantile(lat, 0.50),
         "p99_ms": _quantile(lat, 0.99),
-        "max_ms": lat[-1] if lat else None,
+        "max_ms": max(lat, default=None),
+        "orch_lag_p99_ms": 1e3 * (_quantile(report["lags"], 0.99) or 0.0),
+        "orch_lag_max_ms": 1e3 * max(report["lags"], default=0.0),
+        "orch_lag_total_s": sum(report["lags"]),
+        "worker_lag_max_ms": 1e3 * max((x for w in fleet for x in w["lags"]), default=0.0),
         "rss_listen_mib": rss_listen / 2**20,
-        "rss_peak_mib": max(rss_peak, phases.get("end", (0, 0, 0))[2] * 1024) / 2**20,
-        "cpu_before_agents_s": cpu_listen,
-        "cpu_profile_s": cpu.get("profile"),
-        "cpu_rounds_s": cpu.get("rounds"),
-        "wall_profile_s": wall.get("profile"),
-        "wall_rounds_s": wall.get("rounds"),
-        "wall_s": wall_s,
-        "worker_cpu_s": worker_cpu,
-        "debug": {"timeline": timeline, "orch_lags": orch_lags, "worker_lags": worker_lags,
-                  "trace": [t for r in results for t in r["trace"]]},
+        "rss_peak_mib": max(rss_peak, report["maxrss"]) / 2**20,
+        "cpu_probes_s": _phase(marks, "probes", "rounds", 1),
+        "wall_probes_s": _phase(marks, "probes", "rounds", 0),
+        "cpu_rounds_s": cpu_rounds,
+        "wall_rounds_s": _phase(marks, "rounds", "end", 0),
+        "cpu_per_round_s": cpu_rounds / max(len(recs), 1) if cpu_rounds is not None else None,
+        "worker_cpu_s": sum(w["cpu_s"] for w in fleet),
+        "wall_s": time.monotonic() - started,
+        "profile": report["profile"],
     }
-
-
-def _quantile(sorted_values: list[float], q: float) -> float | None:
-    if not sorted_values:
-        return None
-    return sorted_values[min(len(sorted_values) - 1, math.ceil(q * len(sorted_values)) - 1)]
 
 
 def _fmt(v: Any, spec: str = ".1f") -> str:
@@ -400,36 +403,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ping-interval-s", type=float, default=1.0)
     parser.add_argument("--telemetry-s", type=float, default=2.0, help="0: agents send none")
     parser.add_argument("--no-sweep", action="store_true", help="only the headline run")
+    parser.add_argument("--profile", action="store_true", help="cProfile the orchestrator")
     parser.add_argument("--quick", action="store_true", help="8 agents, 3 rounds (a smoke run)")
     args = parser.parse_args(argv)
     agents, rounds, workers = args.agents, args.rounds, args.workers
     if args.quick:
         agents, rounds, workers = 8, 3, 2
-    sizes = [n for n in SWEEP if n < agents] + [agents]
-    if args.quick or args.no_sweep:
-        sizes = [agents]
+    sizes = [agents] if args.quick or args.no_sweep else [n for n in SWEEP if n < agents] + [agents]
     load = os.getloadavg()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for n in sizes:
             row = run_fleet(n, rounds, min(workers, n), args.ping_interval_s, args.telemetry_s,
-                            Path(tmp))  # fmt: skip
+                            Path(tmp), args.profile and n == agents)  # fmt: skip
             rows.append(row)
-            print(f"{n} agents: {row['status']}, {row['rounds']} rounds, "
-                  f"mean round {_fmt(row['mean_round_s'], '.3f')} s", flush=True)  # fmt: skip
-    print(f"load average before: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; "
-          f"after: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")  # fmt: skip
-    print(
-        "| agents | status | rounds | mean round s | ping p50 / p99 / max ms | RSS listen / "
-        "peak MiB | CPU s: probes / rounds | wall s: probes / rounds |"
-    )
-    print("|---|---|---|---|---|---|---|---|")
+            print(f"{n} agents: {row['status']}, {row['rounds']} rounds, load average "
+                  f"{os.getloadavg()[0]:.2f}", flush=True)  # fmt: skip
+            if row["profile"]:
+                print(row["profile"])
+    print("| agents | rounds | mean round s | eval s | ping p50 / p99 / max ms | orchestrator "
+          "loop lag max ms | RSS listening / peak MiB | orchestrator CPU s per round | "
+          "probes wall s |\n|---|---|---|---|---|---|---|---|---|")  # fmt: skip
     for r in rows:
-        print(f"| {r['agents']} | {r['status']} | {r['rounds']} | {_fmt(r['mean_round_s'], '.3f')} "
+        print(f"| {r['agents']} | {r['rounds']} | {r['mean_round_s']:.3f} | {r['eval_s']:.2f} "
               f"| {_fmt(r['p50_ms'])} / {_fmt(r['p99_ms'])} / {_fmt(r['max_ms'])} "
-              f"| {r['rss_listen_mib']:.0f} / {r['rss_peak_mib']:.0f} "
-              f"| {_fmt(r['cpu_profile_s'])} / {_fmt(r['cpu_rounds_s'])} "
-              f"| {_fmt(r['wall_profile_s'])} / {_fmt(r['wall_rounds_s'])} |")  # fmt: skip
+              f"| {r['orch_lag_max_ms']:.0f} | {r['rss_listen_mib']:.0f} / {r['rss_peak_mib']:.0f} "
+              f"| {_fmt(r['cpu_per_round_s'], '.3f')} | {_fmt(r['wall_probes_s'], '.2f')} |")  # fmt: skip
     head = rows[-1]
     summary = {
         "bench": "scale",
@@ -437,12 +436,13 @@ def main(argv: list[str] | None = None) -> int:
         "rounds": head["rounds"],
         "p99_ms": head["p99_ms"],
         "rss_mib": round(head["rss_peak_mib"], 1),
-        "headline": "agents of the largest run, rounds it completed, keepalive ping->pong p99 "
-        "(websockets latency seen by the agents), orchestrator peak RSS",
+        "headline": "agents and completed rounds of the largest run; p99 of the keepalive "
+        "ping->pong latency (websockets) the agents saw, sampled each round; orchestrator peak RSS",
         "quick": args.quick,
         "workers": workers,
         "load_avg_before": [round(v, 2) for v in load],
-        "runs": rows,
+        "load_avg_after": [round(v, 2) for v in os.getloadavg()],
+        "runs": [{k: v for k, v in r.items() if k != "profile"} for r in rows],
     }
     print(json.dumps(summary))
     return 0
