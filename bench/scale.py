@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import inspect
 import json
 import math
 import multiprocessing
@@ -52,17 +53,18 @@ def manifest_text(agents: int, rounds: int, ping_interval_s: float) -> str:
     return text
 
 
-async def loop_lag(out: list[float]) -> None:
-    """How late this event loop wakes a sleeper (blocking code, GC, or no CPU): lags > 1 tick."""
+async def loop_lag(out: list[tuple[float, float]]) -> None:
+    """How late this event loop wakes a sleeper (blocking code, GC, or no CPU): every lag over
+    one tick, as (time.monotonic() at wake-up, seconds late)."""
     loop = asyncio.get_running_loop()
     while True:
         due = loop.time() + LAG_TICK_S
         await asyncio.sleep(LAG_TICK_S)
         if loop.time() - due > LAG_TICK_S:
-            out.append(loop.time() - due)
+            out.append((time.monotonic(), loop.time() - due))
 
 
-async def _with_lag_probe(coro: Any, lags: list[float]) -> Any:
+async def _with_lag_probe(coro: Any, lags: list[tuple[float, float]]) -> Any:
     probe = asyncio.create_task(loop_lag(lags))
     try:
         return await coro
@@ -221,7 +223,7 @@ def _worker(url: str, ks: list[int], ping_s: float, telemetry_s: float, conn: Co
     x = ds.normalize(ds.x_train).reshape(len(ds.y_train), -1)
     data = (np.ascontiguousarray(x, np.float32), ds.y_train, labels_fingerprint(ds.y_train))
     agents = [LiteAgent(k, data) for k in ks]
-    lags: list[float] = []
+    lags: list[tuple[float, float]] = []
 
     async def run_all() -> list[dict[str, Any]]:
         runs = asyncio.gather(*(a.run(url, ping_s, telemetry_s) for a in agents))
@@ -254,7 +256,7 @@ def _orchestrator(text: str, run_dir: str, profile: bool, conn: Connection) -> N
         use = resource.getrusage(resource.RUSAGE_SELF)
         marks[name] = (time.monotonic(), use.ru_utime + use.ru_stime)
 
-    def timed(name: str, fn: Any, is_async: bool = True) -> Any:  # the same call, timed
+    def timed(name: str, fn: Any) -> Any:  # the same call, its duration recorded
         async def run_async(*args: Any, **kw: Any) -> Any:
             t0 = time.perf_counter()
             try:
@@ -269,7 +271,7 @@ def _orchestrator(text: str, run_dir: str, profile: bool, conn: Connection) -> N
             finally:
                 spans.setdefault(name, []).append(time.perf_counter() - t0)
 
-        return run_async if is_async else run_sync
+        return run_async if inspect.iscoroutinefunction(fn) else run_sync
 
     probe_fleet = rounds.Runner.profile
 
@@ -284,12 +286,17 @@ def _orchestrator(text: str, run_dir: str, profile: bool, conn: Connection) -> N
     rounds.Runner.round = timed("round", rounds.Runner.round)  # type: ignore[method-assign]
     rounds.Runner.evaluate = timed("evaluate", rounds.Runner.evaluate)  # type: ignore[method-assign]
     group.SessionGroup.fetch_weights = timed("eval_fetch", group.SessionGroup.fetch_weights)  # type: ignore[method-assign]
-    rounds.Runner._score = timed("eval_score", rounds.Runner._score, False)  # type: ignore[method-assign]
-    rounds.client_spread = timed("eval_spread", rounds.client_spread, False)
+    rounds.Runner._score = timed("eval_score", rounds.Runner._score)  # type: ignore[method-assign]
+    rounds.client_spread = timed("eval_spread", rounds.client_spread)
     m = parse_manifest(text)
     engine = Engine(m, Path(run_dir), manifest_to_toml(m), run_id="scale")
-    lags: list[float] = []
-    run = engine.run(on_listening=lambda addr: conn.send(("listening", addr)))
+    lags: list[tuple[float, float]] = []
+
+    def listening(addr: str) -> None:
+        mark("listening")
+        conn.send(("listening", addr))
+
+    run = engine.run(on_listening=listening)
     status = asyncio.run(_with_lag_probe(run, lags))
     profiler.disable()
     mark("end")
@@ -306,11 +313,15 @@ def _quantile(values: list[float], q: float) -> float | None:
     return ordered[min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1)] if ordered else None
 
 
+def _max_ms(lags: list[Any], marks: dict[str, Any], a: str, b: str) -> float:
+    return 1e3 * max((lag for t, lag in lags if marks[a][0] <= t <= marks[b][0]), default=0.0)
+
+
 def _phase(marks: dict[str, tuple[float, float]], a: str, b: str, k: int) -> float | None:
     return marks[b][k] - marks[a][k] if a in marks and b in marks else None
 
 
-def run_fleet(agents: int, rounds: int, workers: int, ping_interval_s: float,
+def run_fleet(agents: int, rounds: int, workers: int, ping_interval_s: float, agent_ping_s: float,
               telemetry_s: float, work: Path, profile: bool = False) -> dict[str, Any]:  # fmt: skip
     """One run: the orchestrator process and ``workers`` agent processes; what was measured."""
     import psutil
@@ -334,7 +345,7 @@ def run_fleet(agents: int, rounds: int, workers: int, ping_interval_s: float,
         for w in range(workers):
             ks = list(range(w * per, min(agents, (w + 1) * per)))
             r_end, s_end = ctx.Pipe(duplex=False)
-            args = (f"ws://{addr}", ks, ping_interval_s, telemetry_s, s_end)
+            args = (f"ws://{addr}", ks, agent_ping_s, telemetry_s, s_end)
             procs.append(ctx.Process(target=_worker, args=args, daemon=True))
             procs[-1].start()
             pipes.append(r_end)
@@ -373,10 +384,14 @@ def run_fleet(agents: int, rounds: int, workers: int, ping_interval_s: float,
         "p50_ms": _quantile(lat, 0.50),
         "p99_ms": _quantile(lat, 0.99),
         "max_ms": max(lat, default=None),
-        "orch_lag_p99_ms": 1e3 * (_quantile(report["lags"], 0.99) or 0.0),
-        "orch_lag_max_ms": 1e3 * max(report["lags"], default=0.0),
-        "orch_lag_total_s": sum(report["lags"]),
-        "worker_lag_max_ms": 1e3 * max((x for w in fleet for x in w["lags"]), default=0.0),
+        # Orchestrator loop lags while the fleet joins (up to the probes) and during rounds.
+        "orch_lag_join_max_ms": _max_ms(report["lags"], marks, "listening", "probes"),
+        "orch_lag_rounds_max_ms": _max_ms(report["lags"], marks, "rounds", "end"),
+        "orch_lag_rounds_total_s": sum(
+            lag for t, lag in report["lags"] if marks["rounds"][0] <= t <= marks["end"][0]
+        ),
+        "worker_lag_rounds_max_ms": _max_ms([x for w in fleet for x in w["lags"]], marks,
+                                            "rounds", "end"),  # fmt: skip
         "rss_listen_mib": rss_listen / 2**20,
         "rss_peak_mib": max(rss_peak, report["maxrss"]) / 2**20,
         "cpu_probes_s": _phase(marks, "probes", "rounds", 1),

@@ -193,9 +193,12 @@ def tensor_to_wire(array: np.ndarray) -> dict[str, Any]:
         )
     if arr.dtype.byteorder == ">" or (arr.dtype.byteorder == "=" and sys.byteorder == "big"):
         arr = arr.astype(_WIRE_DTYPE[name])
+    shape = list(arr.shape)  # before ascontiguousarray, which turns a 0-d array into shape [1]
     arr = np.ascontiguousarray(arr)
+    if arr.size == 0:  # memoryview.cast refuses a zero in a multi-dimensional shape
+        return {"dtype": name, "shape": shape, "data": b""}
     # memoryview over the array's own buffer: msgpack writes it once into the frame.
-    return {"dtype": name, "shape": list(arr.shape), "data": memoryview(arr).cast("B")}  # type: ignore[arg-type]
+    return {"dtype": name, "shape": shape, "data": memoryview(arr.reshape(-1)).cast("B")}  # type: ignore[arg-type]
 
 
 def _decode_tensor(value: Any, where: str) -> np.ndarray:
@@ -204,7 +207,7 @@ def _decode_tensor(value: Any, where: str) -> np.ndarray:
             CLOSE_INVALID_PAYLOAD, f"{where}: expected a tensor map {{dtype, shape, data}}"
         )
     dtype, shape, data = value["dtype"], value["shape"], value["data"]
-    if dtype not in _WIRE_DTYPE:
+    if not isinstance(dtype, str) or dtype not in _WIRE_DTYPE:
         raise ProtocolError(CLOSE_INVALID_PAYLOAD, f"{where}: unsupported dtype {dtype!r}")
     if (
         not isinstance(shape, list)
@@ -221,7 +224,10 @@ def _decode_tensor(value: Any, where: str) -> np.ndarray:
             CLOSE_INVALID_PAYLOAD,
             f"{where}: {len(data)} bytes do not hold shape {shape} of {dtype}",
         )
-    arr = np.frombuffer(data, wire, count).reshape(shape)
+    try:
+        arr = np.frombuffer(data, wire, count).reshape(shape)
+    except ValueError as exc:  # an empty shape whose other dims overflow numpy's index type
+        raise ProtocolError(CLOSE_INVALID_PAYLOAD, f"{where}: shape {shape} too large") from exc
     if sys.byteorder == "big":
         arr = arr.astype(wire.newbyteorder("="))
     return arr

@@ -222,31 +222,20 @@ def test_decode_accepts_scalar_and_empty_tensors(shape: tuple[int, ...]) -> None
         assert decoded.shape == shape
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="tensor_to_wire: np.ascontiguousarray promotes a 0-d array to shape (1,)",
-)
 def test_zero_dim_tensor_keeps_its_shape() -> None:
     for name in DTYPES:
         a = np.array(1, dtype=name)
         assert decode(encode("gradients", round=1, grad=a, loss=0.0))["grad"].shape == ()
 
 
-EMPTY_MULTI_DIM = pytest.mark.xfail(
-    strict=True,
-    raises=TypeError,
-    reason="tensor_to_wire: memoryview.cast('B') refuses a multi-dim array with a zero in its shape",
-)
-
-
 @pytest.mark.parametrize(
     "shape",
     [
         (0,),
-        pytest.param((3, 0), marks=EMPTY_MULTI_DIM),
-        pytest.param((0, 5), marks=EMPTY_MULTI_DIM),
-        pytest.param((2, 0, 4), marks=EMPTY_MULTI_DIM),
-        pytest.param((0, 0, 0, 0), marks=EMPTY_MULTI_DIM),
+        (3, 0),
+        (0, 5),
+        (2, 0, 4),
+        (0, 0, 0, 0),
     ],
 )
 def test_empty_tensor_round_trip(shape: tuple[int, ...]) -> None:
@@ -517,19 +506,11 @@ def test_field_errors_name_the_field() -> None:
         decode(pack({"type": "round", "round": 1, "batch_size": "32"}))
 
 
-@pytest.mark.xfail(
-    strict=True, raises=TypeError, reason="_decode_tensor looks up an unhashable dtype in a dict"
-)
 @pytest.mark.parametrize("dtype", [["float32"], {"name": "float32"}])
 def test_non_string_dtype_closes_with_1007(dtype: Any) -> None:
     assert close_code(gradients_frame(dtype=dtype, shape=[1], data=b"\x00" * 4)) == 1007
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ValueError,
-    reason="_decode_tensor lets numpy reject an empty shape too big to index",
-)
 @pytest.mark.parametrize("shape", [[0, 2**63], [0, 2**40, 2**40]])
 def test_oversized_empty_shape_closes_with_1007(shape: list[int]) -> None:
     assert close_code(gradients_frame(dtype="float32", shape=shape, data=b"")) == 1007
