@@ -390,8 +390,9 @@ def run_fleet(agents: int, rounds: int, workers: int, ping_interval_s: float, ag
         "orch_lag_rounds_total_s": sum(
             lag for t, lag in report["lags"] if marks["rounds"][0] <= t <= marks["end"][0]
         ),
-        "worker_lag_rounds_max_ms": _max_ms([x for w in fleet for x in w["lags"]], marks,
-                                            "rounds", "end"),  # fmt: skip
+        "worker_lag_rounds_max_ms": _max_ms(
+            [x for w in fleet for x in w["lags"]], marks, "rounds", "end"
+        ),  # fmt: skip
         "rss_listen_mib": rss_listen / 2**20,
         "rss_peak_mib": max(rss_peak, report["maxrss"]) / 2**20,
         "cpu_probes_s": _phase(marks, "probes", "rounds", 1),
@@ -415,35 +416,43 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--agents", type=int, default=256, help="agents in the headline run")
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--workers", type=int, default=4, help="agent processes")
-    parser.add_argument("--ping-interval-s", type=float, default=1.0)
+    parser.add_argument("--ping-interval-s", type=float, default=1.0, help="orchestrator's")
+    parser.add_argument("--agent-ping-s", type=float, default=1.0, help="agents' keepalive")
     parser.add_argument("--telemetry-s", type=float, default=2.0, help="0: agents send none")
     parser.add_argument("--no-sweep", action="store_true", help="only the headline run")
     parser.add_argument("--profile", action="store_true", help="cProfile the orchestrator")
     parser.add_argument("--quick", action="store_true", help="8 agents, 3 rounds (a smoke run)")
     args = parser.parse_args(argv)
-    agents, rounds, workers = args.agents, args.rounds, args.workers
-    if args.quick:
-        agents, rounds, workers = 8, 3, 2
+    agents, rounds, workers, agent_ping_s = (
+        args.agents,
+        args.rounds,
+        args.workers,
+        args.agent_ping_s,
+    )
+    if args.quick:  # a short run: faster agent pings so that some pongs are measured
+        agents, rounds, workers, agent_ping_s = 8, 3, 2, 0.25
     sizes = [agents] if args.quick or args.no_sweep else [n for n in SWEEP if n < agents] + [agents]
     load = os.getloadavg()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for n in sizes:
-            row = run_fleet(n, rounds, min(workers, n), args.ping_interval_s, args.telemetry_s,
-                            Path(tmp), args.profile and n == agents)  # fmt: skip
+            row = run_fleet(n, rounds, min(workers, n), args.ping_interval_s, agent_ping_s,
+                            args.telemetry_s, Path(tmp), args.profile and n == agents)  # fmt: skip
             rows.append(row)
             print(f"{n} agents: {row['status']}, {row['rounds']} rounds, load average "
                   f"{os.getloadavg()[0]:.2f}", flush=True)  # fmt: skip
             if row["profile"]:
                 print(row["profile"])
-    print("| agents | rounds | mean round s | eval s | ping p50 / p99 / max ms | orchestrator "
-          "loop lag max ms | RSS listening / peak MiB | orchestrator CPU s per round | "
-          "probes wall s |\n|---|---|---|---|---|---|---|---|---|")  # fmt: skip
+    print("| agents | rounds | mean round s | eval s | ping p50 / p99 / max ms | orchestrator loop "
+          "lag max ms: join / rounds | RSS listening / peak MiB | orchestrator CPU s per round | "
+          "worker CPU s | probes wall s |\n|---|---|---|---|---|---|---|---|---|---|")  # fmt: skip
     for r in rows:
         print(f"| {r['agents']} | {r['rounds']} | {r['mean_round_s']:.3f} | {r['eval_s']:.2f} "
               f"| {_fmt(r['p50_ms'])} / {_fmt(r['p99_ms'])} / {_fmt(r['max_ms'])} "
-              f"| {r['orch_lag_max_ms']:.0f} | {r['rss_listen_mib']:.0f} / {r['rss_peak_mib']:.0f} "
-              f"| {_fmt(r['cpu_per_round_s'], '.3f')} | {_fmt(r['wall_probes_s'], '.2f')} |")  # fmt: skip
+              f"| {r['orch_lag_join_max_ms']:.0f} / {r['orch_lag_rounds_max_ms']:.0f} "
+              f"| {r['rss_listen_mib']:.0f} / {r['rss_peak_mib']:.0f} "
+              f"| {_fmt(r['cpu_per_round_s'], '.3f')} | {r['worker_cpu_s']:.1f} "
+              f"| {_fmt(r['wall_probes_s'], '.2f')} |")  # fmt: skip
     head = rows[-1]
     summary = {
         "bench": "scale",
