@@ -189,9 +189,15 @@ class LiteAgent:
             size = msg.get("reply_bytes")
             payload = msg["payload"] if size is None else np.zeros(size, np.uint8)
             await ws.send(encode("echo_reply", seq=msg["seq"], payload=payload))
-        elif kind == "bench":
-            fwd, bwd = self._benchmark(msg["batch_size"], max(msg["repeats"], 1))
-            await ws.send(encode("bench_result", seq=msg["seq"], fwd_s=fwd, bwd_s=bwd))
+        elif kind == "bench":  # the profiler's compute probe: time one forward and one step
+            assert self.model is not None
+            x, _ = self._batch(msg["batch_size"])
+            t0 = time.perf_counter()
+            acts = self.model.forward(x)
+            t1 = time.perf_counter()
+            LiteModel(self.model.weights(), 0.0, 0.0).step(x, acts, acts)
+            t2 = time.perf_counter()
+            await ws.send(encode("bench_result", seq=msg["seq"], fwd_s=t1 - t0, bwd_s=t2 - t1))
         elif kind == "skip":
             self.pending = None
         elif kind == "bye":
@@ -200,21 +206,10 @@ class LiteAgent:
             return True
         return False  # "error" needs nothing: the close that follows ends the loop
 
-    def _benchmark(self, batch: int, repeats: int) -> tuple[float, float]:
-        assert self.model is not None
-        x, _ = self._batch(batch)
-        t0 = time.perf_counter()
-        for _ in range(repeats):
-            acts = self.model.forward(x)
-        t1 = time.perf_counter()
-        for _ in range(repeats):
-            g = np.where(acts > 0, acts, 0.0).astype(np.float32)
-            _ = g.T @ x, g.sum(axis=0)
-        return (t1 - t0) / repeats, (time.perf_counter() - t1) / repeats
 
-
-def _worker(url: str, ks: list[int], ping_s: float, telemetry_s: float, conn: Connection) -> None:
-    """One worker process: load the digits once, run its agents concurrently, report them."""
+def _worker(ks: list[int], ping_s: float, telemetry_s: float, conn: Connection) -> None:
+    """One worker process: load the digits once, wait for the orchestrator's URL, run its
+    agents concurrently, report them. (Started early: its imports overlap the orchestrator's.)"""
     import resource
 
     from edge_agent.data import labels_fingerprint, load_dataset
@@ -224,6 +219,7 @@ def _worker(url: str, ks: list[int], ping_s: float, telemetry_s: float, conn: Co
     data = (np.ascontiguousarray(x, np.float32), ds.y_train, labels_fingerprint(ds.y_train))
     agents = [LiteAgent(k, data) for k in ks]
     lags: list[tuple[float, float]] = []
+    url = conn.recv()
 
     async def run_all() -> list[dict[str, Any]]:
         runs = asyncio.gather(*(a.run(url, ping_s, telemetry_s) for a in agents))
@@ -259,17 +255,15 @@ def _orchestrator(text: str, run_dir: str, profile: bool, conn: Connection) -> N
     def timed(name: str, fn: Any) -> Any:  # the same call, its duration recorded
         async def run_async(*args: Any, **kw: Any) -> Any:
             t0 = time.perf_counter()
-            try:
-                return await fn(*args, **kw)
-            finally:
-                spans.setdefault(name, []).append(time.perf_counter() - t0)
+            out = await fn(*args, **kw)
+            spans.setdefault(name, []).append(time.perf_counter() - t0)
+            return out
 
         def run_sync(*args: Any, **kw: Any) -> Any:
             t0 = time.perf_counter()
-            try:
-                return fn(*args, **kw)
-            finally:
-                spans.setdefault(name, []).append(time.perf_counter() - t0)
+            out = fn(*args, **kw)
+            spans.setdefault(name, []).append(time.perf_counter() - t0)
+            return out
 
         return run_async if inspect.iscoroutinefunction(fn) else run_sync
 
@@ -314,7 +308,8 @@ def _quantile(values: list[float], q: float) -> float | None:
 
 
 def _max_ms(lags: list[Any], marks: dict[str, Any], a: str, b: str) -> float:
-    return 1e3 * max((lag for t, lag in lags if marks[a][0] <= t <= marks[b][0]), default=0.0)
+    """The longest loop lag that began between marks ``a`` and ``b`` (it ends at ``t``)."""
+    return 1e3 * max((lag for t, lag in lags if marks[a][0] <= t - lag <= marks[b][0]), default=0.0)
 
 
 def _phase(marks: dict[str, tuple[float, float]], a: str, b: str, k: int) -> float | None:
@@ -336,19 +331,21 @@ def run_fleet(agents: int, rounds: int, workers: int, ping_interval_s: float, ag
     procs, pipes, report = [orch], [], None
     rss_peak = 0
     try:
+        per = math.ceil(agents / workers)
+        for w in range(workers):
+            ks = list(range(w * per, min(agents, (w + 1) * per)))
+            ours, theirs = ctx.Pipe()
+            args = (ks, agent_ping_s, telemetry_s, theirs)
+            procs.append(ctx.Process(target=_worker, args=args, daemon=True))
+            procs[-1].start()
+            pipes.append(ours)
         if recv not in multiprocessing.connection.wait([recv, orch.sentinel], START_TIMEOUT_S):
             raise RuntimeError(f"the orchestrator did not start (exit code {orch.exitcode})")
         addr = recv.recv()[1]
         watch = psutil.Process(orch.pid)
         rss_listen = watch.memory_info().rss
-        per = math.ceil(agents / workers)
-        for w in range(workers):
-            ks = list(range(w * per, min(agents, (w + 1) * per)))
-            r_end, s_end = ctx.Pipe(duplex=False)
-            args = (f"ws://{addr}", ks, agent_ping_s, telemetry_s, s_end)
-            procs.append(ctx.Process(target=_worker, args=args, daemon=True))
-            procs[-1].start()
-            pipes.append(r_end)
+        for pipe in pipes:
+            pipe.send(f"ws://{addr}")
         while report is None:  # sample the orchestrator's RSS until it says it is done
             if recv.poll(SAMPLE_EVERY_S):
                 report = recv.recv()[1]
@@ -363,10 +360,12 @@ def run_fleet(agents: int, rounds: int, workers: int, ping_interval_s: float, ag
             if p.is_alive():
                 p.terminate()
                 p.join(10)
+    ended = time.monotonic()
     recs = [json.loads(ln) for ln in (run_dir / "rounds.jsonl").read_text().splitlines()]
     steady = [r["round_time_s"] for r in recs[1:]] or [r["round_time_s"] for r in recs]
     results = [a for w in fleet for a in w["agents"]]
     lat = [v for a in results for v in a["latency_ms"]]
+    worker_lags = [x for w in fleet for x in w["lags"]]
     marks, spans = report["marks"], report["spans"]
     cpu_rounds = _phase(marks, "rounds", "end", 1)
     return {
@@ -387,12 +386,7 @@ def run_fleet(agents: int, rounds: int, workers: int, ping_interval_s: float, ag
         # Orchestrator loop lags while the fleet joins (up to the probes) and during rounds.
         "orch_lag_join_max_ms": _max_ms(report["lags"], marks, "listening", "probes"),
         "orch_lag_rounds_max_ms": _max_ms(report["lags"], marks, "rounds", "end"),
-        "orch_lag_rounds_total_s": sum(
-            lag for t, lag in report["lags"] if marks["rounds"][0] <= t <= marks["end"][0]
-        ),
-        "worker_lag_rounds_max_ms": _max_ms(
-            [x for w in fleet for x in w["lags"]], marks, "rounds", "end"
-        ),  # fmt: skip
+        "worker_lag_rounds_max_ms": _max_ms(worker_lags, marks, "rounds", "end"),
         "rss_listen_mib": rss_listen / 2**20,
         "rss_peak_mib": max(rss_peak, report["maxrss"]) / 2**20,
         "cpu_probes_s": _phase(marks, "probes", "rounds", 1),
@@ -401,7 +395,10 @@ def run_fleet(agents: int, rounds: int, workers: int, ping_interval_s: float, ag
         "wall_rounds_s": _phase(marks, "rounds", "end", 0),
         "cpu_per_round_s": cpu_rounds / max(len(recs), 1) if cpu_rounds is not None else None,
         "worker_cpu_s": sum(w["cpu_s"] for w in fleet),
-        "wall_s": time.monotonic() - started,
+        "wall_start_s": marks["listening"][0] - started,  # spawn, import, prepare the job
+        "wall_join_s": _phase(marks, "listening", "probes", 0),  # every agent ready
+        "wall_exit_s": ended - marks["end"][0],
+        "wall_s": ended - started,
         "profile": report["profile"],
     }
 
@@ -423,20 +420,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", action="store_true", help="cProfile the orchestrator")
     parser.add_argument("--quick", action="store_true", help="8 agents, 3 rounds (a smoke run)")
     args = parser.parse_args(argv)
-    agents, rounds, workers, agent_ping_s = (
-        args.agents,
-        args.rounds,
-        args.workers,
-        args.agent_ping_s,
-    )
     if args.quick:  # a short run: faster agent pings so that some pongs are measured
-        agents, rounds, workers, agent_ping_s = 8, 3, 2, 0.25
+        args.agents, args.rounds, args.workers, args.agent_ping_s = 8, 3, 2, 0.25
+    agents, rounds, workers = args.agents, args.rounds, args.workers
     sizes = [agents] if args.quick or args.no_sweep else [n for n in SWEEP if n < agents] + [agents]
     load = os.getloadavg()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for n in sizes:
-            row = run_fleet(n, rounds, min(workers, n), args.ping_interval_s, agent_ping_s,
+            row = run_fleet(n, rounds, min(workers, n), args.ping_interval_s, args.agent_ping_s,
                             args.telemetry_s, Path(tmp), args.profile and n == agents)  # fmt: skip
             rows.append(row)
             print(f"{n} agents: {row['status']}, {row['rounds']} rounds, load average "

@@ -176,27 +176,26 @@ class ClientTrainer:
                 tensor.copy_(torch.from_numpy(np.array(weights[name])))
 
     def benchmark(self, batch_size: int, repeats: int, min_s: float = 0.05) -> tuple[float, float]:
-        """Mean forward and backward seconds of one batch, without changing the model.
+        """Forward and backward seconds of one batch, without changing the model.
 
-        Repeats until at least ``min_s`` of work is timed, so that small partitions on fast
-        devices are measured above timer and scheduler noise.
+        Repeats until at least ``min_s`` of work is timed and reports the fastest repeat of each:
+        the device's own cost, robust to the preemption a busy machine adds to some repeats.
         """
         idx = np.resize(self.sampler.shard, batch_size)  # a fixed batch: the sampler is untouched
         x = torch.from_numpy(self._normalize(self._x[idx])).to(self.device)
-        fwd = bwd = 0.0
-        done = 0
+        fwd: list[float] = []
+        bwd: list[float] = []
         self.model.train()
-        while done < max(repeats, 1) or (fwd + bwd < min_s and done < 1000):
+        while len(fwd) < max(repeats, 1) or (sum(fwd) + sum(bwd) < min_s and len(fwd) < 1000):
             t0 = time.perf_counter()
             acts = self.model(x)
             t1 = time.perf_counter()
             acts.backward(torch.ones_like(acts))
             t2 = time.perf_counter()
-            fwd += t1 - t0
-            bwd += t2 - t1
-            done += 1
+            fwd.append(t1 - t0)
+            bwd.append(t2 - t1)
         self.optimizer.zero_grad(set_to_none=True)
-        return fwd / done, bwd / done
+        return min(fwd), min(bwd)
 
     def skip(self, round_: int) -> None:
         """The orchestrator left this device out of ``round_``: drop that forward pass."""

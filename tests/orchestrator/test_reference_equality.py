@@ -167,11 +167,6 @@ def test_simulate_reproduces_every_rounds_training_loss(runs: Path, name: str) -
     assert summaries[0]["final_acc_mean"] == pytest.approx(summaries[1]["final_acc_mean"], abs=TOL)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="prepare_job seeds torch's process-wide generator and then builds the model, "
-    "without a lock: builds in concurrent threads take each other's draws",
-)
 def test_concurrently_prepared_jobs_start_from_the_same_weights(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

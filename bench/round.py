@@ -1,0 +1,413 @@
+"""Round time of the distributed engine against the in-process reference engine, and where the
+difference goes.
+
+Run ``python -m bench.round [--rounds N] [--repeats K] [--quick] [--profile]``. For one small
+manifest and seed (digits, 4 local CPU agents, PSL) the distributed :class:`Engine` (real agent
+subprocesses over loopback WebSockets) and the reference engine (``in_process=True``: the same
+round loop calling the same trainers directly) run alternately, K times each. From
+``rounds.jsonl`` (round 1 skipped) it reports ``ratio_vs_reference`` = mean distributed round time
+/ mean reference round time, and ``critical_path_share``: per round, (slowest device's request to
+reply ``wait_s`` + ``server_s`` + ``downlink_s``) / ``round_time_s``, median over rounds of the
+distributed runs. A phase clock wrapped around the round loop's calls splits each round further,
+and a floor measurement times the same frames through a bare WebSocket peer with no model. The
+last line printed is a JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import multiprocessing
+import multiprocessing.connection
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+DEVICES = 4
+SEED = 0
+FLOOR_TRIPS = 300
+START_TIMEOUT_S = 60.0
+
+
+def manifest_text(rounds: int, eval_every: int) -> str:
+    """Digits, 4 local CPU agents, PSL, listening on a free loopback port."""
+    text = (
+        '[testbed]\nname = "round"\nlisten = "127.0.0.1:0"\n'
+        f'[training]\nalgorithm = "psl"\ndataset = "digits"\nrounds = {rounds}\n'
+        f"batch_size = 32\neval_every = {eval_every}\nseed = {SEED}\n"
+        '[data]\npartition = "iid"\n'
+    )
+    for k in range(DEVICES):
+        text += (
+            f'[[devices]]\nid = "dev-{k}"\ntoken = "tok-{k}"\nlaunch = "local"\ndevice = "cpu"\n'
+        )
+    return text
+
+
+# --- the phase clock ------------------------------------------------------------------------
+
+
+class PhaseClock:
+    """Times the round loop's calls into its device group and its server step, per round.
+
+    The wrappers call the original methods unchanged; they only read the clock around them.
+    """
+
+    def __init__(self) -> None:
+        self.rounds: dict[int, dict[str, Any]] = {}
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        from orchestrator.group import SessionGroup
+        from orchestrator.inprocess import InProcessGroup
+        from orchestrator.rounds import Runner
+
+        saved = [(cls, "forward", cls.forward) for cls in (SessionGroup, InProcessGroup)]
+        saved.append((Runner, "_server_step", Runner._server_step))
+        clock = self
+
+        def forward(original: Any) -> Any:
+            async def timed(group: Any, r: int, *args: Any, **kw: Any) -> Any:
+                t0 = time.perf_counter()
+                out = await original(group, r, *args, **kw)
+                clock.rounds.setdefault(r, {})["forward_s"] = time.perf_counter() - t0
+                clock.rounds[r]["backward_s"] = {i: f.backward_s for i, f in out.items()}
+                return out
+
+            return timed
+
+        def server_step(runner: Any, acts: Any, labels: Any) -> Any:
+            t0 = time.perf_counter()
+            out = saved[-1][2](runner, acts, labels)
+            clock.rounds.setdefault(runner.state.round, {})["server_thread_s"] = (
+                time.perf_counter() - t0
+            )
+            return out
+
+        for cls, _, original in saved[:2]:
+            cls.forward = forward(original)  # type: ignore[method-assign]
+        Runner._server_step = server_step  # type: ignore[method-assign]
+        try:
+            yield
+        finally:
+            for cls, name, original in saved:
+                setattr(cls, name, original)
+
+
+def critical_path_s(rec: dict[str, Any]) -> float:
+    """Slowest device's request-to-reply wait + server step + gradient send, of one round."""
+    slowest = max(d["wait_s"] for d in rec["devices"].values())
+    return float(slowest + rec["server_s"] + rec["downlink_s"])
+
+
+def breakdown(recs: list[dict[str, Any]], clock: dict[int, dict[str, Any]]) -> dict[str, float]:
+    """Median milliseconds of each part of a round, over the given rounds (parts the phase clock
+    did not see are left out)."""
+    rows: dict[str, list[float]] = {}
+    for rec in recs:
+        c = clock.get(rec["round"], {})
+        dev = max(rec["devices"].values(), key=lambda d: d["wait_s"])
+        parts = {
+            "round": rec["round_time_s"],
+            "slowest_wait": dev["wait_s"],
+            "slowest_compute": dev["compute_s"],
+            "slowest_link_and_overhead": dev["wait_s"] - dev["compute_s"],
+            "server": rec["server_s"],
+            "downlink": rec["downlink_s"],
+            "critical_path": critical_path_s(rec),
+        }
+        if "forward_s" in c:
+            parts["forward"] = c["forward_s"]
+            parts["forward_minus_slowest_wait"] = c["forward_s"] - dev["wait_s"]
+            parts["rest_of_round"] = (
+                rec["round_time_s"] - c["forward_s"] - rec["server_s"] - rec["downlink_s"]
+            )
+        if "server_thread_s" in c:
+            parts["server_in_thread"] = c["server_thread_s"]
+        backs = [b for b in c.get("backward_s", {}).values() if b is not None]
+        if backs:
+            parts["device_backward_max"] = max(backs)
+        for k, v in parts.items():
+            rows.setdefault(k, []).append(v)
+    return {k: 1e3 * statistics.median(v) for k, v in rows.items()}
+
+
+def sched_ms(pid: int) -> tuple[float, float]:
+    """(on-CPU, waiting for a CPU) milliseconds of every thread of a process, from the kernel's
+    /proc/PID/task/*/schedstat; (nan, nan) where that is not available."""
+    on = wait = 0.0
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/schedstat", encoding="ascii") as f:
+                fields = f.read().split()
+            on, wait = on + int(fields[0]) / 1e6, wait + int(fields[1]) / 1e6
+    except (OSError, IndexError, ValueError):
+        return float("nan"), float("nan")
+    return on, wait
+
+
+def run_engine(text: str, work: Path, name: str, in_process: bool, profile: bool = False) -> Any:
+    """One run of the manifest. Returns its steady rounds, the phase clock, the scheduler's
+    figures over the rounds (per process: on-CPU and run-queue milliseconds per round) and,
+    with ``profile``, cProfile's table of this process's event-loop thread over the rounds."""
+    import cProfile
+    import io
+    import pstats
+
+    from orchestrator.engine import Engine
+    from orchestrator.manifest import manifest_to_toml, parse_manifest
+    from orchestrator.rounds import Runner
+
+    m = parse_manifest(text)
+    clock, profiler = PhaseClock(), cProfile.Profile()
+    probe, train = Runner.profile, Runner.train
+    engine = Engine(m, work / name, manifest_to_toml(m), run_id=name, in_process=in_process)
+    marks: list[dict[str, tuple[float, float]]] = []
+
+    def mark() -> None:
+        pids = {"orchestrator": os.getpid()}
+        if engine.fleet is not None:
+            pids.update({i: p.pid for i, p in engine.fleet.procs.items()})
+        marks.append({i: sched_ms(pid) for i, pid in pids.items()})
+
+    async def probe_then_mark(runner: Runner) -> None:  # the rounds start after the probes
+        await probe(runner)
+        mark()
+        if profile:
+            profiler.enable()
+
+    async def train_then_mark(runner: Runner) -> None:
+        await train(runner)
+        profiler.disable()
+        mark()
+
+    Runner.profile, Runner.train = probe_then_mark, train_then_mark  # type: ignore[method-assign]
+    try:
+        with clock.installed():
+            status = asyncio.run(engine.run())
+    finally:
+        profiler.disable()
+        Runner.profile, Runner.train = probe, train  # type: ignore[method-assign]
+    if status != "completed":
+        raise RuntimeError(f"{name}: the run ended {status}; see {work / name}")
+    recs = [json.loads(ln) for ln in (work / name / "rounds.jsonl").read_text().splitlines()]
+    out = io.StringIO()
+    if profile:
+        pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(25)
+    n = len(recs)
+    sched = {
+        i: [(marks[1][i][k] - marks[0][i][k]) / n for k in (0, 1)]
+        for i in marks[0]
+        if len(marks) == 2 and i in marks[1]
+    }
+    # Round 1 has no backward before it and warms caches: left out.
+    return {"steady": recs[1:], "clock": clock.rounds, "sched": sched, "profile": out.getvalue()}
+
+
+# --- the floor: the same frames through a bare peer -----------------------------------------
+
+
+def _peer(url: str, act_shape: tuple[int, int], hops: list[int]) -> None:
+    """Agent side of the floor: answer each round with an activations frame, no model at all.
+    One connection per entry of ``hops``: that many thread hops before each reply, as the agent
+    makes two (``trainer.forward``, then ``pad_compute``) before it encodes its reply."""
+    from websockets.asyncio.client import connect
+
+    from edge_agent import protocol
+
+    acts = np.random.default_rng(0).standard_normal(act_shape).astype(np.float32)
+    labels = np.zeros(act_shape[0], np.int64)
+
+    async def serve() -> None:
+        for n in hops:
+            async with connect(url, compression=None, max_size=1 << 26) as ws:
+                async for frame in ws:
+                    msg = protocol.decode(frame, protocol.ORCHESTRATOR_TYPES)
+                    if msg.type == "bye":
+                        break
+                    for _ in range(n):
+                        await asyncio.to_thread(time.perf_counter)
+                    reply = protocol.encode(
+                        "activations", round=msg["round"], x=acts, y=labels, compute_s=0.0
+                    )
+                    await ws.send(reply)
+
+    asyncio.run(serve())
+
+
+async def _floor_async(act_shape: tuple[int, int], hops: list[int], trips: int) -> list[float]:
+    from websockets.asyncio.server import serve
+
+    from edge_agent import protocol
+
+    medians: list[float] = []
+    done = asyncio.Event()
+
+    async def handler(ws: Any) -> None:  # the orchestrator's side of SessionGroup.forward
+        samples = []
+        for r in range(1, trips + 1):
+            t0 = time.perf_counter()
+            await ws.send(protocol.encode("round", round=r, batch_size=act_shape[0]))
+            protocol.decode(await ws.recv(), protocol.AGENT_TYPES)
+            samples.append(time.perf_counter() - t0)
+        await ws.send(protocol.encode("bye", reason="completed"))
+        medians.append(statistics.median(samples[trips // 10 :]))  # after a warm-up
+        if len(medians) == len(hops):
+            done.set()
+
+    async with serve(handler, "127.0.0.1", 0, compression=None, max_size=1 << 26) as server:
+        port = server.sockets[0].getsockname()[1]
+        ctx = multiprocessing.get_context("spawn")
+        peer = ctx.Process(target=_peer, args=(f"ws://127.0.0.1:{port}", act_shape, hops))
+        peer.start()
+        try:
+            await asyncio.wait_for(done.wait(), START_TIMEOUT_S + trips)
+        finally:
+            peer.join(10)
+            if peer.is_alive():
+                peer.terminate()
+    return medians
+
+
+def floor_ms(act_shape: tuple[int, int], trips: int = FLOOR_TRIPS) -> dict[str, float]:
+    """Median request-to-reply milliseconds through a bare peer, with 0 and 2 thread hops, and
+    the median cost of one ``asyncio.to_thread`` hop on this machine now."""
+    no_hop, two_hops = asyncio.run(_floor_async(act_shape, [0, 2], trips))
+
+    async def hop() -> float:
+        samples = []
+        for _ in range(trips):
+            t0 = time.perf_counter()
+            await asyncio.to_thread(time.perf_counter)
+            samples.append(time.perf_counter() - t0)
+        return statistics.median(samples)
+
+    return {"ws_trip": 1e3 * no_hop, "ws_trip_2_hops": 1e3 * two_hops,
+            "to_thread_hop": 1e3 * asyncio.run(hop())}  # fmt: skip
+
+
+# --- main ----------------------------------------------------------------------------------
+
+_PARTS = (
+    ("round", "round_time_s"),
+    ("forward", "group.forward: requests out, every reply in"),
+    ("slowest_wait", "  slowest device's wait_s (request to reply)"),
+    ("slowest_compute", "    its forward compute_s"),
+    ("slowest_link_and_overhead", "    the rest: transfer, codec, asyncio, thread hops"),
+    ("forward_minus_slowest_wait", "  forward minus the slowest wait"),
+    ("server", "server_s (to_thread included)"),
+    ("server_in_thread", "  the server step itself"),
+    ("downlink", "downlink_s (gradients out; reference: client backward)"),
+    ("rest_of_round", "rest: plan, copies to tensors, bookkeeping"),
+    ("critical_path", "critical path = slowest wait + server + downlink"),
+    ("device_backward_max", "devices' previous backward, max (reported by agents)"),
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run both engines, print the breakdown table, then the JSON summary as the last line."""
+    parser = argparse.ArgumentParser(prog="python -m bench.round", description=__doc__)
+    parser.add_argument("--rounds", type=int, default=100)
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each engine, alternating")
+    parser.add_argument("--quick", action="store_true", help="4 rounds, one run each, no floor")
+    parser.add_argument("--profile", action="store_true", help="cProfile one distributed run")
+    args = parser.parse_args(argv)
+    rounds, repeats = (4, 1) if args.quick else (max(args.rounds, 2), max(args.repeats, 1))
+    text = manifest_text(rounds, eval_every=rounds if args.quick else 10)
+    load = os.getloadavg()
+    recs: dict[str, list[dict[str, Any]]] = {"distributed": [], "reference": []}
+    clocks: dict[str, dict[int, dict[str, Any]]] = {"distributed": {}, "reference": {}}
+    per_run: dict[str, list[float]] = {"distributed": [], "reference": []}
+    sched: dict[str, dict[str, list[list[float]]]] = {"distributed": {}, "reference": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        for k in range(repeats):
+            for name in ("reference", "distributed"):
+                started = time.monotonic()
+                res = run_engine(text, Path(tmp), f"{name}-{k}", name == "reference")
+                steady, clock = res["steady"], res["clock"]
+                for who, figures in res["sched"].items():
+                    role = "orchestrator" if who == "orchestrator" else "agent"
+                    sched[name].setdefault(role, []).append(figures)
+                # Rounds of every repeat pooled: key the clock by (repeat, round) as round + k*R.
+                for rec in steady:
+                    recs[name].append({**rec, "round": rec["round"] + k * rounds})
+                clocks[name].update({r + k * rounds: v for r, v in clock.items()})
+                per_run[name].append(statistics.fmean(r["round_time_s"] for r in steady))
+                print(f"{name} run {k + 1}: mean round {1e3 * per_run[name][-1]:.2f} ms, "
+                      f"{time.monotonic() - started:.1f} s in all, load average "
+                      f"{os.getloadavg()[0]:.2f}", flush=True)  # fmt: skip
+        profile_text = ""
+        if args.profile:
+            profile_text = run_engine(text, Path(tmp), "profiled", False, profile=True)["profile"]
+    batch = int(recs["distributed"][0]["devices"]["dev-0"]["batch"])
+    mean = {n: statistics.fmean(r["round_time_s"] for r in recs[n]) for n in recs}
+    ratio = mean["distributed"] / mean["reference"]
+    median = {n: statistics.median(r["round_time_s"] for r in recs[n]) for n in recs}
+    # Per round, per process (agents averaged): on-CPU and run-queue wait, in ms.
+    cpu = {n: {role: [statistics.fmean(f[k] for f in v) for k in (0, 1)]
+               for role, v in sched[n].items()} for n in sched}  # fmt: skip
+    share = statistics.median(critical_path_s(r) / r["round_time_s"] for r in recs["distributed"])
+    ref_share = statistics.median(critical_path_s(r) / r["round_time_s"] for r in recs["reference"])
+    parts = {n: breakdown(recs[n], clocks[n]) for n in recs}
+    print(f"\n{DEVICES} devices, digits, PSL, {rounds} rounds x {repeats} runs of each engine; "
+          f"medians over rounds 2..{rounds}, in ms\n")  # fmt: skip
+    print("| part | distributed | reference |\n|---|---|---|")
+    for key, label in _PARTS:
+        cells = [f"{parts[n][key]:.2f}" if key in parts[n] else "–" for n in parts]
+        print(f"| {label} | {' | '.join(cells)} |")
+    for n, roles in cpu.items():
+        for role, (on, wait) in roles.items():
+            print(f"{n}, per round, {role} process: {on:.2f} ms on a CPU, {wait:.2f} ms "
+                  "runnable but waiting for one (kernel schedstat)")  # fmt: skip
+    floor: dict[str, float] = {}
+    if not args.quick:
+        from orchestrator.engine import prepare_job
+        from orchestrator.manifest import parse_manifest
+
+        width = prepare_job(parse_manifest(text)).act_bytes_per_sample // 4
+        floor = floor_ms((batch, width))
+        print(f"\nfloor, same frames through a bare peer (median ms): {floor}")
+    if profile_text:
+        print(profile_text)
+    summary = {
+        "bench": "round",
+        "ratio_vs_reference": round(ratio, 4),
+        "critical_path_share": round(share, 4),
+        "headline": "mean steady round time, distributed / in-process reference; median over "
+        "distributed rounds of (slowest wait_s + server_s + downlink_s) / round_time_s",
+        "reference_critical_path_share": round(ref_share, 4),
+        "ratio_of_medians": round(median["distributed"] / median["reference"], 4),
+        "mean_round_ms": {n: round(1e3 * v, 3) for n, v in mean.items()},
+        "median_round_ms": {n: round(1e3 * v, 3) for n, v in median.items()},
+        "sched_ms_per_round": {
+            n: {
+                role: {"on_cpu": round(v[0], 3), "runqueue": round(v[1], 3)}
+                for role, v in roles.items()
+            }
+            for n, roles in cpu.items()
+        },
+        "per_run_mean_round_ms": {n: [round(1e3 * v, 3) for v in per_run[n]] for n in per_run},
+        "median_parts_ms": {n: {k: round(v, 3) for k, v in p.items()} for n, p in parts.items()},
+        "floor_ms": {k: round(v, 3) for k, v in floor.items()},
+        "devices": DEVICES,
+        "rounds": rounds,
+        "repeats": repeats,
+        "quick": args.quick,
+        "load_avg_before": [round(v, 2) for v in load],
+        "load_avg_after": [round(v, 2) for v in os.getloadavg()],
+    }
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
