@@ -320,9 +320,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="runs of each engine, alternating")
     parser.add_argument("--quick", action="store_true", help="4 rounds, one run each, no floor")
     parser.add_argument("--profile", action="store_true", help="cProfile one distributed run")
+    parser.add_argument(
+        "--torch-threads", type=int, default=0, help="torch threads here (0: torch's default)"
+    )
     args = parser.parse_args(argv)
     rounds, repeats = (4, 1) if args.quick else (max(args.rounds, 2), max(args.repeats, 1))
     text = manifest_text(rounds, eval_every=rounds if args.quick else 10)
+    import torch
+
+    if args.torch_threads > 0:  # the orchestrator's server step and the reference's everything
+        torch.set_num_threads(args.torch_threads)
     load = os.getloadavg()
     recs: dict[str, list[dict[str, Any]]] = {"distributed": [], "reference": []}
     clocks: dict[str, dict[int, dict[str, Any]]] = {"distributed": {}, "reference": {}}
@@ -398,6 +405,7 @@ def main(argv: list[str] | None = None) -> int:
         "per_run_mean_round_ms": {n: [round(1e3 * v, 3) for v in per_run[n]] for n in per_run},
         "median_parts_ms": {n: {k: round(v, 3) for k, v in p.items()} for n, p in parts.items()},
         "floor_ms": {k: round(v, 3) for k, v in floor.items()},
+        "torch_threads": torch.get_num_threads(),
         "devices": DEVICES,
         "rounds": rounds,
         "repeats": repeats,

@@ -233,12 +233,17 @@ def _worker(ks: list[int], ping_s: float, telemetry_s: float, conn: Connection) 
 # --- the orchestrator process ---------------------------------------------------------------
 
 
-def _orchestrator(text: str, run_dir: str, profile: bool, conn: Connection) -> None:
+def _orchestrator(text: str, run_dir: str, profile: bool, threads: int, conn: Connection) -> None:
     """The real Engine in this process; it reports its port, then CPU time and time per phase."""
     import cProfile
     import io
     import pstats
     import resource
+
+    import torch
+
+    if threads > 0:
+        torch.set_num_threads(threads)
 
     from orchestrator import group, rounds
     from orchestrator.engine import Engine
@@ -317,7 +322,8 @@ def _phase(marks: dict[str, tuple[float, float]], a: str, b: str, k: int) -> flo
 
 
 def run_fleet(agents: int, rounds: int, workers: int, ping_interval_s: float, agent_ping_s: float,
-              telemetry_s: float, work: Path, profile: bool = False) -> dict[str, Any]:  # fmt: skip
+              telemetry_s: float, work: Path, profile: bool = False, threads: int = 0,
+              ) -> dict[str, Any]:  # fmt: skip
     """One run: the orchestrator process and ``workers`` agent processes; what was measured."""
     import psutil
 
@@ -325,7 +331,7 @@ def run_fleet(agents: int, rounds: int, workers: int, ping_interval_s: float, ag
     run_dir = work / f"scale-{agents}"
     recv, send = ctx.Pipe(duplex=False)
     text = manifest_text(agents, rounds, ping_interval_s)
-    orch = ctx.Process(target=_orchestrator, args=(text, str(run_dir), profile, send))
+    orch = ctx.Process(target=_orchestrator, args=(text, str(run_dir), profile, threads, send))
     started = time.monotonic()
     orch.start()
     procs, pipes, report = [orch], [], None
@@ -418,6 +424,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--telemetry-s", type=float, default=2.0, help="0: agents send none")
     parser.add_argument("--no-sweep", action="store_true", help="only the headline run")
     parser.add_argument("--profile", action="store_true", help="cProfile the orchestrator")
+    parser.add_argument("--torch-threads", type=int, default=0, help="orchestrator's (0: default)")
     parser.add_argument("--quick", action="store_true", help="8 agents, 3 rounds (a smoke run)")
     args = parser.parse_args(argv)
     if args.quick:  # a short run: faster agent pings so that some pongs are measured
@@ -429,7 +436,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for n in sizes:
             row = run_fleet(n, rounds, min(workers, n), args.ping_interval_s, args.agent_ping_s,
-                            args.telemetry_s, Path(tmp), args.profile and n == agents)  # fmt: skip
+                            args.telemetry_s, Path(tmp), args.profile and n == agents,
+                            args.torch_threads)  # fmt: skip
             rows.append(row)
             print(f"{n} agents: {row['status']}, {row['rounds']} rounds, load average "
                   f"{os.getloadavg()[0]:.2f}", flush=True)  # fmt: skip
@@ -456,6 +464,7 @@ def main(argv: list[str] | None = None) -> int:
         "ping->pong latency (websockets) the agents saw, sampled each round; orchestrator peak RSS",
         "quick": args.quick,
         "workers": workers,
+        "torch_threads": args.torch_threads or "default",
         "load_avg_before": [round(v, 2) for v in load],
         "load_avg_after": [round(v, 2) for v in os.getloadavg()],
         "runs": [{k: v for k, v in r.items() if k != "profile"} for r in rows],

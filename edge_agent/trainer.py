@@ -133,7 +133,7 @@ class ClientTrainer:
             self._graph_grads = torch.autograd.grad(
                 acts, self._params, g, create_graph=True, retain_graph=True
             )
-        acts.backward(g)
+        acts.backward(g, retain_graph=exact)
         self._pending = None
         if not hold:
             self.optimizer.step()

@@ -24,13 +24,15 @@ class ServerStepResult:
     diag: dict[str, object] = field(default_factory=dict)  # leaders, cosines, ... for the records
 
 
-def psl_server_step(
+def psl_backward(
     server: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     activations: Sequence[torch.Tensor],
     labels: Sequence[torch.Tensor],
 ) -> ServerStepResult:
-    """One PSL server update on the devices' activations; returns their activation gradients."""
+    """PSL's backward without the optimizer step: fills the server's ``.grad`` with the
+    gradient of L and returns each device's dl_i/da_i. Every server rule starts from this, so
+    each reproduces PSL bit for bit when its own term is switched off."""
     if not activations or len(activations) != len(labels):
         raise ValueError("need one label tensor per activation tensor, and at least one device")
     leaves = [a.detach().requires_grad_(True) for a in activations]
@@ -44,7 +46,6 @@ def psl_server_step(
     per_sample = F.cross_entropy(logits, torch.cat(list(labels)), reduction="none")
     loss = per_sample.mean()  # == sum_i (b_i / B) * l_i
     loss.backward()
-    optimizer.step()
     losses, grads, start = [], [], 0
     for leaf, b in zip(leaves, sizes):
         losses.append(float(per_sample[start : start + b].detach().mean()))
@@ -52,6 +53,18 @@ def psl_server_step(
         grads.append(leaf.grad * (total / b))  # d(l_i)/d(a_i) = (B / b_i) * dL/da_i
         start += b
     return ServerStepResult(grads=grads, losses=losses, loss=float(loss.detach()))
+
+
+def psl_server_step(
+    server: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    activations: Sequence[torch.Tensor],
+    labels: Sequence[torch.Tensor],
+) -> ServerStepResult:
+    """One PSL server update on the devices' activations; returns their activation gradients."""
+    result = psl_backward(server, optimizer, activations, labels)
+    optimizer.step()
+    return result
 
 
 def epsl_server_step(

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from edge_agent.align import alignment_penalty, blend, cosine
 
-from .algorithms import ServerStepResult
+from .algorithms import ServerStepResult, psl_backward
 
 
 @dataclass
@@ -94,20 +94,9 @@ def gapsl_server_step(
     if space not in ("server", "cut"):
         raise ValueError(f"gapsl_server_step handles the server and cut spaces, not {space!r}")
     params = [p for p in server.parameters() if p.requires_grad]
-    leaves = [a.detach().requires_grad_(True) for a in activations]
-    sizes = [len(y) for y in labels]
+    base = psl_backward(server, optimizer, activations, labels)
+    act_grads, sizes = list(base.grads), [len(y) for y in labels]
     total = sum(sizes)
-    server.train()
-    optimizer.zero_grad(set_to_none=True)
-    logits = server(torch.cat(leaves))
-    per_sample = F.cross_entropy(logits, torch.cat(list(labels)), reduction="none")
-    loss = per_sample.mean()
-    loss.backward()
-    act_grads: list[torch.Tensor] = [leaf.grad * (total / b) for leaf, b in zip(leaves, sizes)]  # type: ignore[operator,misc]
-    losses, start = [], 0
-    for b in sizes:
-        losses.append(float(per_sample[start : start + b].detach().mean()))
-        start += b
 
     # Per-device gradients in the chosen space, with a graph when the exact mode needs one.
     exact = mode == "exact"
@@ -155,8 +144,8 @@ def gapsl_server_step(
     optimizer.step()
     return ServerStepResult(
         grads=[g.detach() for g in act_grads],
-        losses=losses,
-        loss=float(loss.detach()),
+        losses=base.losses,
+        loss=base.loss,
         diag=_diag(res, after),
     )
 

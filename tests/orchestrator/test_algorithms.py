@@ -282,16 +282,9 @@ def digits() -> Any:
 
 # The device's exact mode fills .grad from a create_graph=True backward, whose (differentiable)
 # formulas round differently from PSL's plain backward: up to 3e-8 apart after one round.
-_CLIENT_EXACT_DRIFTS = pytest.mark.xfail(
-    strict=True,
-    reason="ClientTrainer.backward(hold=True) in exact mode takes .grad from a create_graph "
-    "backward, which is not PSL's plain backward bit for bit",
-)
 
 
-@pytest.mark.parametrize(
-    "mode", [pytest.param("exact", marks=_CLIENT_EXACT_DRIFTS), "first_order", "pull"]
-)
+@pytest.mark.parametrize("mode", ["exact", "first_order", "pull"])
 def test_lambda_zero_is_psl_bit_for_bit_in_the_client_space(digits: Any, mode: str) -> None:
     torch.manual_seed(7)
     split = build_split("digits_cnn")
