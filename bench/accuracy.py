@@ -266,6 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--variants", default="")
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--cached-only", action="store_true", help="tabulate finished runs, start none")
     args = p.parse_args(argv)
     variants = {"main": MAIN, "ablation": ABLATION}.get(args.table) or []
     if args.variants:
@@ -285,6 +286,12 @@ def main(argv: list[str] | None = None) -> int:
         or v in MAIN_SHORT
     ]
     OUT.mkdir(parents=True, exist_ok=True)
+    if args.cached_only:
+        jobs = [
+            j
+            for j in jobs
+            if (OUT / "runs" / f"{j[0]}-a{j[1]}-s{j[2]}-{j[3]}" / "result.json").exists()
+        ]
     results = []
     with ProcessPoolExecutor(max_workers=args.workers) as pool:
         futures = [pool.submit(run_one, *job) for job in jobs]
