@@ -336,6 +336,8 @@ def main(argv: list[str] | None = None) -> int:
     per_run: dict[str, list[float]] = {"distributed": [], "reference": []}
     sched: dict[str, dict[str, list[list[float]]]] = {"distributed": {}, "reference": {}}
     with tempfile.TemporaryDirectory() as tmp:
+        if not args.quick:  # one-time costs of this process (imports, thread pools) go here
+            run_engine(manifest_text(5, 5), Path(tmp), "warm-up", True)
         for k in range(repeats):
             for name in ("reference", "distributed"):
                 started = time.monotonic()

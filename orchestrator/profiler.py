@@ -50,9 +50,18 @@ class DeviceProfile:
         if bwd_s is not None:
             self.bwd_ms_per_sample = _ema(self.bwd_ms_per_sample, 1000.0 * bwd_s / batch)
 
-    def update_uplink(self, nbytes: int, seconds: float) -> None:
-        """Passive uplink estimate from one activation upload (time beyond half the RTT)."""
-        transfer = seconds - self.rtt_ms / 2000.0
+    def update_uplink(self, nbytes: int, path_s: float, down_bytes: int = 0) -> None:
+        """Passive uplink estimate from one round's path (request to reply, compute removed).
+
+        The path also holds the RTT and the downlink of the previous gradient: both are taken
+        out with the current profile before what is left is read as the upload's time.
+        """
+        down = (
+            down_bytes * 8 / (self.downlink_mbps * 1e6)
+            if math.isfinite(self.downlink_mbps)
+            else 0.0
+        )
+        transfer = path_s - self.rtt_ms / 1000.0 - down
         if nbytes >= 64 * 1024 and transfer > 1e-4:  # small or instant transfers say nothing
             self.uplink_mbps = _ema(self.uplink_mbps, nbytes * 8 / transfer / 1e6)
 

@@ -251,9 +251,9 @@ class Runner:
             p = self.profiles.get(i)
             if p is not None:
                 p.update_compute(fwd[i].compute_s, fwd[i].backward_s, len(fwd[i].labels))
-                p.update_uplink(
-                    fwd[i].nbytes, fwd[i].wait_s - fwd[i].compute_s - (fwd[i].backward_s or 0.0)
-                )
+                path = fwd[i].wait_s - fwd[i].compute_s - (fwd[i].backward_s or 0.0)
+                # from round 2 on, the previous gradient came down on the same path
+                p.update_uplink(fwd[i].nbytes, path, fwd[i].acts.nbytes if r > 1 else 0)
         self._record(
             r,
             ids,
