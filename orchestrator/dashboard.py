@@ -290,6 +290,9 @@ def _gapsl(g: GapslView, width: int, height: int, compact: bool) -> Panel:
         body.append(row)
     if len(body) < lines:
         body.append(Text(f"leaders {len(g.leaders)}/{len(g.device_ids)}: " + ", ".join(g.leaders)))
+    if g.churn is not None and len(body) < lines:
+        # How stable the leader set is: 0 % = the same devices lead round after round.
+        body.append(Text(f"churn {100 * g.churn:.0f} % of leaders per round", style="dim"))
     subtitle = None
     if g.align_before is not None or g.align_after is not None:
         # Mean cos(g_i, g_L) before and after GDA: how much the alignment pulled (DESIGN.md).

@@ -9,6 +9,7 @@ engines produce the same metrics for the same manifest and seed.
 from __future__ import annotations
 
 import asyncio
+import collections
 import time
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -104,6 +105,8 @@ class Runner:
         self.act_bytes_per_sample = 0.0
         self.server_s_per_sample = 0.0
         self._participation_rng = np.random.default_rng([t.seed, 0x5C4ED])
+        self._last_leaders: set[str] | None = None
+        self._churn: collections.deque[float] = collections.deque(maxlen=20)
 
     async def profile(self) -> None:
         """Measure every device (link and compute) before the first round, where the group can."""
@@ -330,7 +333,12 @@ class Runner:
             )
         )  # fmt: skip
         if record["leaders"] is not None and "cos" in record:
+            current = set(record["leaders"])
+            if self._last_leaders is not None:
+                self._churn.append(len(current ^ self._last_leaders) / max(len(current), 1))
+            self._last_leaders = current
             self.state.gapsl = GapslView(
+                churn=float(np.mean(self._churn)) if self._churn else None,
                 leaders=tuple(record["leaders"]),
                 cosine=tuple(tuple(row) for row in record["cos"]),
                 device_ids=tuple(ids),

@@ -84,6 +84,7 @@ class GapslView:
     device_ids: tuple[str, ...]
     align_before: float | None = None  # mean cos(g_i, g_L) before alignment
     align_after: float | None = None  # ... and after it
+    churn: float | None = None  # mean share of the leader set replaced per round, recent rounds
 
 
 @dataclass(frozen=True)
