@@ -114,6 +114,8 @@ class LiteAgent:
         self.pending: tuple[int, np.ndarray, np.ndarray] | None = None
         self.applied = 0
         self.latency_ms: list[float] = []  # the connection's keepalive latency, once a round
+        self.fresh_ms: list[float] = []  # the same, only when a new pong came in since round 1
+        self.seen_latency = -1.0
         self.outcome = "no bye"
 
     async def run(self, url: str, ping_interval_s: float, telemetry_s: float) -> dict[str, Any]:
@@ -140,7 +142,8 @@ class LiteAgent:
                     await asyncio.gather(beat, return_exceptions=True)
         except Exception as exc:  # reported, not raised: one lost agent must not hide the rest
             self.outcome = f"{type(exc).__name__}: {exc}"
-        return {"applied": self.applied, "latency_ms": self.latency_ms, "outcome": self.outcome}
+        return {"applied": self.applied, "latency_ms": self.latency_ms, "fresh_ms": self.fresh_ms,
+                "outcome": self.outcome}  # fmt: skip
 
     async def _telemetry(self, ws: Any, every_s: float) -> None:
         while every_s > 0:  # as the reference agent: small live figures every couple of seconds
@@ -167,6 +170,11 @@ class LiteAgent:
             assert self.model is not None
             if ws.latency > 0:  # 0.0 until the first pong of this connection
                 self.latency_ms.append(1000.0 * ws.latency)
+            # A pong is handled before any frame sent after it, so a value that changes after
+            # round 1 measures a ping answered during training, not one sent before it.
+            if msg["round"] > 1 and ws.latency != self.seen_latency:
+                self.fresh_ms.append(1000.0 * ws.latency)
+            self.seen_latency = ws.latency
             start = time.perf_counter()
             x, y = self._batch(msg["batch_size"])
             acts = self.model.forward(x)
@@ -372,6 +380,7 @@ def run_fleet(agents: int, rounds: int, workers: int, ping_interval_s: float, ag
     results = [a for w in fleet for a in w["agents"]]
     lat = [v for a in results for v in a["latency_ms"]]
     worker_lags = [x for w in fleet for x in w["lags"]]
+    fresh = [v for a in results for v in a["fresh_ms"]]
     marks, spans = report["marks"], report["spans"]
     cpu_rounds = _phase(marks, "rounds", "end", 1)
     return {
@@ -389,6 +398,8 @@ def run_fleet(agents: int, rounds: int, workers: int, ping_interval_s: float, ag
         "p50_ms": _quantile(lat, 0.50),
         "p99_ms": _quantile(lat, 0.99),
         "max_ms": max(lat, default=None),
+        "fresh_samples": len(fresh),
+        "fresh_p99_ms": _quantile(fresh, 0.99),
         # Orchestrator loop lags while the fleet joins (up to the probes) and during rounds.
         "orch_lag_join_max_ms": _max_ms(report["lags"], marks, "listening", "probes"),
         "orch_lag_rounds_max_ms": _max_ms(report["lags"], marks, "rounds", "end"),
@@ -443,12 +454,14 @@ def main(argv: list[str] | None = None) -> int:
                   f"{os.getloadavg()[0]:.2f}", flush=True)  # fmt: skip
             if row["profile"]:
                 print(row["profile"])
-    print("| agents | rounds | mean round s | eval s | ping p50 / p99 / max ms | orchestrator loop "
-          "lag max ms: join / rounds | RSS listening / peak MiB | orchestrator CPU s per round | "
-          "worker CPU s | probes wall s |\n|---|---|---|---|---|---|---|---|---|---|")  # fmt: skip
+    print("| agents | rounds | mean round s | eval s | ping p50 / p99 / max ms | fresh p99 ms "
+          "| orchestrator loop lag max ms: join / rounds | RSS listening / peak MiB | orchestrator "
+          "CPU s per round | worker CPU s | probes wall s |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|")  # fmt: skip
     for r in rows:
         print(f"| {r['agents']} | {r['rounds']} | {r['mean_round_s']:.3f} | {r['eval_s']:.2f} "
               f"| {_fmt(r['p50_ms'])} / {_fmt(r['p99_ms'])} / {_fmt(r['max_ms'])} "
+              f"| {_fmt(r['fresh_p99_ms'])} "
               f"| {r['orch_lag_join_max_ms']:.0f} / {r['orch_lag_rounds_max_ms']:.0f} "
               f"| {r['rss_listen_mib']:.0f} / {r['rss_peak_mib']:.0f} "
               f"| {_fmt(r['cpu_per_round_s'], '.3f')} | {r['worker_cpu_s']:.1f} "

@@ -175,7 +175,7 @@ class ClientTrainer:
             for name, tensor in self.model.state_dict().items():
                 tensor.copy_(torch.from_numpy(np.array(weights[name])))
 
-    def benchmark(self, batch_size: int, repeats: int, min_s: float = 0.05) -> tuple[float, float]:
+    def benchmark(self, batch_size: int, repeats: int, min_s: float = 0.2) -> tuple[float, float]:
         """Forward and backward seconds of one batch, without changing the model.
 
         Repeats until at least ``min_s`` of work is timed and reports the fastest repeat of each:
@@ -186,7 +186,7 @@ class ClientTrainer:
         fwd: list[float] = []
         bwd: list[float] = []
         self.model.train()
-        while len(fwd) < max(repeats, 1) or (sum(fwd) + sum(bwd) < min_s and len(fwd) < 1000):
+        while len(fwd) < max(repeats, 1) or (sum(fwd) + sum(bwd) < min_s and len(fwd) < 5000):
             t0 = time.perf_counter()
             acts = self.model(x)
             t1 = time.perf_counter()

@@ -16,9 +16,9 @@ from orchestrator.profiler import DeviceProfile, balance_batches, predict_round
 
 SCALE = float(os.environ.get("GAPSL_TEST_TIMEOUT_SCALE", "1"))
 EMULATED = {  # id: (compute_slowdown, uplink_mbps, downlink_mbps, rtt_ms)
-    "fast": (1.0, 50.0, 100.0, 20.0),
-    "mid": (2.0, 20.0, 50.0, 40.0),
-    "slow": (4.0, 5.0, 20.0, 80.0),
+    "fast": (1.0, 50.0, 100.0, 40.0),
+    "mid": (2.0, 20.0, 50.0, 80.0),
+    "slow": (4.0, 5.0, 20.0, 120.0),
 }
 
 
@@ -35,30 +35,49 @@ def _manifest() -> str:
     return text
 
 
-def test_measured_matches_emulated(tmp_path: Path) -> None:
+def _measure(run_dir: Path) -> tuple[dict[str, dict], list[dict]]:
     m = parse_manifest(_manifest())
-    engine = Engine(m, tmp_path / "run", manifest_to_toml(m), run_id="profile")
+    engine = Engine(m, run_dir, manifest_to_toml(m), run_id="profile")
 
     async def run() -> str:
         async with asyncio.timeout(180 * SCALE):
             return await engine.run()
 
     assert asyncio.run(run()) == "completed"
-    lines = (tmp_path / "run" / "devices.jsonl").read_text().splitlines()
+    lines = (run_dir / "devices.jsonl").read_text().splitlines()
     probes = {r["device"]: r for r in map(json.loads, lines) if r.get("source") == "probe"}
-    assert set(probes) == set(EMULATED) | {"base"}
-    for i, (_, up, down, rtt) in EMULATED.items():
-        p = probes[i]
-        assert p["rtt_ms"] == pytest.approx(rtt, rel=0.2), (i, p)
-        assert p["uplink_mbps"] == pytest.approx(up, rel=0.2), (i, p)
-        assert p["downlink_mbps"] == pytest.approx(down, rel=0.2), (i, p)
+    rounds = [json.loads(x) for x in (run_dir / "rounds.jsonl").read_text().splitlines()]
+    return probes, rounds
+
+
+def _mismatches(probes: dict[str, dict]) -> list[str]:
+    """Every measured figure outside the tolerance of what was emulated."""
+    bad = []
     base = probes["base"]["compute_ms_per_sample"]
-    for i, (slowdown, *_) in EMULATED.items():
-        assert probes[i]["compute_ms_per_sample"] / base == pytest.approx(slowdown, rel=0.25), (
-            i,
-            probes,
-        )
-    rounds = [json.loads(x) for x in (tmp_path / "run" / "rounds.jsonl").read_text().splitlines()]
+    for i, (slowdown, up, down, rtt) in EMULATED.items():
+        p = probes[i]
+        for name, want, got, tol in (
+            ("rtt_ms", rtt, p["rtt_ms"], 0.2),
+            ("uplink_mbps", up, p["uplink_mbps"], 0.2),
+            ("downlink_mbps", down, p["downlink_mbps"], 0.2),
+            ("relative compute", slowdown, p["compute_ms_per_sample"] / base, 0.25),
+        ):
+            if got is None or abs(got - want) > tol * want:
+                bad.append(f"{i} {name}: measured {got}, emulated {want}")
+    return bad
+
+
+def test_measured_matches_emulated(tmp_path: Path) -> None:
+    # Timing on a shared machine can be thrown off by another job: one re-measurement is
+    # allowed, and both attempts' misses are reported if the second one misses too.
+    misses: list[list[str]] = []
+    for attempt in range(2):
+        probes, rounds = _measure(tmp_path / f"run{attempt}")
+        assert set(probes) == set(EMULATED) | {"base"}
+        misses.append(_mismatches(probes))
+        if not misses[-1]:
+            break
+    assert not misses[-1], misses
     assert all(r["predicted_s"] is not None and r["predicted_s"] > 0 for r in rounds)
     assert rounds[-1]["predicted"]["critical"] == "slow"
 
