@@ -74,11 +74,13 @@ MAIN_SHORT = ["psl", "sfl", "epsl", "gapsl-client-fo"]
 ABLATION = ["psl", "gapsl-client-fo", "abl-lgi-off", "abl-no-ema", "gapsl-client-fo-l05",
             "gapsl-client-exact", "client-fedsgd"]  # fmt: skip
 
-DATA = {"fashion_mnist": "fashion_mnist", "cifar10": "cifar10"}
+DATA = {"fashion_mnist": "fashion_mnist", "cifar10": "cifar10", "digits": "digits"}
 SETTINGS = {
     # rounds, eval_every, test_limit: CIFAR evaluation is the costly part on 2 cores
     "fashion_mnist": (300, 25, 2000),
     "cifar10": (300, 50, 1000),
+    # the bundled digits (1,437 train / 360 test): small enough to compare every space quickly
+    "digits": (300, 25, 0),
 }
 
 
