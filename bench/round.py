@@ -1,15 +1,17 @@
 """Round time of the distributed engine against the in-process reference engine, and where the
 difference goes.
 
-Run ``python -m bench.round [--rounds N] [--repeats K] [--quick] [--profile]``. For one small
-manifest and seed (digits, 4 local CPU agents, PSL) the distributed :class:`Engine` (real agent
-subprocesses over loopback WebSockets) and the reference engine (``in_process=True``: the same
-round loop calling the same trainers directly) run alternately, K times each. From
-``rounds.jsonl`` (round 1 skipped) it reports ``ratio_vs_reference`` = mean distributed round time
-/ mean reference round time, and ``critical_path_share``: per round, (slowest device's request to
-reply ``wait_s`` + ``server_s`` + ``downlink_s``) / ``round_time_s``, median over rounds of the
-distributed runs. A phase clock wrapped around the round loop's calls splits each round further,
-and a floor measurement times the same frames through a bare WebSocket peer with no model. The
+Run ``python -m bench.round [--rounds N] [--repeats K] [--torch-threads T] [--quick]
+[--profile]``. For one small manifest and seed (digits, 4 local CPU agents, PSL) the distributed
+:class:`Engine` (real agent subprocesses over loopback WebSockets) and the reference engine
+(``in_process=True``: the same round loop calling the same trainers directly) run alternately,
+K times each, after an unmeasured warm-up run. From ``rounds.jsonl`` (round 1 skipped) it
+reports ``ratio_vs_reference`` = mean distributed round time / mean reference round time, and
+``critical_path_share``: per round, (slowest device's request-to-reply ``wait_s`` + ``server_s``
++ ``downlink_s``) / ``round_time_s``, median over the rounds of the distributed runs. A phase
+clock wrapped around the round loop's calls splits each round further, the kernel's schedstat
+tells how long each process waited for a CPU, and a floor measurement times the same frames
+through a bare WebSocket peer with no model. ``docs/performance.md`` defines every figure. The
 last line printed is a JSON object.
 """
 
@@ -20,7 +22,6 @@ import asyncio
 import contextlib
 import json
 import multiprocessing
-import multiprocessing.connection
 import os
 import statistics
 import sys
@@ -71,7 +72,9 @@ class PhaseClock:
         from orchestrator.inprocess import InProcessGroup
         from orchestrator.rounds import Runner
 
-        saved = [(cls, "forward", cls.forward) for cls in (SessionGroup, InProcessGroup)]
+        saved: list[tuple[Any, str, Any]] = [
+            (cls, "forward", cls.forward) for cls in (SessionGroup, InProcessGroup)
+        ]
         saved.append((Runner, "_server_step", Runner._server_step))
         clock = self
 
@@ -94,8 +97,8 @@ class PhaseClock:
             return out
 
         for cls, _, original in saved[:2]:
-            cls.forward = forward(original)  # type: ignore[method-assign]
-        Runner._server_step = server_step  # type: ignore[method-assign]
+            cls.forward = forward(original)  # type: ignore[method-assign,assignment]
+        Runner._server_step = server_step  # type: ignore[method-assign,assignment]
         try:
             yield
         finally:
@@ -191,13 +194,15 @@ def run_engine(text: str, work: Path, name: str, in_process: bool, profile: bool
         profiler.disable()
         mark()
 
-    Runner.profile, Runner.train = probe_then_mark, train_then_mark  # type: ignore[method-assign]
+    Runner.profile = probe_then_mark  # type: ignore[method-assign,assignment]
+    Runner.train = train_then_mark  # type: ignore[method-assign,assignment]
     try:
         with clock.installed():
             status = asyncio.run(engine.run())
     finally:
         profiler.disable()
-        Runner.profile, Runner.train = probe, train  # type: ignore[method-assign]
+        Runner.profile = probe  # type: ignore[method-assign,assignment]
+        Runner.train = train  # type: ignore[method-assign,assignment]
     if status != "completed":
         raise RuntimeError(f"{name}: the run ended {status}; see {work / name}")
     recs = [json.loads(ln) for ln in (work / name / "rounds.jsonl").read_text().splitlines()]
