@@ -49,6 +49,8 @@ class Job:
     x_test: torch.Tensor
     y_test: torch.Tensor
     act_bytes_per_sample: int = 0  # cut-layer activation size of one sample, float32
+    optimizer: Any = None  # the server partition's SGD, built here: its first build imports
+    # a good deal of torch, which must not stall the event loop
 
 
 _BUILD_LOCK = threading.Lock()
@@ -82,14 +84,19 @@ def prepare_job(m: Manifest) -> Job:
     with torch.no_grad():
         probe_x = torch.from_numpy(ds.normalize(ds.x_train[:1]))
         act_bytes = int(split.client(probe_x).numel()) * 4
+    server = split.server.to(device)
+    optimizer = torch.optim.SGD(
+        server.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay
+    )
     return Job(
+        optimizer=optimizer,
         act_bytes_per_sample=act_bytes,
         dataset=ds,
         model=model,
         cut=split.cut,
         shards=shards,
         client_init=state_to_numpy(split.client),
-        server=split.server.to(device),
+        server=server,
         client_template=split.client.to(device),
         server_device=device,
         x_test=torch.from_numpy(ds.normalize(x_test)).to(device),
@@ -158,6 +165,9 @@ class Engine:
             tls = None if self.in_process else m.tls_files()
             ssl_context = server_ssl_context(tls.cert, tls.key) if tls is not None else None
             scheme = "ws" if ssl_context is None else "wss"
+            threads = m.server.threads or (1 if any(d.launch == "local" for d in m.devices) else 0)
+            if threads:  # the same in simulate, so both engines sum in the same order
+                torch.set_num_threads(threads)
             self.job = await asyncio.to_thread(prepare_job, m)
             if self.in_process:
                 await self._train_in_process()

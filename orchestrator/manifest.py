@@ -130,6 +130,9 @@ class ServerConfig:
     """Where the server partition runs."""
 
     device: str = _opt("auto", choices=_DEVICE_CHOICES)
+    # torch CPU threads for the server partition; 0 = one thread when local agents share this
+    # machine's cores (more would only contend with them), else torch's default
+    threads: int = _opt(0, check=_non_negative)
 
 
 @dataclass(frozen=True)

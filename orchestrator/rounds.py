@@ -75,17 +75,20 @@ def client_spread(states: list[Weights]) -> float | None:
     """How far apart the client partitions are: mean pairwise distance / mean norm.
 
     0 when every device holds the same partition (SFL right after averaging, client FedSGD);
-    the drift that aggregation-free training lets grow.
+    the drift that aggregation-free training lets grow. One Gram matrix, not N^2 differences.
     """
     if len(states) < 2:
         return None
     flat = np.stack(
         [np.concatenate([np.ravel(v).astype(np.float64) for v in w.values()]) for w in states]
     )
-    norm = float(np.linalg.norm(flat, axis=1).mean())
+    gram = flat @ flat.T
+    sq = np.diag(gram)
+    d2 = np.clip(sq[:, None] + sq[None, :] - 2 * gram, 0.0, None)
     n = len(flat)
-    dists = [np.linalg.norm(flat[i] - flat[j]) for i in range(n) for j in range(i + 1, n)]
-    return float(np.mean(dists)) / norm if norm > 0 else None
+    iu = np.triu_indices(n, k=1)
+    norm = float(np.sqrt(sq).mean())
+    return float(np.sqrt(d2[iu]).mean()) / norm if norm > 0 else None
 
 
 class Runner:
@@ -95,9 +98,7 @@ class Runner:
         self.m, self.job, self.group, self.state = m, job, group, state
         self.records = state.records
         t = m.training
-        self.optimizer = torch.optim.SGD(
-            job.server.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay
-        )
+        self.optimizer = job.optimizer
         g = m.gapsl
         self.tracker = LeaderTracker(tau=g.tau, rho=g.rho, beta=g.ema_beta)
         self.shard_sizes = {i: len(job.shards[k]) for k, i in enumerate(group.ids)}
@@ -354,7 +355,7 @@ class Runner:
         for i in self.group.ids:
             if i not in states:
                 st.event("straggler", i, {"round": r, "during": "evaluation"})
-        scores = await asyncio.to_thread(self._score, [states[i] for i in ids])
+        scores, spread = await asyncio.to_thread(self._score, [states[i] for i in ids])
         accs = [a for a, _ in scores]
         for i, (acc, _) in zip(ids, scores):
             st.device_acc[i] = acc
@@ -371,12 +372,13 @@ class Runner:
             for k in ("round", "time_s", "acc_mean", "acc_min", "acc_max", "loss")
         }
         record["acc"] = dict(zip(ids, accs))
-        record["client_spread"] = client_spread([states[i] for i in ids])
+        record["client_spread"] = spread
         self.records.append("metrics", record)
         st.add_eval(point)
         st.phase = "training"
 
-    def _score(self, states: list[Weights]) -> list[tuple[float, float]]:
+    def _score(self, states: list[Weights]) -> tuple[list[tuple[float, float]], float | None]:
+        """Accuracy and loss of every device's model, and the spread of the partitions."""
         from .errors import RunError
 
         job = self.job
@@ -389,4 +391,4 @@ class Runner:
                     f"a device returned weights that do not fit the model: {exc}"
                 ) from exc
             out.append(algorithms.evaluate(job.client_template, job.server, job.x_test, job.y_test))
-        return out
+        return out, client_spread(states)
