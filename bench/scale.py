@@ -432,10 +432,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-sweep", action="store_true", help="only the headline run")
     parser.add_argument("--profile", action="store_true", help="cProfile the orchestrator")
     parser.add_argument("--torch-threads", type=int, default=0, help="orchestrator's (0: default)")
-    parser.add_argument("--quick", action="store_true", help="8 agents, 3 rounds (a smoke run)")
+    parser.add_argument("--quick", action="store_true", help="8 agents, 10 rounds (a smoke run)")
     args = parser.parse_args(argv)
     if args.quick:  # a short run: faster agent pings so that some pongs are measured
-        args.agents, args.rounds, args.workers, args.agent_ping_s = 8, 3, 2, 0.25
+        args.agents, args.rounds, args.workers, args.agent_ping_s = 8, 10, 2, 0.02
     agents, rounds, workers = args.agents, args.rounds, args.workers
     sizes = [agents] if args.quick or args.no_sweep else [n for n in SWEEP if n < agents] + [agents]
     load = os.getloadavg()
