@@ -24,6 +24,7 @@ _FAILED = object()  # the device reported that it cannot carry out the job
 
 REPLY_TYPES = frozenset({"activations", "client_grad", "eval_result", "echo_reply", "bench_result"})
 HELLO_TIMEOUT_S = 10.0
+SEND_TIMEOUT_S = 60.0
 
 
 class DeviceSession:
@@ -54,8 +55,12 @@ class DeviceSession:
         if ws is None:
             return False
         try:
-            await ws.send(frame)
+            # A peer that stops reading fills the socket buffers; do not wait on it forever.
+            await asyncio.wait_for(ws.send(frame), SEND_TIMEOUT_S)
         except ConnectionClosed:
+            return False
+        except asyncio.TimeoutError:
+            await ws.close(protocol.CLOSE_GOING_AWAY, "not reading")
             return False
         return True
 
@@ -211,11 +216,11 @@ class Admission:
         self.on_event("rejoined" if rejoin else "joined", session.id, {"peer": peer})
         if not rejoin:
             session.ready.clear()
-            await ws.send(self.job_frame(session))
+            await asyncio.wait_for(ws.send(self.job_frame(session)), SEND_TIMEOUT_S)
         elif (
             session.last_gradient is not None and resume.get("round", 0) < session.last_gradient[0]
         ):
-            await ws.send(session.last_gradient[1])
+            await asyncio.wait_for(ws.send(session.last_gradient[1]), SEND_TIMEOUT_S)
         session.status = "joined"
         session.connected.set()
         return session
@@ -249,8 +254,10 @@ class Admission:
     ) -> None:
         self.on_event(event, device, {"code": code, "reason": reason, "peer": peer})
         try:
-            await ws.send(encode("error", code=str(code), message=reason))
-        except Exception:  # the peer may already be gone; closing below is what matters
+            await asyncio.wait_for(
+                ws.send(encode("error", code=str(code), message=reason)), HELLO_TIMEOUT_S
+            )
+        except Exception:  # the peer may already be gone or not reading; closing is what matters
             pass
         await ws.close(code, reason[:120])
 
