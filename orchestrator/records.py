@@ -48,7 +48,7 @@ class RunRecords:
         f.flush()
 
     def event(self, event: str, device: str | None = None, **fields: Any) -> dict[str, Any]:
-        record: dict[str, Any] = {"t": round(self.elapsed(), 3), "event": event}
+        record: dict[str, Any] = {"t": round(self.elapsed(), 6), "event": event}
         if device is not None:
             record["device"] = device
         record.update(fields)
