@@ -239,21 +239,23 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
     except ImportError:
         return
     alphas = sorted({r["alpha"] for r in results})
+    variants = list(dict.fromkeys(r["variant"] for r in results))
+    colors = {v: f"C{k % 10}" for k, v in enumerate(variants)}  # the same colour in every panel
     fig = Figure(figsize=(6 * len(alphas), 4))
     for k, alpha in enumerate(alphas):
         ax = fig.add_subplot(1, len(alphas), k + 1)
-        for v in dict.fromkeys(r["variant"] for r in results):
+        for v in variants:
             runs = [r for r in results if r["alpha"] == alpha and r["variant"] == v]
             if not runs:
                 continue
             rounds = [x[0] for x in runs[0]["curve"]]
             mean = [statistics.fmean(r["curve"][i][1] for r in runs) for i in range(len(rounds))]
-            ax.plot(rounds, mean, label=v)
+            ax.plot(rounds, mean, label=f"{v} ({len(runs)} seeds)", color=colors[v])
         ax.set_title(f"{results[0]['dataset']}, α = {alpha}")
         ax.set_xlabel("round")
         ax.set_ylabel("mean device accuracy")
         ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
