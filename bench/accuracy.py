@@ -28,35 +28,32 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "bench" / "results" / "accuracy"
 
+
+def _gapsl(space: str, mode: str, lam: float, beta: float = 0.9, rho: float = 0.5) -> list[str]:
+    return [
+        "training.algorithm=gapsl", f"gapsl.space={space}", f"gapsl.gda_mode={mode}",
+        f"gapsl.gda_lambda={lam}", f"gapsl.ema_beta={beta}", f"gapsl.rho={rho}",
+    ]  # fmt: skip
+
+
 # name -> manifest overrides. GAPSL variants use the prototype's LGI knobs unless they say so.
 VARIANTS: dict[str, list[str]] = {
     "psl": ["training.algorithm=psl"],
     "sfl": ["training.algorithm=sfl", "sfl.avg_every=1"],
     "epsl": ["training.algorithm=epsl", "epsl.phi=0.5"],
     "central": ["training.algorithm=central"],
-    "gapsl-client-fo": ["training.algorithm=gapsl", "gapsl.space=client", "gapsl.gda_mode=first_order",
-                        "gapsl.gda_lambda=1.0", "gapsl.ema_beta=0.9", "gapsl.rho=0.5"],
-    "gapsl-client-fo-l05": ["training.algorithm=gapsl", "gapsl.space=client", "gapsl.gda_mode=first_order",
-                            "gapsl.gda_lambda=0.5", "gapsl.ema_beta=0.9", "gapsl.rho=0.5"],
-    "gapsl-client-exact": ["training.algorithm=gapsl", "gapsl.space=client", "gapsl.gda_mode=exact",
-                           "gapsl.gda_lambda=0.1", "gapsl.ema_beta=0.9", "gapsl.rho=0.5"],
-    "gapsl-server-exact": ["training.algorithm=gapsl", "gapsl.space=server", "gapsl.gda_mode=exact",
-                           "gapsl.gda_lambda=0.1", "gapsl.ema_beta=0.9", "gapsl.rho=0.5"],
-    "gapsl-server-fo": ["training.algorithm=gapsl", "gapsl.space=server", "gapsl.gda_mode=first_order",
-                        "gapsl.gda_lambda=0.5", "gapsl.ema_beta=0.9", "gapsl.rho=0.5"],
-    "gapsl-cut-fo": ["training.algorithm=gapsl", "gapsl.space=cut", "gapsl.gda_mode=first_order",
-                     "gapsl.gda_lambda=0.5", "gapsl.ema_beta=0.9", "gapsl.rho=0.5"],
-    "client-fedsgd": ["training.algorithm=gapsl", "gapsl.space=client", "gapsl.gda_mode=pull",
-                      "gapsl.gda_lambda=1.0", "gapsl.ema_beta=0.9", "gapsl.rho=0.5"],
+    "gapsl-client-fo": _gapsl("client", "first_order", 1.0),
+    "gapsl-client-fo-l05": _gapsl("client", "first_order", 0.5),
+    "gapsl-client-exact": _gapsl("client", "exact", 0.1),
+    "gapsl-server-exact": _gapsl("server", "exact", 0.1),
+    "gapsl-server-fo": _gapsl("server", "first_order", 0.5),
+    "gapsl-cut-fo": _gapsl("cut", "first_order", 0.5),
+    "client-fedsgd": _gapsl("client", "pull", 1.0),
     # ablations of the client-space first-order default
-    "abl-lgi-off": ["training.algorithm=gapsl", "gapsl.space=client", "gapsl.gda_mode=first_order",
-                    "gapsl.gda_lambda=1.0", "gapsl.ema_beta=0.9", "gapsl.rho=1.0"],
-    "abl-no-ema": ["training.algorithm=gapsl", "gapsl.space=client", "gapsl.gda_mode=first_order",
-                   "gapsl.gda_lambda=1.0", "gapsl.ema_beta=0.0", "gapsl.rho=0.5"],
-    "abl-l025": ["training.algorithm=gapsl", "gapsl.space=client", "gapsl.gda_mode=first_order",
-                 "gapsl.gda_lambda=0.25", "gapsl.ema_beta=0.9", "gapsl.rho=0.5"],
-    "abl-pull-l05": ["training.algorithm=gapsl", "gapsl.space=client", "gapsl.gda_mode=pull",
-                     "gapsl.gda_lambda=0.5", "gapsl.ema_beta=0.9", "gapsl.rho=0.5"],
+    "abl-lgi-off": _gapsl("client", "first_order", 1.0, rho=1.0),
+    "abl-no-ema": _gapsl("client", "first_order", 1.0, beta=0.0),
+    "abl-l025": _gapsl("client", "first_order", 0.25),
+    "abl-pull-l05": _gapsl("client", "pull", 0.5),
 }  # fmt: skip
 MAIN = [
     "psl",

@@ -30,7 +30,7 @@ from .manifest import Manifest
 from .records import RunRecords
 from .rounds import Runner
 from .sessions import Admission, DeviceSession, wait_ready
-from .state import RunState
+from .state import RunState, latency_ms
 from .tls import server_ssl_context
 
 
@@ -290,8 +290,7 @@ class Engine:
             record.update(profile.record())
         else:
             record["compute_ms_per_sample"] = self.state.compute_ms.get(session.id)
-            latency = getattr(session.ws, "latency", 0.0) if session.ws is not None else 0.0
-            record["rtt_ms"] = latency * 1000.0 if latency else None
+            record["rtt_ms"] = latency_ms(session)
             record["uplink_mbps"] = None
             record["downlink_mbps"] = None
         record.update(

@@ -80,7 +80,7 @@ class RunState:
                     mem_percent=stats.get("mem_percent"),
                     temp_c=stats.get("temp_c"),
                     compute_ms_per_sample=self.compute_ms.get(s.id),
-                    rtt_ms=_profile(self, s.id, "rtt_ms") or _latency_ms(s),
+                    rtt_ms=_profile(self, s.id, "rtt_ms") or latency_ms(s),
                     uplink_mbps=_profile(self, s.id, "uplink_mbps"),
                     downlink_mbps=_profile(self, s.id, "downlink_mbps"),
                     batch_size=self.device_batch.get(s.id, self.m.training.batch_size),
@@ -119,7 +119,7 @@ def _profile(state: RunState, device: str, field: str) -> float | None:
     return value if isinstance(value, float) and value != float("inf") else None
 
 
-def _latency_ms(session: DeviceSession) -> float | None:
+def latency_ms(session: DeviceSession) -> float | None:
     """The websockets keepalive's last measured ping round trip."""
     ws = session.ws
     latency = getattr(ws, "latency", 0.0) if ws is not None else 0.0
