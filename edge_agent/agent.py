@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 
 from . import protocol
+from .checkpoint import CheckpointStore
+from .compress import CompressionError, pack, unpack
 from .emulation import EmulationProfile, LinkShaper, pad_compute
 from .protocol import ProtocolError, decode, encode
 from .telemetry import device_facts, live_stats
@@ -61,6 +63,7 @@ class AgentConfig:
     give_up_s: float = 300.0  # stop redialling after this long without an orchestrator
     ca_file: Path | None = None  # wss://: trust only this CA; None = the system store
     telemetry_every_s: float = 2.0
+    checkpoint_dir: Path | None = None  # local checkpoints of the client partition; None = off
 
 
 class JobFailed(Exception):
@@ -79,6 +82,9 @@ class Agent:
         self._backward_s: float | None = None
         self._up = LinkShaper(cfg.emulation.uplink_mbps, cfg.emulation.rtt_ms)
         self._down = LinkShaper(cfg.emulation.downlink_mbps, cfg.emulation.rtt_ms)
+        self.checkpoints = (
+            CheckpointStore(cfg.checkpoint_dir, cfg.device_id) if cfg.checkpoint_dir else None
+        )
 
     async def run(self) -> AgentExit:
         """Dial until the run ends; redial with jittered exponential backoff after a drop.
@@ -257,6 +263,8 @@ class Agent:
             self._trainer()
             start = time.perf_counter()
             weights = await asyncio.to_thread(self.trainer.weights)
+            if msg.get("checkpoint"):
+                await asyncio.to_thread(self._save_checkpoint, msg["round"])
             frame = encode(
                 "eval_result",
                 round=msg["round"],
@@ -269,6 +277,8 @@ class Agent:
         elif kind == "bye":
             log.info("run over: %s", msg["reason"])
             await ws.close(protocol.CLOSE_NORMAL, "bye")
+            if msg.get("redial"):  # an interrupted run that may be resumed: wait for it
+                return None
             return AgentExit.OK
         return None
 
@@ -285,6 +295,8 @@ class Agent:
             raise JobFailed(f"{type(exc).__name__}: {exc}") from exc
         self.run_id = msg["run_id"]
         self._last_activations = None
+        self._last_client_grad = None
+        restored = await asyncio.to_thread(self._restore, int(job.get("resume_round", 0)))
         log.info(
             "job %s: %s/%s, %d samples",
             self.run_id,
@@ -299,8 +311,42 @@ class Agent:
                 shard_size=self.trainer.shard_size,
                 load_s=time.perf_counter() - start,
                 torch_device=self.trainer.device.type,
+                restored_round=restored,
             ),
         )
+
+    def _save_checkpoint(self, round_: int) -> None:
+        if self.checkpoints is None or self.run_id is None:
+            return
+        try:
+            self.checkpoints.save(self.run_id, round_, self.trainer.checkpoint())
+        except OSError as exc:  # a full or read-only disk must not stop the run
+            log.warning("cannot write a checkpoint: %s", exc)
+
+    def _restore(self, resume_round: int) -> int | None:
+        """Carry on from a local checkpoint of this run, if there is a fitting one.
+
+        ``resume_round`` > 0: the orchestrator resumes from that round, so only that round's
+        checkpoint fits; without one the job's weights (the orchestrator's copy of this
+        partition at that round) stand, with a fresh optimizer. 0: the newest checkpoint of the
+        run, which is what a device that restarted mid-run wants. Returns the restored round.
+        """
+        trainer, store = self.trainer, self.checkpoints
+        assert self.run_id is not None
+        state = None
+        if store is not None:
+            state = store.load(self.run_id, resume_round or None)
+        if state is not None:
+            try:
+                trainer.restore(state)
+            except (RuntimeError, KeyError, ValueError) as exc:
+                log.warning("checkpoint of round %s does not fit the job: %s", state["round"], exc)
+                state = None
+        if state is None:
+            trainer.applied_round = resume_round
+            return None
+        log.info("resumed from the local checkpoint of round %d", state["round"])
+        return int(state["round"])
 
     def _build_trainer(self, job: dict[str, Any], shard: Any, weights: Any) -> Any:
         from .data import DataError, labels_fingerprint, load_dataset
@@ -334,7 +380,19 @@ class Agent:
             return
         if r <= trainer.applied_round:
             return  # a resent gradient that was already applied
-        flat, seconds = await asyncio.to_thread(trainer.backward, r, msg["grad"], hold)
+        if not trainer.has_forward(r):
+            # resent after this device restarted from a checkpoint: that forward pass is gone
+            log.info("dropping the gradient of round %d: no forward pass of it here", r)
+            if hold:  # the orchestrator waits for a reply: say this round is lost here
+                await self._send(ws, encode("missed", round=r))
+            return
+        try:
+            grad = await asyncio.to_thread(
+                unpack, msg["grad"], msg.get("grad_scale"), trainer.compression
+            )
+        except CompressionError as exc:
+            raise JobFailed(f"the gradient of round {r}: {exc}") from exc
+        flat, seconds = await asyncio.to_thread(trainer.backward, r, grad, hold)
         await asyncio.to_thread(pad_compute, seconds, self.cfg.emulation.compute_slowdown)
         self._backward_s = seconds * self.cfg.emulation.compute_slowdown
         if flat is not None:
@@ -349,13 +407,23 @@ class Agent:
         if self._last_activations is not None and self._last_activations[0] == round_:
             await self._send(ws, self._last_activations[1])
             return
-        acts, labels, seconds = await asyncio.to_thread(self.trainer.forward, round_, batch_size)
+        trainer = self.trainer
+
+        def forward() -> tuple[Any, float | None, Any, float]:
+            acts, labels, seconds = trainer.forward(round_, batch_size)
+            return (*pack(acts, trainer.compression), labels, seconds)  # as the job's codec says
+
+        try:
+            x, x_scale, labels, seconds = await asyncio.to_thread(forward)
+        except CompressionError as exc:  # a diverged partition: NaN, or beyond float16
+            raise JobFailed(f"the activations of round {round_}: {exc}") from exc
         await asyncio.to_thread(pad_compute, seconds, self.cfg.emulation.compute_slowdown)
         seconds *= self.cfg.emulation.compute_slowdown
         frame = encode(
             "activations",
             round=round_,
-            x=acts,
+            x=x,
+            x_scale=x_scale,
             y=labels,
             compute_s=seconds,
             backward_s=self._backward_s,

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from .agent import Agent, AgentConfig, AgentExit
+from .checkpoint import default_root
 from .emulation import EmulationProfile
 from .tlsctx import TlsConfigError, client_ssl_context
 
@@ -51,6 +52,13 @@ def _parser() -> argparse.ArgumentParser:
         "--downlink-mbps", type=float, default=0.0, help="emulated downlink (0 = unlimited)"
     )
     p.add_argument("--rtt-ms", type=float, default=0.0, help="emulated round-trip time")
+    p.add_argument(
+        "--checkpoint-dir",
+        type=Path,
+        default=None,
+        help="where to keep local checkpoints (default: $XDG_STATE_HOME/gapsl-agent)",
+    )
+    p.add_argument("--no-checkpoints", action="store_true", help="keep no local checkpoints")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
@@ -114,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         max_message_bytes=args.max_message_bytes,
         give_up_s=args.give_up_s,
         ca_file=args.ca_file,
+        checkpoint_dir=None if args.no_checkpoints else (args.checkpoint_dir or default_root()),
     )
     try:
         return int(asyncio.run(Agent(cfg).run()))

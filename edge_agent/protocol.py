@@ -111,18 +111,21 @@ SCHEMAS: dict[str, dict[str, tuple[str, bool]]] = {
         "shard_size": ("int", True),
         "load_s": ("float", True),
         "torch_device": ("str", True),
+        "restored_round": ("int", False),  # the round of the local checkpoint it resumed from
     },
     "round": {"round": ("int", True), "batch_size": ("int", True)},
     "activations": {
         "round": ("int", True),
-        "x": ("tensor", True),
+        "x": ("tensor", True),  # float32, or as training.compression packs it (float16, int8)
+        "x_scale": ("float", False),  # int8 only: x = data * x_scale (edge_agent.compress)
         "y": ("tensor", True),
         "compute_s": ("float", True),
         "backward_s": ("float", False),  # the previous round's backward, for the profiler
     },
     "gradients": {
         "round": ("int", True),
-        "grad": ("tensor", True),
+        "grad": ("tensor", True),  # packed like the round's activations
+        "grad_scale": ("float", False),  # int8 only, as x_scale
         "loss": ("float", True),
         "hold": ("bool", False),  # true: do not step yet; upload client_grad, wait for align
     },
@@ -134,7 +137,8 @@ SCHEMAS: dict[str, dict[str, tuple[str, bool]]] = {
         "lam": ("float", True),
     },
     "set_weights": {"round": ("int", True), "weights": ("tensors", True)},
-    "eval_request": {"round": ("int", True)},
+    # checkpoint: also save a local checkpoint of this round before answering
+    "eval_request": {"round": ("int", True), "checkpoint": ("bool", False)},
     "eval_result": {
         "round": ("int", True),
         "weights": ("tensors", True),
@@ -145,9 +149,12 @@ SCHEMAS: dict[str, dict[str, tuple[str, bool]]] = {
     "bench": {"seq": ("int", True), "batch_size": ("int", True), "repeats": ("int", True)},
     "bench_result": {"seq": ("int", True), "fwd_s": ("float", True), "bwd_s": ("float", True)},
     "skip": {"round": ("int", True)},
+    # a device that restarted cannot answer a request of this round (its forward pass is gone)
+    "missed": {"round": ("int", True)},
     "telemetry": {"stats": ("map", True)},
     "error": {"code": ("str", True), "message": ("str", True)},
-    "bye": {"reason": ("str", True)},
+    # redial: the run was interrupted and may be resumed; keep state and dial again
+    "bye": {"reason": ("str", True), "redial": ("bool", False)},
 }
 AGENT_TYPES = frozenset(
     {
@@ -158,6 +165,7 @@ AGENT_TYPES = frozenset(
         "eval_result",
         "echo_reply",
         "bench_result",
+        "missed",
         "telemetry",
         "error",
         "bye",

@@ -18,6 +18,7 @@ import torch
 from models import build_split, select_device
 
 from .align import alignment_penalty, blend, flat_grad, set_flat_grad
+from .compress import check_mode
 
 
 class BatchSampler:
@@ -47,6 +48,19 @@ class BatchSampler:
             need -= len(take)
             out.append(take)
         return np.concatenate(out)
+
+    def state(self) -> dict[str, Any]:
+        """Where the sampler stands, in plain types and tensors (for a checkpoint)."""
+        return {
+            "rng": self._rng.bit_generator.state,
+            "order": torch.from_numpy(self._order.copy()),
+            "pos": self._pos,
+        }
+
+    def restore(self, state: Mapping[str, Any]) -> None:
+        self._rng.bit_generator.state = dict(state["rng"])
+        self._order = np.asarray(state["order"].numpy(), dtype=np.int64)
+        self._pos = int(state["pos"])
 
 
 def state_to_numpy(module: torch.nn.Module) -> dict[str, np.ndarray]:
@@ -93,6 +107,8 @@ class ClientTrainer:
         self._graph_grads: tuple[torch.Tensor, ...] | None = None
         self._params = [p for p in self.model.parameters() if p.requires_grad]
         self.gda_mode = str(job.get("gda_mode", ""))
+        # How activations and gradients travel (edge_agent.compress); the connection packs them.
+        self.compression = check_mode(str(job.get("compression", "none")))
         self.applied_round = 0
 
     def forward(self, round_: int, batch_size: int) -> tuple[np.ndarray, np.ndarray, float]:
@@ -197,6 +213,10 @@ class ClientTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         return min(fwd), min(bwd)
 
+    def has_forward(self, round_: int) -> bool:
+        """Whether a forward pass of ``round_`` is waiting for its gradient."""
+        return self._pending is not None and self._pending[0] == round_
+
     def skip(self, round_: int) -> None:
         """The orchestrator left this device out of ``round_``: drop that forward pass."""
         if self._pending is not None and self._pending[0] == round_:
@@ -204,3 +224,22 @@ class ClientTrainer:
 
     def weights(self) -> dict[str, np.ndarray]:
         return state_to_numpy(self.model)
+
+    def checkpoint(self) -> dict[str, Any]:
+        """Everything a restarted device needs to carry on: partition, optimizer, sampler."""
+        return {
+            "model": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "sampler": self.sampler.state(),
+            "applied_round": self.applied_round,
+        }
+
+    def restore(self, state: Mapping[str, Any]) -> None:
+        """Load a :meth:`checkpoint`; strict, so another model's checkpoint is an error."""
+        self.model.load_state_dict(state["model"], strict=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.sampler.restore(state["sampler"])
+        self.applied_round = int(state["applied_round"])
+        self._pending = None
+        self._held = None
+        self._graph_grads = None

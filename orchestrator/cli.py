@@ -14,9 +14,13 @@ import signal
 import sys
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import ExitCode, GapslError, ManifestError
 from .manifest import Manifest, load_manifest, manifest_to_toml
+
+if TYPE_CHECKING:
+    from .resume import Resume
 
 DEFAULT_MANIFEST = "testbed.toml"
 
@@ -41,6 +45,14 @@ def _parser() -> argparse.ArgumentParser:
         run.add_argument(
             "--set", action="append", default=[], metavar="KEY=VALUE", help="override a key"
         )
+        if name == "run":
+            run.add_argument(
+                "--resume",
+                type=Path,
+                default=None,
+                metavar="RUN_DIR",
+                help="continue an interrupted run in place, from its last checkpoint",
+            )
     check = sub.add_parser("check", help="validate a manifest and exit")
     check.add_argument("manifest", nargs="?", default=DEFAULT_MANIFEST)
     check.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
@@ -72,17 +84,34 @@ def _check(args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
-async def _run_async(m: Manifest, run_dir: Path, dashboard: bool, in_process: bool) -> str:
+async def _run_async(
+    m: Manifest, run_dir: Path, dashboard: bool, in_process: bool, resume: Resume | None = None
+) -> str:
     from .engine import Engine
 
     engine = Engine(
-        m, run_dir, manifest_to_toml(m), run_id=uuid.uuid4().hex[:12], in_process=in_process
+        m,
+        run_dir,
+        manifest_to_toml(m, absolute_paths=True),
+        run_id=resume.run_id if resume else uuid.uuid4().hex[:12],
+        in_process=in_process,
+        resume=resume.checkpoint if resume else None,
+        elapsed_s=resume.wall_s if resume else 0.0,
     )
     loop = asyncio.get_running_loop()
     main = asyncio.current_task()
     assert main is not None
+
+    def on_signal() -> None:
+        # The first signal stops at the next round boundary with a checkpoint; a second one
+        # stops at once (the last evaluation's checkpoint stands).
+        if engine.state.stop_requested or in_process:
+            main.cancel()
+        else:
+            engine.request_stop()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, main.cancel)
+        loop.add_signal_handler(sig, on_signal)
     stop = asyncio.Event()
     view: asyncio.Task[None] | None = None
     if dashboard:
@@ -105,16 +134,28 @@ async def _run_async(m: Manifest, run_dir: Path, dashboard: bool, in_process: bo
 
 
 def _run(args: argparse.Namespace) -> int:
-    m = load_manifest(args.manifest, args.set)
-    run_dir = args.run_dir or default_run_dir(m)
+    resume = None
+    if getattr(args, "resume", None) is not None:
+        from .resume import prepare_resume
+
+        resume = prepare_resume(args.resume, args.set, args.run_dir)
+        m, run_dir = resume.manifest, args.resume
+    else:
+        m = load_manifest(args.manifest, args.set)
+        run_dir = args.run_dir or default_run_dir(m)
     dashboard = not args.no_dashboard and sys.stdout.isatty() and os.environ.get("TERM") != "dumb"
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        status = asyncio.run(_run_async(m, run_dir, dashboard, args.command == "simulate"))
+        status = asyncio.run(_run_async(m, run_dir, dashboard, args.command == "simulate", resume))
     except (KeyboardInterrupt, asyncio.CancelledError):
-        print(f"interrupted; run directory: {run_dir}", file=sys.stderr)
-        return ExitCode.INTERRUPTED
+        status = "interrupted"
     summary = run_dir / "summary.json"
+    if status == "interrupted":
+        print(
+            f"interrupted; resume with: gapsl-orchestrator run --resume {run_dir}",
+            file=sys.stderr,
+        )
+        return ExitCode.INTERRUPTED
     print(f"run {status}: {run_dir}", file=sys.stderr if status != "completed" else sys.stdout)
     if status != "completed":
         import json

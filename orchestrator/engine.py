@@ -18,12 +18,13 @@ import numpy as np
 import torch
 
 from edge_agent import protocol
+from edge_agent.agent import AgentExit
 from edge_agent.data import Dataset, labels_fingerprint, load_dataset, partition
 from edge_agent.protocol import encode
 from edge_agent.trainer import state_to_numpy
 from models import build_split, default_model, select_device
 
-from .errors import GapslError, RunError
+from .errors import GapslError, RunError, RunInterrupted
 from .group import SessionGroup
 from .launcher import LocalFleet
 from .manifest import Manifest
@@ -123,24 +124,51 @@ def job_spec(m: Manifest, job: Job, rank: int) -> dict[str, Any]:
         "rank": rank,
         "gapsl_space": m.gapsl.space if t.algorithm == "gapsl" else "",
         "gda_mode": m.gapsl.gda_mode if t.algorithm == "gapsl" else "",
+        "compression": t.compression,
     }
 
 
-def job_message(m: Manifest, job: Job, run_id: str, rank: int) -> bytes:
+def job_message(
+    m: Manifest,
+    job: Job,
+    run_id: str,
+    rank: int,
+    resume_round: int = 0,
+    weights: dict[str, np.ndarray] | None = None,
+) -> bytes:
+    """The job frame of one device; a resumed run sends the round and that device's weights."""
     spec = job_spec(m, job, rank)
-    return encode("job", run_id=run_id, job=spec, shard=job.shards[rank], weights=job.client_init)
+    if resume_round:
+        spec["resume_round"] = resume_round
+    return encode(
+        "job",
+        run_id=run_id,
+        job=spec,
+        shard=job.shards[rank],
+        weights=job.client_init if weights is None else weights,
+    )
 
 
 class Engine:
     """Runs one manifest on the fleet and writes its run directory."""
 
     def __init__(
-        self, m: Manifest, run_dir: Path, manifest_toml: str, run_id: str, in_process: bool = False
+        self,
+        m: Manifest,
+        run_dir: Path,
+        manifest_toml: str,
+        run_id: str,
+        in_process: bool = False,
+        resume: dict[str, Any] | None = None,
+        elapsed_s: float = 0.0,
     ) -> None:
         self.m = m
+        self.resume = resume  # the checkpoint a resumed run continues from
+        self.elapsed_before = elapsed_s  # wall time of the run before it was interrupted
         self.in_process = in_process  # the reference engine: devices in this process, no network
         self.run_id = run_id
         self.records = RunRecords(run_dir, manifest_toml)
+        self.records.started -= elapsed_s  # a resumed run's record times carry on
         host, port = m.listen_host_port()
         self.state = RunState(m, self.records, f"{host}:{port}")
         self.sessions = {d.id: DeviceSession(d, rank) for rank, d in enumerate(m.devices)}
@@ -148,6 +176,9 @@ class Engine:
         self.fleet: LocalFleet | None = None
         self.job: Job | None = None
         self._frames: dict[str, bytes] = {}
+        self._respawns: dict[str, int] = {}
+        self.runner: Runner | None = None
+        self._background: set[asyncio.Task[None]] = set()
 
     # --- the run ------------------------------------------------------------------------------
 
@@ -177,8 +208,18 @@ class Engine:
                 raise RunError(
                     "training.algorithm = 'central' (the pooled-data ceiling) runs only with simulate"
                 )
+            resume_round = int(self.resume["round"]) if self.resume else 0
+            clients = self.resume["clients"] if self.resume else {}
             self._frames = {
-                s.id: job_message(m, self.job, self.run_id, s.rank) for s in self.sessions.values()
+                s.id: job_message(
+                    m,
+                    self.job,
+                    self.run_id,
+                    s.rank,
+                    resume_round,
+                    {k: v.numpy() for k, v in clients[s.id].items()} if s.id in clients else None,
+                )
+                for s in self.sessions.values()
             }
             admission = Admission(
                 self.sessions, self.run_id, lambda s: self._frames[s.id], st.event, self._telemetry
@@ -205,14 +246,22 @@ class Engine:
                     await self._start_fleet(f"{scheme}://{_dial_host(host)}:{port}")
                     await self._train()
                     status = "completed"
+                except (RunInterrupted, asyncio.CancelledError):
+                    status = "interrupted"
+                    raise
                 finally:
                     admission.closing = True
-                    await self._say_bye("completed" if status == "completed" else "run ended")
+                    if status == "interrupted":  # devices keep their state and dial again
+                        await self._say_bye("interrupted; the run can be resumed", redial=True)
+                    else:
+                        await self._say_bye("completed" if status == "completed" else "run ended")
                     if self.fleet is not None:
                         await self.fleet.stop()
         except asyncio.CancelledError:
             status, error = "interrupted", "interrupted by signal"
             raise
+        except RunInterrupted as exc:
+            status, error = "interrupted", str(exc)
         except GapslError as exc:
             error = str(exc)
         except Exception as exc:  # an unexpected crash still leaves a summary behind
@@ -225,7 +274,7 @@ class Engine:
                 st.event("run_failed" if status == "failed" else status, None, {"reason": error})
             else:
                 st.event("run_completed", None, {})
-            self._write_summary(status, error, time.monotonic() - started)
+            self._write_summary(status, error, self.elapsed_before + time.monotonic() - started)
             self.records.close()
         return status
 
@@ -241,10 +290,22 @@ class Engine:
 
     def _agent_exited(self, device_id: str, code: int) -> None:
         session = self.sessions[device_id]
-        if code != 0 and self.state.phase not in ("completed", "failed", "interrupted"):
-            tail = self.fleet.log_tail(device_id, 3) if self.fleet else ""
-            session.failure = session.failure or f"local agent exited with code {code}: {tail}"
         self.state.event("agent_exited", device_id, {"code": code})
+        if code == 0 or self.state.phase in ("completed", "failed", "interrupted"):
+            return
+        # Killed or crashed by something outside the job: start it again; it resumes from its
+        # local checkpoint. A job it cannot do, a bad command line or a refusal would only repeat.
+        fatal = code in (AgentExit.FAILED, AgentExit.USAGE, AgentExit.REFUSED)
+        used = self._respawns.get(device_id, 0)
+        if not fatal and used < self.m.testbed.respawn_local and self.fleet is not None:
+            self._respawns[device_id] = used + 1
+            self.state.event("respawned", device_id, {"code": code, "attempt": used + 1})
+            task = asyncio.get_running_loop().create_task(self.fleet.respawn(device_id))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+            return
+        tail = self.fleet.log_tail(device_id, 3) if self.fleet else ""
+        session.fail(f"local agent exited with code {code}: {tail}")
 
     async def _train_in_process(self) -> None:
         from .inprocess import InProcessGroup
@@ -274,12 +335,24 @@ class Engine:
 
         await wait_ready(sessions, m.testbed.join_timeout_s, tick)
         assert self.job is not None
-        await Runner(
-            m,
-            self.job,
-            SessionGroup(sessions, m.testbed.round_timeout_s, self.job.dataset.num_classes),
-            st,
-        ).train()
+        group = SessionGroup(
+            sessions,
+            m.testbed.round_timeout_s,
+            self.job.dataset.num_classes,
+            m.training.compression,
+        )
+        group.patience_s = m.testbed.patience_s
+        group.lost_timeout_s = m.testbed.lost_timeout_s
+        group.on_event = st.event
+        runner = Runner(m, self.job, group, st)
+        runner.checkpoint_dir = self.records.dir
+        runner.run_id = self.run_id
+        self.runner = runner
+        if self.resume is not None:
+            runner.restore(self.resume)
+            st.round = runner.start_round - 1
+            st.event("resumed", None, {"round": st.round})
+        await runner.train()
 
     # --- bookkeeping --------------------------------------------------------------------------
 
@@ -298,8 +371,15 @@ class Engine:
         )
         self.records.append("devices", record)
 
-    async def _say_bye(self, reason: str) -> None:
-        frame = encode("bye", reason=reason)
+    def request_stop(self) -> None:
+        """Stop at the next round boundary, after a checkpoint (the first SIGINT/SIGTERM)."""
+        if not self.state.stop_requested:
+            self.state.stop_requested = True
+            self.state.message = "stopping after this round (again to stop at once)"
+            self.state.event("stopping", None, {"round": self.state.round})
+
+    async def _say_bye(self, reason: str, redial: bool = False) -> None:
+        frame = encode("bye", reason=reason, redial=redial or None)
         for s in self.sessions.values():
             await s.send(frame)
             s.status = "done" if s.ws is not None else s.status
@@ -317,6 +397,7 @@ class Engine:
         summary: dict[str, Any] = {
             "status": status,
             "rounds": self.state.round if status != "completed" else t.rounds,
+            "checkpoint_round": self.runner.checkpointed_round if self.runner else None,
             "final_acc_mean": last.acc_mean if last else None,
             "final_acc_min": last.acc_min if last else None,
             "final_acc_max": last.acc_max if last else None,

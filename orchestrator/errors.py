@@ -69,6 +69,10 @@ class FleetError(GapslError):
     """The fleet cannot support the run: devices did not join in time, or too few remain."""
 
 
+class RunInterrupted(GapslError):
+    """The run was asked to stop (SIGINT/SIGTERM) and stopped at a round boundary."""
+
+
 class RunError(GapslError):
     """A run failed after it started: training diverged, a record could not be written, ..."""
 

@@ -8,31 +8,46 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable
+from typing import Any, Callable
 
 import numpy as np
 
 from edge_agent import protocol
+from edge_agent.compress import CompressionError, pack, unpack
 from edge_agent.protocol import encode
 
 from .errors import FleetError, RunError
 from .profiler import DeviceProfile, link_from_samples
 from .rounds import ForwardOut, Weights
-from .sessions import DeviceSession
+from .sessions import DeviceAbsent, DeviceSession
+
+
+def _failure(task: asyncio.Task[Any]) -> BaseException | None:
+    """The exception a finished task ended with (None while running, or on success)."""
+    if not task.done():
+        return None
+    if task.cancelled():
+        return asyncio.CancelledError()
+    return task.exception()
 
 
 class SessionGroup:
-    def __init__(self, sessions: list[DeviceSession], timeout_s: float, num_classes: int) -> None:
+    patience_s: float | None = None  # testbed.patience_s: how long an absent device is awaited
+    lost_timeout_s: float = 300.0  # testbed.lost_timeout_s: waiting for min_participants
+    on_event: Callable[..., None] | None = None  # the run's event log
+
+    def __init__(
+        self,
+        sessions: list[DeviceSession],
+        timeout_s: float,
+        num_classes: int,
+        compression: str = "none",
+    ) -> None:
         self.sessions = sessions
         self.ids = [s.id for s in sessions]
         self.timeout_s = timeout_s
         self.num_classes = num_classes
-
-    async def _all(self, calls: list[Awaitable[protocol.Message]]) -> list[protocol.Message]:
-        try:
-            return list(await asyncio.gather(*calls))
-        except TimeoutError as exc:
-            raise FleetError(str(exc)) from exc
+        self.compression = compression  # training.compression: the cut-layer codec both ways
 
     async def forward(
         self,
@@ -48,35 +63,80 @@ class SessionGroup:
         are discarded by round number.
         """
 
-        async def ask(s: DeviceSession) -> ForwardOut:
+        async def ask(s: DeviceSession, patience: float | None, timeout_s: float) -> ForwardOut:
             t0 = time.perf_counter()
             request = encode("round", round=r, batch_size=batch[s.id])
-            msg = await s.call(request, "activations", r, self.timeout_s)
+            msg = await s.call(request, "activations", r, timeout_s, patience_s=patience)
             wait_s = time.perf_counter() - t0
-            x, y = _check_activations(s.id, msg, batch[s.id], self.num_classes)
+            x, y = _check_activations(s.id, msg, batch[s.id], self.num_classes, self.compression)
             return ForwardOut(
                 acts=x, labels=y, compute_s=float(msg["compute_s"]), wait_s=wait_s,
-                backward_s=msg.get("backward_s"), nbytes=x.nbytes + y.nbytes,
+                backward_s=msg.get("backward_s"), nbytes=msg["x"].nbytes + y.nbytes,
             )  # fmt: skip
 
         sessions = [s for s in self.sessions if s.id in batch]
-        tasks = {asyncio.create_task(ask(s)): s for s in sessions}
+        need = min(min_participants, len(sessions))
+        tasks = {asyncio.create_task(ask(s, self.patience_s, self.timeout_s)): s for s in sessions}
+        started = time.monotonic()
+        short_since: float | None = None  # when fewer than ``need`` could still answer
+        noted = 0.0
         try:
-            done: set[asyncio.Task[ForwardOut]] = set()
-            pending = set(tasks)
-            if deadline_s is not None:
-                done, pending = await asyncio.wait(pending, timeout=deadline_s)
-            need = len(sessions) if deadline_s is None else min(min_participants, len(sessions))
-            while pending and len(done) < need:
-                more, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-                done |= more
-            for task in pending:
-                task.cancel()
-            late = [tasks[t] for t in pending]
-            for s in late:
-                s.status = "straggling"
-                await s.send(encode("skip", round=r))
-            return {tasks[t].id: t.result() for t in tasks if t in done}
+            while True:
+                for t in tasks:
+                    problem = _failure(t)
+                    if problem is not None and not isinstance(problem, DeviceAbsent):
+                        raise problem  # a timeout or a failed job ends the run
+                pending = {t for t in tasks if not t.done()}
+                answered = [t for t in tasks if t.done() and _failure(t) is None]
+                absent = [t for t in tasks if isinstance(_failure(t), DeviceAbsent)]
+                late = deadline_s is not None and time.monotonic() - started >= deadline_s
+                # Once short of the quorum, the devices asked again are not waited for beyond it.
+                if not pending or late or short_since is not None:
+                    if len(answered) >= need:
+                        break
+                    # Too few devices for scheduler.min_participants: wait, visibly and for a
+                    # bounded time, for absent devices to come back, then ask them again.
+                    now = time.monotonic()
+                    short_since = short_since or now
+                    away = ",".join(tasks[t].id for t in tasks if t not in answered)
+                    if now - short_since > self.lost_timeout_s:
+                        raise FleetError(
+                            f"round {r}: {len(answered)} of the {need} devices needed "
+                            f"(scheduler.min_participants) answered; waited "
+                            f"{self.lost_timeout_s:.0f} s (testbed.lost_timeout_s) for the "
+                            f"absent ones ({away})"
+                        )
+                    if now - noted >= 10.0 and self.on_event is not None:
+                        noted = now
+                        self.on_event(
+                            "waiting",
+                            None,
+                            {
+                                "round": r,
+                                "have": len(answered),
+                                "need": need,
+                                "absent": away,
+                                "gives_up_in_s": round(self.lost_timeout_s - (now - short_since)),
+                            },
+                        )
+                    for t in absent:
+                        s = tasks.pop(t)
+                        # the quorum check above ends the wait first; this bound only backs it up
+                        left = self.lost_timeout_s - (now - short_since) + self.timeout_s
+                        tasks[asyncio.create_task(ask(s, None, left))] = s
+                    pending = {t for t in tasks if not t.done()}
+                wait_s = 1.0
+                if deadline_s is not None and not late:
+                    wait_s = min(wait_s, deadline_s - (time.monotonic() - started))
+                if pending:
+                    await asyncio.wait(
+                        pending, timeout=max(wait_s, 0.0), return_when=asyncio.FIRST_COMPLETED
+                    )
+            for t, s in tasks.items():
+                if _failure(t) is not None or not t.done():
+                    s.status = "straggling" if s.ws is not None else s.status
+                    await s.send(encode("skip", round=r))
+            return {tasks[t].id: t.result() for t in tasks if t.done() and _failure(t) is None}
         except TimeoutError as exc:
             raise FleetError(str(exc)) from exc
         finally:
@@ -100,15 +160,31 @@ class SessionGroup:
         sessions = [s for s in self.sessions if s.id in grads]
         frames = {
             s.id: encode(
-                "gradients", round=r, grad=grads[s.id], loss=losses[s.id], hold=hold or None
+                "gradients", round=r, **_packed_grad(s.id, r, grads[s.id], self.compression),
+                loss=losses[s.id], hold=hold or None,
             )
             for s in sessions
-        }
+        }  # fmt: skip
         if hold:
-            replies = await self._all(
-                [s.call(frames[s.id], "client_grad", r, self.timeout_s) for s in sessions]
+            replies = await asyncio.gather(
+                *[
+                    s.call(
+                        frames[s.id], "client_grad", r, self.timeout_s, patience_s=self.patience_s
+                    )
+                    for s in sessions
+                ],
+                return_exceptions=True,
             )
-            return {s.id: msg["grad"] for s, msg in zip(sessions, replies)}
+            out = {}
+            for s, reply in zip(sessions, replies):
+                if isinstance(reply, DeviceAbsent):
+                    continue  # aligned without it; its partition waits for the next round
+                if isinstance(reply, TimeoutError):
+                    raise FleetError(str(reply)) from reply
+                if isinstance(reply, BaseException):
+                    raise reply
+                out[s.id] = reply["grad"]
+            return out
         for s in sessions:
             s.last_gradient = (r, frames[s.id])
             await s.send(frames[s.id])  # a device that is away gets it again when it rejoins
@@ -122,16 +198,31 @@ class SessionGroup:
             s.last_gradient = (r, frame)  # what completes round r on the device
             await s.send(frame)
 
-    async def fetch_weights(self, r: int, deadline_s: float | None = None) -> dict[str, Weights]:
-        """Every device's client partition; with a deadline, of those that answer in time."""
-        request = encode("eval_request", round=r)
+    async def fetch_weights(
+        self, r: int, deadline_s: float | None = None, checkpoint: bool = False
+    ) -> dict[str, Weights]:
+        """Every device's client partition; with a deadline, of those that answer in time.
+
+        ``checkpoint``: devices also save a local checkpoint of round ``r`` before answering.
+        """
+        request = encode("eval_request", round=r, checkpoint=checkpoint or None)
         tasks = {
-            asyncio.create_task(s.call(request, "eval_result", r, self.timeout_s)): s
+            asyncio.create_task(
+                s.call(request, "eval_result", r, self.timeout_s, patience_s=self.patience_s)
+            ): s
             for s in self.sessions
         }
         try:
             done, _ = await asyncio.wait(tasks, timeout=deadline_s)
-            return {tasks[t].id: dict(t.result()["weights"]) for t in tasks if t in done}
+            out = {}
+            for t in done:
+                problem = _failure(t)
+                if isinstance(problem, DeviceAbsent):
+                    continue  # evaluated without it
+                if problem is not None:
+                    raise problem
+                out[tasks[t].id] = dict(t.result()["weights"])
+            return {i: out[i] for i in self.ids if i in out}
         except TimeoutError as exc:
             raise FleetError(str(exc)) from exc
         finally:
@@ -146,19 +237,34 @@ class SessionGroup:
 
 
 def _check_activations(
-    device: str, msg: protocol.Message, batch: int, num_classes: int
+    device: str, msg: protocol.Message, batch: int, num_classes: int, compression: str = "none"
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Activations and labels must match the request; a device's bug must not poison the server."""
+    """Activations (unpacked to float32) and labels, checked against the request and the
+    job's codec: a device's bug must not poison the server."""
     x, y = msg["x"], msg["y"]
     if x.ndim < 2 or len(x) != len(y) or len(y) != batch:
         raise RunError(
             f"device {device}: activations {x.shape} / labels {y.shape} do not match batch {batch}"
         )
-    if x.dtype != np.float32 or not np.isfinite(x).all():
-        raise RunError(f"device {device}: activations must be finite float32")
+    try:
+        x = unpack(x, msg.get("x_scale"), compression)
+    except CompressionError as exc:
+        raise RunError(f"device {device}: activations: {exc}") from exc
+    # int8 times a finite scale is finite; float16 and float32 are checked for NaN and inf.
+    if msg["x"].dtype != np.int8 and not np.isfinite(x).all():
+        raise RunError(f"device {device}: activations must be finite {msg['x'].dtype}")
     if y.dtype != np.int64 or (len(y) and (y.min() < 0 or y.max() >= num_classes)):
         raise RunError(f"device {device}: labels must be int64 in [0, {num_classes})")
     return x, y
+
+
+def _packed_grad(device: str, r: int, grad: np.ndarray, compression: str) -> dict[str, Any]:
+    """The ``grad`` (and ``grad_scale``) fields of a gradients message, packed as the job says."""
+    try:
+        data, scale = pack(grad, compression)
+    except CompressionError as exc:  # the server partition diverged
+        raise RunError(f"device {device}: the gradient of round {r}: {exc}") from exc
+    return {"grad": data, "grad_scale": scale}
 
 
 async def probe(s: DeviceSession, act_bytes: int, batch: int, timeout_s: float) -> DeviceProfile:

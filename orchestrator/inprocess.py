@@ -2,7 +2,8 @@
 
 It is the fast path for sweeps and the oracle for the distributed engine: the same round loop
 drives the same :class:`~edge_agent.trainer.ClientTrainer` code that runs on a device. Client
-work runs on one torch thread, as a local-fleet agent does, so the float results agree.
+work runs on one torch thread, as a local-fleet agent does, so the float results agree; with
+``training.compression`` on, activations and gradients take the wire codec's round trip here too.
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from edge_agent.compress import CompressionError, roundtrip
 from edge_agent.trainer import ClientTrainer
 
+from .errors import RunError
 from .manifest import Manifest
 from .rounds import ForwardOut, Weights
 
@@ -39,6 +42,7 @@ class InProcessGroup:
         ds = job.dataset
         devices = {d.id: d for d in m.devices}
         self.ids = ids
+        self.compression = m.training.compression
         self.trainers: dict[str, ClientTrainer] = {}
         with _one_thread():
             for rank, i in enumerate(ids):
@@ -60,6 +64,7 @@ class InProcessGroup:
         with _one_thread():
             for i in batch:
                 acts, labels, seconds = self.trainers[i].forward(r, batch[i])
+                acts = self._wire(acts, f"device {i}: the activations of round {r}")
                 out[i] = ForwardOut(acts=acts, labels=labels, compute_s=seconds, wait_s=seconds)
         return out
 
@@ -69,10 +74,18 @@ class InProcessGroup:
         flats = {}
         with _one_thread():
             for i in grads:
-                flat, _ = self.trainers[i].backward(r, grads[i], hold)
+                grad = self._wire(grads[i], f"device {i}: the gradient of round {r}")
+                flat, _ = self.trainers[i].backward(r, grad, hold)
                 if flat is not None:
                     flats[i] = flat
         return flats
+
+    def _wire(self, arr: np.ndarray, what: str) -> np.ndarray:
+        """What the receiving side unpacks from the wire (``arr`` itself when uncompressed)."""
+        try:
+            return roundtrip(arr, self.compression)
+        except CompressionError as exc:  # where a real agent or server would refuse to send
+            raise RunError(f"{what}: {exc}") from exc
 
     async def align(
         self, r: int, ids: list[str], leader: np.ndarray, mode: str, lam: float
@@ -81,7 +94,9 @@ class InProcessGroup:
             for i in ids:
                 self.trainers[i].align(r, leader, mode, lam)
 
-    async def fetch_weights(self, r: int, deadline_s: float | None = None) -> dict[str, Weights]:
+    async def fetch_weights(
+        self, r: int, deadline_s: float | None = None, checkpoint: bool = False
+    ) -> dict[str, Weights]:
         return {i: self.trainers[i].weights() for i in self.ids}
 
     async def set_weights(self, r: int, weights: Weights) -> None:

@@ -65,6 +65,9 @@ class LocalFleet:
         self.procs: dict[str, asyncio.subprocess.Process] = {}
         self._logs: list[IO[bytes]] = []
         self._watchers: list[asyncio.Task[None]] = []
+        self._commands: dict[str, list[str]] = {}
+        self._env: dict[str, str] = {}
+        self._stopping = False
 
     async def start(
         self,
@@ -83,26 +86,36 @@ class LocalFleet:
         env["PYTHONPATH"] = os.pathsep.join(
             p for p in (project_root, env.get("PYTHONPATH", "")) if p
         )
+        self._env = env
         for device in devices:
-            log = open(self.log_dir / f"{device.id}.log", "ab")
-            self._logs.append(log)
             cmd = agent_command(device, url, data_dir, download, ca_file) + ["--threads", "1"]
-            kwargs: dict[str, Any] = {
-                "stdout": log,
-                "stderr": log,
-                "env": env,
-                "stdin": asyncio.subprocess.DEVNULL,
-            }
-            if sys.platform.startswith("linux"):
-                kwargs["preexec_fn"] = _die_with_parent
-            kwargs["start_new_session"] = (
-                True  # Ctrl-C reaches the orchestrator, which stops agents
-            )
-            proc = await asyncio.create_subprocess_exec(*cmd, **kwargs)
-            self.procs[device.id] = proc
-            self._watchers.append(
-                asyncio.create_task(self._watch(device.id, proc), name=f"watch-{device.id}")
-            )
+            cmd += ["--checkpoint-dir", str(self.log_dir / "checkpoints")]
+            self._commands[device.id] = cmd
+            await self._launch(device.id)
+
+    async def _launch(self, device_id: str) -> None:
+        log = open(self.log_dir / f"{device_id}.log", "ab")
+        self._logs.append(log)
+        kwargs: dict[str, Any] = {
+            "stdout": log,
+            "stderr": log,
+            "env": self._env,
+            "stdin": asyncio.subprocess.DEVNULL,
+            "start_new_session": True,  # Ctrl-C reaches the orchestrator, which stops agents
+        }
+        if sys.platform.startswith("linux"):
+            kwargs["preexec_fn"] = _die_with_parent
+        proc = await asyncio.create_subprocess_exec(*self._commands[device_id], **kwargs)
+        self.procs[device_id] = proc
+        self._watchers.append(
+            asyncio.create_task(self._watch(device_id, proc), name=f"watch-{device_id}")
+        )
+
+    async def respawn(self, device_id: str) -> None:
+        """Start a local agent again after it died; it resumes from its local checkpoint."""
+        if self._stopping or device_id not in self._commands:
+            return
+        await self._launch(device_id)
 
     async def _watch(self, device_id: str, proc: asyncio.subprocess.Process) -> None:
         code = await proc.wait()
@@ -118,6 +131,7 @@ class LocalFleet:
 
     async def stop(self, grace_s: float = 5.0) -> None:
         """Give agents ``grace_s`` to leave after the run's bye, then terminate, then kill."""
+        self._stopping = True
         alive = [p for p in self.procs.values() if p.returncode is None]
         if alive:
             await asyncio.wait([asyncio.ensure_future(p.wait()) for p in alive], timeout=grace_s)

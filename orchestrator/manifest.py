@@ -93,6 +93,12 @@ class TestbedConfig:
     tls_cert: str = _opt("")
     tls_key: str = _opt("")
     tls_ca: str = _opt("")  # the CA local agents trust (--ca-file); needed with local agents
+    # A device whose connection has been gone this long is left out of rounds until it is back.
+    patience_s: float = _opt(30.0, check=_positive)
+    # With fewer than scheduler.min_participants devices connected, wait this long, then fail.
+    lost_timeout_s: float = _opt(300.0, check=_positive)
+    # Local agents that die (killed, crashed) are started again, at most this many times each.
+    respawn_local: int = _opt(3, check=_non_negative)
 
 
 @dataclass(frozen=True)
@@ -111,6 +117,9 @@ class TrainingConfig:
     lr: float = _opt(0.05, check=_positive)
     momentum: float = _opt(0.9, check=_unit_open_hi)
     weight_decay: float = _opt(0.0, check=_non_negative)
+    # Cut-layer activations and their gradients on the wire: "fp16", or "int8" with one scale
+    # per tensor. Lossy: the study in docs/results.md measures what it costs in accuracy.
+    compression: str = _opt("none", choices=("none", "fp16", "int8"))
 
 
 @dataclass(frozen=True)

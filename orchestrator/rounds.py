@@ -12,11 +12,13 @@ import asyncio
 import collections
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 import torch
 
+from edge_agent.compress import wire_dtype
 from edge_agent.trainer import load_numpy_state
 
 from . import algorithms
@@ -25,6 +27,7 @@ from .manifest import Manifest
 from .profiler import DeviceProfile, Prediction, balance_batches, predict_round, sample_participants
 from .snapshot import EvalPoint, GapslView, RoundPoint
 from .state import RunState
+from .transfer import to_device, to_host
 
 Weights = dict[str, np.ndarray]
 
@@ -61,7 +64,7 @@ class DeviceGroup(Protocol):
     ) -> None: ...
 
     async def fetch_weights(
-        self, r: int, deadline_s: float | None = None
+        self, r: int, deadline_s: float | None = None, checkpoint: bool = False
     ) -> dict[str, Weights]: ...
 
     async def set_weights(self, r: int, weights: Weights) -> None: ...
@@ -108,6 +111,12 @@ class Runner:
         self._participation_rng = np.random.default_rng([t.seed, 0x5C4ED])
         self._last_leaders: set[str] | None = None
         self._churn: collections.deque[float] = collections.deque(maxlen=20)
+        self._wire_ratio = wire_dtype(t.compression).itemsize / 4.0  # vs float32
+        self.checkpoint_dir: Path | None = None  # where checkpoint.pt goes; None = none
+        self.run_id = ""
+        self.start_round = 1
+        self._client_weights: dict[str, Weights] = {}  # as last collected, for the checkpoint
+        self.checkpointed_round = 0
 
     async def profile(self) -> None:
         """Measure every device (link and compute) before the first round, where the group can."""
@@ -115,7 +124,8 @@ class Runner:
         if probe is None:
             return
         b = self.m.training.batch_size
-        self.act_bytes_per_sample = float(self.job.act_bytes_per_sample)
+        # the link carries the cut tensors in the wire codec (training.compression)
+        self.act_bytes_per_sample = float(self.job.act_bytes_per_sample) * self._wire_ratio
         self.profiles = await probe(int(self.act_bytes_per_sample * b), b)
         for i, p in self.profiles.items():
             self.records.append(
@@ -143,11 +153,79 @@ class Runner:
         self.state.phase = "training"
         self.state.round_started = self.records.elapsed()
         await self.profile()
-        for r in range(1, t.rounds + 1):
+        for r in range(self.start_round, t.rounds + 1):
+            if self.state.stop_requested:
+                await self._interrupt(r - 1)
             self.state.round = r
             await self.round(r)
             if r % t.eval_every == 0 or r == t.rounds:
                 await self.evaluate(r)
+        if self.state.stop_requested and self.checkpointed_round < t.rounds:
+            await self._interrupt(t.rounds)
+
+    # --- checkpoints --------------------------------------------------------------------------
+
+    async def _interrupt(self, r: int) -> None:
+        """Stop after round ``r``: checkpoint it (devices too), then end the run as interrupted."""
+        from .errors import RunInterrupted
+
+        if self.checkpoint_dir is not None and r > self.checkpointed_round and r >= 1:
+            self.state.phase = "checkpointing"
+            states = await self.group.fetch_weights(r, self._stop_deadline(), checkpoint=True)
+            self._client_weights.update(states)
+            await asyncio.to_thread(self._save_checkpoint, r)
+        raise RunInterrupted(f"interrupted after round {r}")
+
+    def _stop_deadline(self) -> float:
+        return max(10.0, self._fetch_deadline() or 0.0)
+
+    def _save_checkpoint(self, r: int) -> None:
+        from . import checkpoint
+
+        assert self.checkpoint_dir is not None
+        missing = [i for i in self.group.ids if i not in self._client_weights]
+        if missing:  # a device that never answered has nothing to resume from yet
+            self.state.event("checkpoint_skipped", None, {"round": r, "missing": ",".join(missing)})
+            return
+        state = {
+            "round": r,
+            "run_id": self.run_id,
+            "server": {k: v.detach().cpu() for k, v in self.job.server.state_dict().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "clients": {
+                i: checkpoint.weights_to_tensors(w) for i, w in self._client_weights.items()
+            },
+            "leader_ema": None if self.tracker.ema is None else self.tracker.ema.detach().cpu(),
+            "last_leaders": sorted(self._last_leaders) if self._last_leaders is not None else None,
+            "churn": list(self._churn),
+            "participation_rng": self._participation_rng.bit_generator.state,
+            "torch_rng": torch.get_rng_state(),
+            "server_s_per_sample": self.server_s_per_sample,
+        }
+        checkpoint.save(self.checkpoint_dir, state)
+        self.checkpointed_round = r
+        self.state.event("checkpoint", None, {"round": r})
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Continue from a checkpoint: the next round is the one after it."""
+        from . import checkpoint
+
+        r = int(state["round"])
+        self.job.server.load_state_dict(state["server"], strict=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        ema = state["leader_ema"]
+        self.tracker.ema = None if ema is None else ema.to(self.job.server_device)
+        last = state["last_leaders"]
+        self._last_leaders = None if last is None else set(last)
+        self._churn.extend(state["churn"])
+        self._participation_rng.bit_generator.state = dict(state["participation_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        self.server_s_per_sample = float(state["server_s_per_sample"])
+        self._client_weights = {
+            i: checkpoint.tensors_to_weights(w) for i, w in state["clients"].items()
+        }
+        self.start_round = r + 1
+        self.checkpointed_round = r
 
     def _server_step(
         self, acts: list[torch.Tensor], labels: list[torch.Tensor]
@@ -221,23 +299,25 @@ class Runner:
             if s.id in fwd:
                 s.status = "joined"
         dev = job.server_device
-        acts = [
-            torch.from_numpy(np.array(fwd[i].acts)).to(dev) for i in ids
-        ]  # frames are read-only
-        labels = [torch.from_numpy(np.array(fwd[i].labels)).to(dev) for i in ids]
+        acts = to_device([fwd[i].acts for i in ids], dev)  # pinned + non-blocking on CUDA
+        labels = to_device([fwd[i].labels for i in ids], dev)
         t_server = time.perf_counter()
         result = await asyncio.to_thread(self._server_step, acts, labels)
         server_s = time.perf_counter() - t_server
         hold = uses_client_space(m)
-        grads = {i: g.detach().cpu().numpy() for i, g in zip(ids, result.grads)}
+        grads = dict(zip(ids, to_host(result.grads)))
         losses = dict(zip(ids, result.losses))
         t_down = time.perf_counter()
         client_grads = await self.group.backward(r, grads, losses, hold)
         diag = dict(result.diag)
         if hold:
-            g_list = [torch.from_numpy(np.array(client_grads[i])) for i in ids]
-            leader, diag = client_alignment(self.tracker, g_list, [len(fwd[i].labels) for i in ids])
-            await self.group.align(r, ids, leader.numpy(), m.gapsl.gda_mode, m.gapsl.gda_lambda)
+            # a device that went away after its forward pass is aligned without
+            held = [i for i in ids if i in client_grads]
+            g_list = [torch.from_numpy(np.array(client_grads[i])) for i in held]
+            leader, diag = client_alignment(
+                self.tracker, g_list, [len(fwd[i].labels) for i in held]
+            )
+            await self.group.align(r, held, leader.numpy(), m.gapsl.gda_mode, m.gapsl.gda_lambda)
         downlink_s = time.perf_counter() - t_down
         if m.training.algorithm == "sfl" and r % m.sfl.avg_every == 0:
             await self._fedavg(r)
@@ -257,7 +337,8 @@ class Runner:
                 p.update_compute(fwd[i].compute_s, fwd[i].backward_s, len(fwd[i].labels))
                 path = fwd[i].wait_s - fwd[i].compute_s - (fwd[i].backward_s or 0.0)
                 # from round 2 on, the previous gradient came down on the same path
-                p.update_uplink(fwd[i].nbytes, path, fwd[i].acts.nbytes if r > 1 else 0)
+                grad_bytes = int(fwd[i].acts.nbytes * self._wire_ratio) if r > 1 else 0
+                p.update_uplink(fwd[i].nbytes, path, grad_bytes)
         self._record(
             r,
             ids,
@@ -350,12 +431,16 @@ class Runner:
     async def evaluate(self, r: int) -> None:
         st = self.state
         st.phase = "evaluating"
-        states = await self.group.fetch_weights(r, self._fetch_deadline())
+        keep = self.checkpoint_dir is not None
+        states = await self.group.fetch_weights(r, self._fetch_deadline(), checkpoint=keep)
         ids = [i for i in self.group.ids if i in states]
         for i in self.group.ids:
             if i not in states:
                 st.event("straggler", i, {"round": r, "during": "evaluation"})
         scores, spread = await asyncio.to_thread(self._score, [states[i] for i in ids])
+        if keep:
+            self._client_weights.update(states)
+            await asyncio.to_thread(self._save_checkpoint, r)
         accs = [a for a, _ in scores]
         for i, (acc, _) in zip(ids, scores):
             st.device_acc[i] = acc

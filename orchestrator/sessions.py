@@ -8,6 +8,7 @@ that was in flight is sent again (the agent answers a repeated request idempoten
 from __future__ import annotations
 
 import asyncio
+import collections
 import hmac
 import time
 from typing import Any, Callable
@@ -22,9 +23,24 @@ from .manifest import DeviceConfig
 _DROPPED = object()  # the connection went away: resend after the device is back
 _FAILED = object()  # the device reported that it cannot carry out the job
 
-REPLY_TYPES = frozenset({"activations", "client_grad", "eval_result", "echo_reply", "bench_result"})
+REPLY_TYPES = frozenset(
+    {"activations", "client_grad", "eval_result", "echo_reply", "bench_result", "missed"}
+)
+# Requests remembered per reply type. A device that stalls (SIGSTOP, swapping) is asked again
+# every round and answers the backlog in order once it resumes: those replies are late, not
+# forged, so the window covers many rounds of lag, not just the request in flight.
+EXPECTED_PER_TYPE = 64
 HELLO_TIMEOUT_S = 10.0
 SEND_TIMEOUT_S = 60.0
+
+
+class DeviceAbsent(Exception):
+    """A device cannot answer this request: it is away past its patience, or lost the round."""
+
+    def __init__(self, device: str, why: str) -> None:
+        super().__init__(f"device {device} {why}")
+        self.device = device
+        self.why = why
 
 
 class DeviceSession:
@@ -43,9 +59,13 @@ class DeviceSession:
         self.facts: dict[str, Any] = {}
         self.stats: dict[str, Any] = {}
         self.status = "waiting"
+        self.away_since: float | None = time.monotonic()  # None while connected
         self.failure: str | None = None
         self.shard_size = 0
         self.last_gradient: tuple[int, bytes] | None = None  # resent to a device that missed it
+        # reply type -> (the field tying a reply to its request, values recently asked for)
+        self.expected: dict[str, tuple[str, collections.deque[int]]] = {}
+        self.awaiting_ready = False  # a job went out on this session and no ready came back yet
 
     async def send(self, frame: bytes) -> bool:
         """Send on the current connection; False when there is none (the device is away)."""
@@ -65,23 +85,35 @@ class DeviceSession:
         return True
 
     async def call(
-        self, frame: bytes, reply_type: str, round_: int, timeout_s: float, key: str = "round"
+        self,
+        frame: bytes,
+        reply_type: str,
+        round_: int,
+        timeout_s: float,
+        key: str = "round",
+        patience_s: float | None = None,
     ) -> Message:
         """Send a request and wait for its reply, resending after a reconnect.
 
-        Raises TimeoutError after ``timeout_s`` and FleetError if the device reports a failed job.
-        Cancelling is safe: a late reply is discarded by its round number.
+        Raises TimeoutError after ``timeout_s``, FleetError if the device reports a failed job,
+        and DeviceAbsent when it answers ``missed`` or, with ``patience_s``, has been
+        disconnected that long. Cancelling is safe: a late reply is discarded by its round.
         """
         try:
-            return await asyncio.wait_for(self._call(frame, reply_type, round_, key), timeout_s)
+            return await asyncio.wait_for(
+                self._call(frame, reply_type, round_, key, patience_s), timeout_s
+            )
         except asyncio.TimeoutError:
             raise TimeoutError(
                 f"device {self.id} did not answer {reply_type} of round {round_} within {timeout_s:.0f} s"
             ) from None
 
-    async def _call(self, frame: bytes, reply_type: str, round_: int, key: str) -> Message:
+    async def _call(
+        self, frame: bytes, reply_type: str, round_: int, key: str, patience_s: float | None
+    ) -> Message:
+        self.expect(reply_type, key, round_)
         while True:
-            await self.connected.wait()
+            await self._wait_connected(patience_s)
             if not await self.send(frame):
                 continue
             while True:
@@ -90,9 +122,55 @@ class DeviceSession:
                     break  # wait for the device to come back, then ask again
                 if item is _FAILED:
                     raise FleetError(f"device {self.id} failed its job: {self.failure}")
+                if item.type == "missed" and item["round"] == round_ and key == "round":
+                    raise DeviceAbsent(self.id, "restarted and lost this round's work")
                 if item.type == reply_type and item.get(key) == round_:
                     return item  # type: ignore[no-any-return]
                 # anything else is a stale reply to an earlier, resent request: drop it
+
+    def away_s(self) -> float:
+        """How long the device has been disconnected (0 while it is connected)."""
+        return 0.0 if self.away_since is None else time.monotonic() - self.away_since
+
+    async def _wait_connected(self, patience_s: float | None) -> None:
+        if self.connected.is_set():
+            return
+        if patience_s is None:
+            await self.connected.wait()
+            return
+        left = patience_s - self.away_s()
+        if left > 0:
+            try:
+                await asyncio.wait_for(self.connected.wait(), left)
+                return
+            except asyncio.TimeoutError:
+                pass
+        raise DeviceAbsent(self.id, f"disconnected for more than {patience_s:.0f} s")
+
+    def fail(self, reason: str) -> None:
+        """The device cannot go on (its local agent died for good): fail its pending call."""
+        self.failure = self.failure or reason
+        self._push(_FAILED)
+
+    def expect(self, reply_type: str, key: str, value: int) -> None:
+        """Note a reply this device has been asked for (checked when replies arrive)."""
+        entry = self.expected.get(reply_type)
+        if entry is None or entry[0] != key:
+            entry = (key, collections.deque(maxlen=EXPECTED_PER_TYPE))
+            self.expected[reply_type] = entry
+        values = entry[1]
+        if value in values:  # asked again (a resend, a reused probe seq): now the newest
+            values.remove(value)
+        values.append(value)
+
+    def solicited(self, msg: Message) -> bool:
+        """Whether ``msg`` answers a request recently sent on this session (late ones count)."""
+        if msg.type == "missed":  # "this round is lost here" may answer any request of the round
+            return any(
+                key == "round" and msg["round"] in values for key, values in self.expected.values()
+            )
+        entry = self.expected.get(msg.type)
+        return entry is not None and msg.get(entry[0]) in entry[1]
 
     def _push(self, item: Any) -> None:
         try:
@@ -167,6 +245,7 @@ class Admission:
             if session is not None and session.ws is ws:
                 session.ws = None
                 session.connected.clear()
+                session.away_since = time.monotonic()
                 session._push(_DROPPED)
                 if not self.closing:
                     session.status = "lost"
@@ -212,31 +291,48 @@ class Admission:
                 protocol.CLOSE_GOING_AWAY, "replaced by a newer connection of this device"
             )
         session.facts = dict(hello["facts"])
-        rejoin = resume.get("run_id") == self.run_id
+        # A device this orchestrator has not yet seen ready (a resumed run) gets the job again,
+        # which tells it the round to resume from.
+        rejoin = resume.get("run_id") == self.run_id and session.ready.is_set()
         self.on_event("rejoined" if rejoin else "joined", session.id, {"peer": peer})
         if not rejoin:
             session.ready.clear()
+            session.awaiting_ready = True  # set before sending: the ready may come back at once
             await asyncio.wait_for(ws.send(self.job_frame(session)), SEND_TIMEOUT_S)
         elif (
             session.last_gradient is not None and resume.get("round", 0) < session.last_gradient[0]
         ):
             await asyncio.wait_for(ws.send(session.last_gradient[1]), SEND_TIMEOUT_S)
         session.status = "joined"
+        session.away_since = None
         session.connected.set()
         return session
 
     def _dispatch(self, session: DeviceSession, msg: Message) -> None:
         kind = msg.type
         if kind in REPLY_TYPES:
+            # A reply must answer something this session asked; anything else is a forged or
+            # confused peer, and queueing it would only hide the bug until the queue overflows.
+            if not session.solicited(msg):
+                raise ProtocolError(protocol.CLOSE_PROTOCOL_ERROR, _unasked(session, msg))
             session._push(msg)
         elif kind == "ready":
+            if not session.awaiting_ready:
+                raise ProtocolError(
+                    protocol.CLOSE_PROTOCOL_ERROR, "ready without a job awaiting it on this session"
+                )
+            session.awaiting_ready = False
             session.shard_size = msg["shard_size"]
             session.facts["torch_device"] = msg["torch_device"]
             session.ready.set()
             self.on_event(
                 "ready",
                 session.id,
-                {"shard_size": msg["shard_size"], "load_s": round(msg["load_s"], 3)},
+                {
+                    "shard_size": msg["shard_size"],
+                    "load_s": round(msg["load_s"], 3),
+                    "restored_round": msg.get("restored_round"),
+                },
             )
         elif kind == "telemetry":
             session.stats = dict(msg["stats"])
@@ -264,6 +360,13 @@ class Admission:
 
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _unasked(session: DeviceSession, msg: Message) -> str:
+    """The close reason for a reply nobody asked for, naming the message and its round/seq."""
+    entry = session.expected.get(msg.type)
+    key = entry[0] if entry is not None else ("seq" if "seq" in msg.fields else "round")
+    return f"{msg.type} {key}={msg.get(key)} answers no request sent on this session"
 
 
 def _peer(ws: Any) -> str:

@@ -22,6 +22,7 @@ class RunState:
         self.phase = "waiting"
         self.round = 0
         self.message = ""
+        self.stop_requested = False  # SIGINT/SIGTERM: stop at the next round boundary
         self.sessions: list[DeviceSession] = []
         self.evals: list[EvalPoint] = []
         self.rounds: collections.deque[RoundPoint] = collections.deque(maxlen=200)

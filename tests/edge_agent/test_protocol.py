@@ -281,7 +281,7 @@ SAMPLES: dict[str, dict[str, Any]] = {
         "shard": np.array([0, 5, 9, 1200], np.int64),
         "weights": WEIGHTS,
     },
-    "ready": {"shard_size": 4, "load_s": 0.8, "torch_device": "cpu"},
+    "ready": {"shard_size": 4, "load_s": 0.8, "torch_device": "cpu", "restored_round": 20},
     "round": {"round": 1, "batch_size": 32},
     "activations": {
         "round": 1,
@@ -312,11 +312,12 @@ SAMPLES: dict[str, dict[str, Any]] = {
     "bench": {"seq": 4, "batch_size": 64, "repeats": 5},
     "bench_result": {"seq": 4, "fwd_s": 0.012, "bwd_s": 0.025},
     "skip": {"round": 9},
-    "eval_request": {"round": 10},
+    "missed": {"round": 9},
+    "eval_request": {"round": 10, "checkpoint": True},
     "eval_result": {"round": 10, "weights": WEIGHTS, "compute_s": 0.003},
     "telemetry": {"stats": {"cpu_percent": 37.5, "mem_percent": 61.0, "rss_bytes": 123456789}},
     "error": {"code": "job_failed", "message": "the local copy of digits differs"},
-    "bye": {"reason": "completed"},
+    "bye": {"reason": "interrupted; the run can be resumed", "redial": True},
 }
 
 

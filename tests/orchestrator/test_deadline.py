@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
-import signal
 from pathlib import Path
 
 from orchestrator.engine import Engine
 from orchestrator.manifest import manifest_to_toml, parse_manifest
 
-SCALE = float(os.environ.get("GAPSL_TEST_TIMEOUT_SCALE", "1"))
+from .stall import run_with_stopped_agent
 
 MANIFEST = """
 [testbed]
@@ -32,21 +29,7 @@ def test_stalled_device_is_left_out_and_the_run_completes(tmp_path: Path) -> Non
     m = parse_manifest(MANIFEST)
     engine = Engine(m, tmp_path / "run", manifest_to_toml(m), run_id="stall")
 
-    async def stall_c() -> None:
-        while engine.state.round < 8:  # the run's own progress, bounded by the outer timeout
-            await asyncio.sleep(0.05)
-        assert engine.fleet is not None
-        os.kill(engine.fleet.procs["c"].pid, signal.SIGSTOP)
-
-    async def scenario() -> str:
-        async with asyncio.timeout(240 * SCALE):
-            staller = asyncio.create_task(stall_c())
-            try:
-                return await engine.run()
-            finally:
-                staller.cancel()
-
-    assert asyncio.run(scenario()) == "completed"
+    assert run_with_stopped_agent(engine, "c", at_round=8, limit_s=240) == "completed"
     run = tmp_path / "run"
     rounds = [json.loads(x) for x in (run / "rounds.jsonl").read_text().splitlines()]
     assert len(rounds) == 30

@@ -1,0 +1,69 @@
+"""``gapsl-orchestrator run --resume RUN_DIR``: what an interrupted run needs to carry on.
+
+The run directory holds everything: the resolved manifest, the summary of the interrupted run
+(its run id and wall time) and ``checkpoint.pt``. The resumed run appends to the same records;
+rounds repeated after the checkpoint appear twice there and readers keep the later one.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import checkpoint
+from .errors import GapslError
+from .manifest import Manifest, load_manifest
+
+
+@dataclass(frozen=True)
+class Resume:
+    manifest: Manifest
+    run_id: str
+    wall_s: float
+    checkpoint: dict[str, Any] | None  # None: interrupted before its first checkpoint
+
+
+def prepare_resume(
+    run_dir: Path, overrides: Sequence[str] = (), other_dir: Path | None = None
+) -> Resume:
+    """Check that ``run_dir`` can be resumed and load what it needs; GapslError if not."""
+    run_dir = Path(run_dir)
+    if other_dir is not None and Path(other_dir).resolve() != run_dir.resolve():
+        raise GapslError("--resume continues a run in its own directory; drop --run-dir")
+    manifest_path = run_dir / "manifest.toml"
+    if not manifest_path.is_file():
+        raise GapslError(f"{run_dir}: no manifest.toml there; not a run directory")
+    summary_path = run_dir / "summary.json"
+    summary: dict[str, Any] = {}
+    if summary_path.is_file():
+        try:
+            summary = json.loads(summary_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise GapslError(f"{summary_path}: unreadable ({exc})") from exc
+    if summary.get("status") == "completed":
+        raise GapslError(f"{run_dir}: the run completed; there is nothing to resume")
+    m = load_manifest(manifest_path, overrides)
+    state = checkpoint.load(run_dir)
+    run_id = summary.get("run_id") or (state or {}).get("run_id")
+    if not isinstance(run_id, str) or not run_id:
+        raise GapslError(
+            f"{run_dir}: neither summary.json nor a checkpoint names the run (the orchestrator "
+            "was killed before its first checkpoint); start the run again"
+        )
+    if state is not None:
+        missing = [d.id for d in m.devices if d.id not in state.get("clients", {})]
+        if missing:
+            raise GapslError(
+                f"{run_dir}: the checkpoint holds no partition of {', '.join(missing)}; "
+                "the manifest's devices changed since the run started"
+            )
+        if int(state["round"]) >= m.training.rounds:
+            raise GapslError(
+                f"{run_dir}: the checkpoint is of round {state['round']}, the run's last; "
+                "raise training.rounds with --set to train on"
+            )
+    wall = summary.get("wall_s")
+    return Resume(m, run_id, float(wall) if isinstance(wall, (int, float)) else 0.0, state)
