@@ -66,4 +66,15 @@ def prepare_resume(
                 "raise training.rounds with --set to train on"
             )
     wall = summary.get("wall_s")
-    return Resume(m, run_id, float(wall) if isinstance(wall, (int, float)) else 0.0, state)
+    if not isinstance(wall, (int, float)):
+        wall = _last_event_time(run_dir)  # killed before it could write a summary
+    return Resume(m, run_id, float(wall), state)
+
+
+def _last_event_time(run_dir: Path) -> float:
+    """The time of the run's last recorded event: how long it ran, when nothing else says."""
+    from .runread import read_jsonl
+
+    rows, _ = read_jsonl(run_dir / "events.jsonl")
+    times = [r["t"] for r in rows if isinstance(r.get("t"), (int, float))]
+    return float(max(times, default=0.0))
