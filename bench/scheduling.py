@@ -42,10 +42,12 @@ POLICIES = {
 }
 
 
-def manifest(rounds: int, fleet: list[tuple[str, float, float, float, float]]) -> str:
+def manifest(
+    rounds: int, fleet: list[tuple[str, float, float, float, float]], seed: int = 0
+) -> str:
     text = (
         '[testbed]\nname = "sched"\nlisten = "127.0.0.1:0"\n'
-        f"[training]\nrounds = {rounds}\nbatch_size = 32\neval_every = 10\n"
+        f"[training]\nrounds = {rounds}\nbatch_size = 32\neval_every = 10\nseed = {seed}\n"
         '[data]\npartition = "iid"\n'
     )
     for i, slow, up, down, rtt in fleet:
@@ -57,12 +59,14 @@ def manifest(rounds: int, fleet: list[tuple[str, float, float, float, float]]) -
     return text
 
 
-def run_policy(name: str, rounds: int, fleet: list[Any], work: Path) -> dict[str, Any]:
+def run_policy(
+    name: str, rounds: int, fleet: list[Any], work: Path, seed: int = 0
+) -> dict[str, Any]:
     from orchestrator.engine import Engine
     from orchestrator.manifest import manifest_to_toml, parse_manifest
 
-    m = parse_manifest(manifest(rounds, fleet), overrides=POLICIES[name])
-    run_dir = work / name
+    m = parse_manifest(manifest(rounds, fleet, seed), overrides=POLICIES[name])
+    run_dir = work / f"{name}-s{seed}"
     status = asyncio.run(Engine(m, run_dir, manifest_to_toml(m), run_id=name).run())
     rounds_rec = [json.loads(x) for x in (run_dir / "rounds.jsonl").read_text().splitlines()]
     metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -93,6 +97,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--rounds", type=int, default=60)
     p.add_argument("--quick", action="store_true", help="three devices, few rounds (a smoke run)")
+    p.add_argument(
+        "--seeds",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also run uniform and latency_balanced with seeds 1..N: accuracy paired by seed",
+    )
     args = p.parse_args(argv)
     fleet = FLEET[::2] if args.quick else FLEET
     rounds = 4 if args.quick else args.rounds
@@ -128,13 +139,49 @@ def main(argv: list[str] | None = None) -> int:
         OUT.mkdir(parents=True, exist_ok=True)
         (OUT / "scheduling.md").write_text(md)
     uni, bal = results["uniform"], results["latency_balanced"]
-    print(json.dumps({
+    summary: dict[str, Any] = {
         "speedup_balanced": round(uni["mean_round_s"] / bal["mean_round_s"], 3),
         "acc_uniform": uni["final_acc"], "acc_balanced": bal["final_acc"],
         "median_model_error": bal["median_model_error"],
         "deadline_left_out": results["uniform+deadline"]["stragglers_left_out"],
-    }))  # fmt: skip
+    }  # fmt: skip
+    if args.seeds:
+        summary.update(_paired(rounds, fleet, args.seeds, uni, bal))
+    print(json.dumps(summary))
     return 0
+
+
+def _paired(
+    rounds: int, fleet: list[Any], seeds: int, uni0: dict[str, Any], bal0: dict[str, Any]
+) -> dict[str, Any]:
+    """Uniform and latency_balanced on seeds 1..N beside seed 0: accuracy paired by seed."""
+    per_seed = [(0, uni0, bal0)]
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in range(1, seeds + 1):
+            uni = run_policy("uniform", rounds, fleet, Path(tmp), seed)
+            bal = run_policy("latency_balanced", rounds, fleet, Path(tmp), seed)
+            per_seed.append((seed, uni, bal))
+            print(f"seed {seed}: uniform {uni['final_acc']:.4f} ({uni['mean_round_s']:.3f} s), "
+                  f"balanced {bal['final_acc']:.4f} ({bal['mean_round_s']:.3f} s)", flush=True)  # fmt: skip
+    diffs = [100 * (b["final_acc"] - u["final_acc"]) for _, u, b in per_seed]
+    speedups = [u["mean_round_s"] / b["mean_round_s"] for _, u, b in per_seed]
+    lines = ["| seed | uniform acc | balanced acc | Δ pts | uniform round s | balanced round s | speedup |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for (seed, u, b), d, sp in zip(per_seed, diffs, speedups):
+        lines.append(
+            f"| {seed} | {u['final_acc']:.4f} | {b['final_acc']:.4f} | {d:+.2f} | "
+            f"{u['mean_round_s']:.3f} | {b['mean_round_s']:.3f} | {sp:.2f}× |"
+        )
+    sd = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
+    lines.append(f"| mean | | | {statistics.fmean(diffs):+.2f} ± {sd:.2f} | | | "
+                 f"{statistics.fmean(speedups):.2f}× |")  # fmt: skip
+    print("\n".join(lines) + "\n")
+    return {
+        "seeds": len(per_seed),
+        "acc_delta_pts_mean": round(statistics.fmean(diffs), 3),
+        "acc_delta_pts_std": round(sd, 3),
+        "speedup_mean": round(statistics.fmean(speedups), 3),
+    }
 
 
 if __name__ == "__main__":
