@@ -9,9 +9,10 @@ PSL (parallel split learning): one shared server partition. Each device i upload
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -141,3 +142,23 @@ def evaluate(
         correct += int((logits.argmax(dim=1) == yb).sum())
     n = max(len(y), 1)
     return correct / n, loss_sum / n
+
+
+def client_spread(states: Sequence[Mapping[str, np.ndarray]]) -> float | None:
+    """How far apart the client partitions are: mean pairwise distance / mean norm.
+
+    0 when every device holds the same partition (SFL right after averaging, client FedSGD);
+    the drift that aggregation-free training lets grow. One Gram matrix, not N^2 differences.
+    """
+    if len(states) < 2:
+        return None
+    flat = np.stack(
+        [np.concatenate([np.ravel(v).astype(np.float64) for v in w.values()]) for w in states]
+    )
+    gram = flat @ flat.T
+    sq = np.diag(gram)
+    d2 = np.clip(sq[:, None] + sq[None, :] - 2 * gram, 0.0, None)
+    n = len(flat)
+    iu = np.triu_indices(n, k=1)
+    norm = float(np.sqrt(sq).mean())
+    return float(np.sqrt(d2[iu]).mean()) / norm if norm > 0 else None

@@ -22,6 +22,7 @@ from edge_agent.compress import wire_dtype
 from edge_agent.trainer import load_numpy_state
 
 from . import algorithms
+from .algorithms import client_spread
 from .gapsl import LeaderTracker, client_alignment, gapsl_server_step
 from .manifest import Manifest
 from .profiler import DeviceProfile, Prediction, balance_batches, predict_round, sample_participants
@@ -72,26 +73,6 @@ class DeviceGroup(Protocol):
 
 def uses_client_space(m: Manifest) -> bool:
     return m.training.algorithm == "gapsl" and m.gapsl.space == "client"
-
-
-def client_spread(states: list[Weights]) -> float | None:
-    """How far apart the client partitions are: mean pairwise distance / mean norm.
-
-    0 when every device holds the same partition (SFL right after averaging, client FedSGD);
-    the drift that aggregation-free training lets grow. One Gram matrix, not N^2 differences.
-    """
-    if len(states) < 2:
-        return None
-    flat = np.stack(
-        [np.concatenate([np.ravel(v).astype(np.float64) for v in w.values()]) for w in states]
-    )
-    gram = flat @ flat.T
-    sq = np.diag(gram)
-    d2 = np.clip(sq[:, None] + sq[None, :] - 2 * gram, 0.0, None)
-    n = len(flat)
-    iu = np.triu_indices(n, k=1)
-    norm = float(np.sqrt(sq).mean())
-    return float(np.sqrt(d2[iu]).mean()) / norm if norm > 0 else None
 
 
 class Runner:
@@ -187,22 +168,7 @@ class Runner:
         if missing:  # a device that never answered has nothing to resume from yet
             self.state.event("checkpoint_skipped", None, {"round": r, "missing": ",".join(missing)})
             return
-        state = {
-            "round": r,
-            "run_id": self.run_id,
-            "server": {k: v.detach().cpu() for k, v in self.job.server.state_dict().items()},
-            "optimizer": self.optimizer.state_dict(),
-            "clients": {
-                i: checkpoint.weights_to_tensors(w) for i, w in self._client_weights.items()
-            },
-            "leader_ema": None if self.tracker.ema is None else self.tracker.ema.detach().cpu(),
-            "last_leaders": sorted(self._last_leaders) if self._last_leaders is not None else None,
-            "churn": list(self._churn),
-            "participation_rng": self._participation_rng.bit_generator.state,
-            "torch_rng": torch.get_rng_state(),
-            "server_s_per_sample": self.server_s_per_sample,
-        }
-        checkpoint.save(self.checkpoint_dir, state)
+        checkpoint.save(self.checkpoint_dir, checkpoint.runner_state(self, r))
         self.checkpointed_round = r
         self.state.event("checkpoint", None, {"round": r})
 
@@ -210,22 +176,9 @@ class Runner:
         """Continue from a checkpoint: the next round is the one after it."""
         from . import checkpoint
 
-        r = int(state["round"])
-        self.job.server.load_state_dict(state["server"], strict=True)
-        self.optimizer.load_state_dict(state["optimizer"])
-        ema = state["leader_ema"]
-        self.tracker.ema = None if ema is None else ema.to(self.job.server_device)
-        last = state["last_leaders"]
-        self._last_leaders = None if last is None else set(last)
-        self._churn.extend(state["churn"])
-        self._participation_rng.bit_generator.state = dict(state["participation_rng"])
-        torch.set_rng_state(state["torch_rng"])
-        self.server_s_per_sample = float(state["server_s_per_sample"])
-        self._client_weights = {
-            i: checkpoint.tensors_to_weights(w) for i, w in state["clients"].items()
-        }
-        self.start_round = r + 1
-        self.checkpointed_round = r
+        checkpoint.restore_runner(self, state)
+        self.start_round = int(state["round"]) + 1
+        self.checkpointed_round = int(state["round"])
 
     def _server_step(
         self, acts: list[torch.Tensor], labels: list[torch.Tensor]

@@ -1,0 +1,46 @@
+"""Writes a ``Manifest`` back out as ``testbed.toml`` text that reads back to an equal manifest.
+
+Run records store this resolved text, so a run can be repeated or resumed from its own folder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields, is_dataclass, replace
+
+from orchestrator.manifest_sections import SECTIONS, Manifest
+from orchestrator.toml_values import toml_str, toml_value
+
+
+def manifest_to_toml(m: Manifest, *, absolute_paths: bool = False) -> str:
+    """The manifest as TOML text that ``parse_manifest`` reads back to an equal ``Manifest``.
+
+    With ``absolute_paths``, a relative ``data.dir`` is written resolved, so the text keeps
+    pointing at the same data when it is stored away from the original manifest's folder.
+    """
+    lines = [
+        "# Resolved testbed manifest: every key, defaults and --set overrides included.",
+        f"# Read from {toml_str(m.source)}.",
+    ]
+    data = m.data
+    if absolute_paths and m.data_dir() is not None:
+        data = replace(data, dir=str(m.data_dir()))
+    testbed, tls = m.testbed, m.tls_files() if absolute_paths else None
+    if tls is not None:  # like data.dir: the files must still be found from a run directory
+        ca = str(tls.ca) if tls.ca is not None else ""
+        testbed = replace(testbed, tls_cert=str(tls.cert), tls_key=str(tls.key), tls_ca=ca)
+    tables = [
+        (f"[{name}]", testbed if name == "testbed" else getattr(m, name))
+        for name in SECTIONS
+        if name != "data"
+    ]
+    tables.insert(2, ("[data]", data))
+    for dev in m.devices:
+        tables += [("[[devices]]", dev), ("[devices.emulate]", dev.emulate)]
+    for header, obj in tables:
+        lines += [header] if header == "[devices.emulate]" else ["", header]
+        lines += [
+            f"{f.name} = {toml_value(getattr(obj, f.name))}"
+            for f in fields(obj)
+            if not is_dataclass(getattr(obj, f.name))
+        ]
+    return "\n".join(lines)
