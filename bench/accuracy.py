@@ -54,6 +54,10 @@ VARIANTS: dict[str, list[str]] = {
     "abl-no-ema": _gapsl("client", "first_order", 1.0, beta=0.0),
     "abl-l025": _gapsl("client", "first_order", 0.25),
     "abl-pull-l05": _gapsl("client", "pull", 0.5),
+    # the same, every learning rate annealed (cosine) over the rounds
+    "psl-cos": ["training.algorithm=psl", "training.lr_decay=cosine"],
+    "sfl-cos": ["training.algorithm=sfl", "sfl.avg_every=1", "training.lr_decay=cosine"],
+    "gapsl-client-fo-cos": [*_gapsl("client", "first_order", 1.0), "training.lr_decay=cosine"],
 }  # fmt: skip
 MAIN = [
     "psl",

@@ -8,6 +8,7 @@ Everything here is synchronous torch code; the connection runs it off the event 
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -19,6 +20,19 @@ from models import build_split, select_device
 
 from .align import alignment_penalty, blend, flat_grad, set_flat_grad
 from .compress import check_mode
+
+
+def round_lr(lr: float, decay: str, round_: int, rounds: int) -> float:
+    """The learning rate of round ``round_`` (1-based) of ``rounds`` under ``training.lr_decay``.
+
+    "cosine" anneals from ``lr`` in round 1 towards 0 after the last round; devices and the
+    server use the same value in the same round.
+    """
+    if decay == "none":
+        return lr
+    if decay == "cosine":
+        return lr * 0.5 * (1.0 + math.cos(math.pi * (round_ - 1) / max(rounds, 1)))
+    raise ValueError(f"unknown lr_decay {decay!r}")
 
 
 class BatchSampler:
@@ -107,6 +121,10 @@ class ClientTrainer:
         self._graph_grads: tuple[torch.Tensor, ...] | None = None
         self._params = [p for p in self.model.parameters() if p.requires_grad]
         self.gda_mode = str(job.get("gda_mode", ""))
+        self._lr = float(job["lr"])
+        self._decay = str(job.get("lr_decay", "none"))
+        self._rounds = int(job["rounds"])
+        round_lr(self._lr, self._decay, 1, self._rounds)  # an unknown schedule fails the job now
         # How activations and gradients travel (edge_agent.compress); the connection packs them.
         self.compression = check_mode(str(job.get("compression", "none")))
         self.applied_round = 0
@@ -152,7 +170,7 @@ class ClientTrainer:
         acts.backward(g, retain_graph=exact)
         self._pending = None
         if not hold:
-            self.optimizer.step()
+            self._step(round_)
             self.applied_round = round_
             return None, time.perf_counter() - start
         self._held = round_
@@ -180,10 +198,16 @@ class ClientTrainer:
         else:
             with torch.no_grad():
                 set_flat_grad(self._params, blend(mode, flat_grad(self._params), g_l, lam))
-        self.optimizer.step()
+        self._step(round_)
         self._held = None
         self.applied_round = round_
         return time.perf_counter() - start
+
+    def _step(self, round_: int) -> None:
+        if self._decay != "none":
+            for group in self.optimizer.param_groups:
+                group["lr"] = round_lr(self._lr, self._decay, round_, self._rounds)
+        self.optimizer.step()
 
     def set_weights(self, weights: Mapping[str, np.ndarray]) -> None:
         """Replace the client partition's weights (SFL averaging); the optimizer state stays."""

@@ -118,6 +118,7 @@ def job_spec(m: Manifest, job: Job, rank: int) -> dict[str, Any]:
         "rounds": t.rounds,
         "batch_size": t.batch_size,
         "lr": t.lr,
+        "lr_decay": t.lr_decay,
         "momentum": t.momentum,
         "weight_decay": t.weight_decay,
         "seed": t.seed,

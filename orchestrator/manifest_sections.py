@@ -105,6 +105,8 @@ class TrainingConfig:
     eval_every: int = _opt(10, check=_at_least_one)
     seed: int = _opt(0, check=_non_negative)  # numpy generators refuse negative seeds
     lr: float = _opt(0.05, check=_positive)
+    # "cosine": every learning rate (devices and server) anneals from lr to 0 over the rounds
+    lr_decay: str = _opt("none", choices=("none", "cosine"))
     momentum: float = _opt(0.9, check=_unit_open_hi)
     weight_decay: float = _opt(0.0, check=_non_negative)
     # Cut-layer activations and their gradients on the wire: "fp16", or "int8" with one scale

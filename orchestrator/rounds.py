@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from edge_agent.compress import wire_dtype
-from edge_agent.trainer import load_numpy_state
+from edge_agent.trainer import load_numpy_state, round_lr
 
 from . import algorithms
 from .algorithms import client_spread
@@ -255,6 +255,10 @@ class Runner:
         acts = to_device([fwd[i].acts for i in ids], dev)  # pinned + non-blocking on CUDA
         labels = to_device([fwd[i].labels for i in ids], dev)
         t_server = time.perf_counter()
+        if m.training.lr_decay != "none":
+            lr = round_lr(m.training.lr, m.training.lr_decay, r, m.training.rounds)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
         result = await asyncio.to_thread(self._server_step, acts, labels)
         server_s = time.perf_counter() - t_server
         hold = uses_client_space(m)
