@@ -103,10 +103,11 @@ async def _run_async(
     assert main is not None
 
     def on_signal() -> None:
-        # The first signal stops at the next round boundary with a checkpoint; a second one
-        # stops at once (the last evaluation's checkpoint stands).
-        if engine.state.stop_requested or in_process:
-            main.cancel()
+        # During training the first signal stops at the next round boundary with a checkpoint;
+        # a second one stops at once (the last evaluation's checkpoint stands).
+        training = engine.state.phase in ("training", "evaluating")
+        if engine.state.stop_requested or in_process or not training:
+            main.cancel()  # nothing learnt yet that a checkpoint could keep
         else:
             engine.request_stop()
 

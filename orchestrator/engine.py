@@ -292,7 +292,8 @@ class Engine:
     def _agent_exited(self, device_id: str, code: int) -> None:
         session = self.sessions[device_id]
         self.state.event("agent_exited", device_id, {"code": code})
-        if code == 0 or self.state.phase in ("completed", "failed", "interrupted"):
+        stopping = self.fleet is not None and self.fleet.stopping
+        if code == 0 or stopping or self.state.phase in ("completed", "failed", "interrupted"):
             return
         # Killed or crashed by something outside the job: start it again; it resumes from its
         # local checkpoint. A job it cannot do, a bad command line or a refusal would only repeat.
@@ -381,8 +382,9 @@ class Engine:
 
     async def _say_bye(self, reason: str, redial: bool = False) -> None:
         frame = encode("bye", reason=reason, redial=redial or None)
+        plain = encode("bye", reason=reason)  # local agents are stopped; a resume starts new ones
         for s in self.sessions.values():
-            await s.send(frame)
+            await s.send(plain if s.cfg.launch == "local" else frame)
             s.status = "done" if s.ws is not None else s.status
         for s in self.sessions.values():
             ws = s.ws

@@ -67,7 +67,7 @@ class LocalFleet:
         self._watchers: list[asyncio.Task[None]] = []
         self._commands: dict[str, list[str]] = {}
         self._env: dict[str, str] = {}
-        self._stopping = False
+        self.stopping = False
 
     async def start(
         self,
@@ -113,7 +113,7 @@ class LocalFleet:
 
     async def respawn(self, device_id: str) -> None:
         """Start a local agent again after it died; it resumes from its local checkpoint."""
-        if self._stopping or device_id not in self._commands:
+        if self.stopping or device_id not in self._commands:
             return
         await self._launch(device_id)
 
@@ -131,7 +131,7 @@ class LocalFleet:
 
     async def stop(self, grace_s: float = 5.0) -> None:
         """Give agents ``grace_s`` to leave after the run's bye, then terminate, then kill."""
-        self._stopping = True
+        self.stopping = True
         alive = [p for p in self.procs.values() if p.returncode is None]
         if alive:
             await asyncio.wait([asyncio.ensure_future(p.wait()) for p in alive], timeout=grace_s)
