@@ -23,6 +23,12 @@ _NAME = re.compile(r"round-(\d+)\.pt")
 _SAFE = re.compile(r"[^A-Za-z0-9_.-]")
 
 
+def _safe(name: str) -> str:
+    """A name usable as one path component: no separators, and never "." or ".."."""
+    name = _SAFE.sub("_", name)
+    return "_" + name if name.strip(".") == "" else name
+
+
 def default_root() -> Path:
     """``$XDG_STATE_HOME/gapsl-agent`` (``~/.local/state/gapsl-agent`` when unset)."""
     state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
@@ -33,11 +39,11 @@ class CheckpointStore:
     """The checkpoints of one device, by run id and round."""
 
     def __init__(self, root: Path, device_id: str, keep: int = 3) -> None:
-        self.dir = Path(root) / _SAFE.sub("_", device_id)
+        self.dir = Path(root) / _safe(device_id)
         self.keep = max(1, keep)
 
     def _run_dir(self, run_id: str) -> Path:
-        return self.dir / _SAFE.sub("_", run_id)
+        return self.dir / _safe(run_id)
 
     def rounds(self, run_id: str) -> list[int]:
         """Rounds with a checkpoint for this run, oldest first."""
