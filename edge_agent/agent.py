@@ -336,6 +336,8 @@ class Agent:
         state = None
         if store is not None:
             state = store.load(self.run_id, resume_round or None)
+            if resume_round:
+                store.drop_after(self.run_id, resume_round)
         if state is not None:
             try:
                 trainer.restore(state)

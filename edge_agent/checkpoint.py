@@ -68,6 +68,13 @@ class CheckpointStore:
             (folder / f"round-{old}.pt").unlink(missing_ok=True)
         return path
 
+    def drop_after(self, run_id: str, round_: int) -> None:
+        """Forget checkpoints newer than ``round_``: a resumed run goes on from there, and a
+        later restart must not pick up a round of the abandoned continuation."""
+        for r in self.rounds(run_id):
+            if r > round_:
+                (self._run_dir(run_id) / f"round-{r}.pt").unlink(missing_ok=True)
+
     def load(self, run_id: str, round_: int | None = None) -> dict[str, Any] | None:
         """The checkpoint of ``round_`` (the newest one when None), or None if there is none.
 

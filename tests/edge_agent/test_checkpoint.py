@@ -56,5 +56,8 @@ def test_newest_kept_exact_round_and_bad_files(tmp_path: Path) -> None:
     assert CheckpointStore(tmp_path, "..").dir.parent == tmp_path  # an id is one folder
     assert store.load("run-1", 20)["round"] == 20  # type: ignore[index]
     assert store.load("run-1", 10) is None and store.load("other-run") is None
+    store.save("run-1", 40, t.checkpoint())
+    store.drop_after("run-1", 30)  # a run resumed from round 30 abandons round 40
+    assert store.rounds("run-1") == [30]
     (store.dir / "run-1" / "round-30.pt").write_bytes(b"not a checkpoint")
     assert store.load("run-1") is None  # reported and skipped, never fatal
