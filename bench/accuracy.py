@@ -58,6 +58,11 @@ VARIANTS: dict[str, list[str]] = {
     "psl-cos": ["training.algorithm=psl", "training.lr_decay=cosine"],
     "sfl-cos": ["training.algorithm=sfl", "sfl.avg_every=1", "training.lr_decay=cosine"],
     "gapsl-client-fo-cos": [*_gapsl("client", "first_order", 1.0), "training.lr_decay=cosine"],
+    # every client partition pulled towards the shared initial weights (L2, coefficient 0.01)
+    "psl-anchor": ["training.algorithm=psl", "training.client_anchor=0.01"],
+    "gapsl-client-fo-anchor": [*_gapsl("client", "first_order", 1.0), "training.client_anchor=0.01"],
+    "psl-anchor-01": ["training.algorithm=psl", "training.client_anchor=0.1"],
+    "gapsl-client-fo-anchor-01": [*_gapsl("client", "first_order", 1.0), "training.client_anchor=0.1"],
 }  # fmt: skip
 MAIN = [
     "psl",

@@ -120,6 +120,8 @@ class ClientTrainer:
         self._held: int | None = None
         self._graph_grads: tuple[torch.Tensor, ...] | None = None
         self._params = [p for p in self.model.parameters() if p.requires_grad]
+        self._anchor = float(job.get("client_anchor", 0.0))
+        self._initial = [p.detach().clone() for p in self._params] if self._anchor > 0 else []
         self.gda_mode = str(job.get("gda_mode", ""))
         self._lr = float(job["lr"])
         self._decay = str(job.get("lr_decay", "none"))
@@ -204,6 +206,11 @@ class ClientTrainer:
         return time.perf_counter() - start
 
     def _step(self, round_: int) -> None:
+        if self._anchor > 0:  # an L2 pull towards the shared initial weights
+            with torch.no_grad():
+                for p, p0 in zip(self._params, self._initial):
+                    if p.grad is not None:
+                        p.grad.add_(p - p0, alpha=self._anchor)
         if self._decay != "none":
             for group in self.optimizer.param_groups:
                 group["lr"] = round_lr(self._lr, self._decay, round_, self._rounds)

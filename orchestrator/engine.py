@@ -119,6 +119,7 @@ def job_spec(m: Manifest, job: Job, rank: int) -> dict[str, Any]:
         "batch_size": t.batch_size,
         "lr": t.lr,
         "lr_decay": t.lr_decay,
+        "client_anchor": t.client_anchor,
         "momentum": t.momentum,
         "weight_decay": t.weight_decay,
         "seed": t.seed,

@@ -107,6 +107,9 @@ class TrainingConfig:
     lr: float = _opt(0.05, check=_positive)
     # "cosine": every learning rate (devices and server) anneals from lr to 0 over the rounds
     lr_decay: str = _opt("none", choices=("none", "cosine"))
+    # > 0: every client partition is pulled towards the shared initial weights with this L2
+    # coefficient (a regulariser against drift; no weights or gradients are exchanged)
+    client_anchor: float = _opt(0.0, check=_non_negative)
     momentum: float = _opt(0.9, check=_unit_open_hi)
     weight_decay: float = _opt(0.0, check=_non_negative)
     # Cut-layer activations and their gradients on the wire: "fp16", or "int8" with one scale
