@@ -125,7 +125,7 @@ class ClientTrainer:
         self.gda_mode = str(job.get("gda_mode", ""))
         self._lr = float(job["lr"])
         self._decay = str(job.get("lr_decay", "none"))
-        self._rounds = int(job["rounds"])
+        self._rounds = int(job.get("rounds", 1))  # only a schedule needs it
         round_lr(self._lr, self._decay, 1, self._rounds)  # an unknown schedule fails the job now
         # How activations and gradients travel (edge_agent.compress); the connection packs them.
         self.compression = check_mode(str(job.get("compression", "none")))
