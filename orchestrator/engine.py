@@ -24,6 +24,7 @@ from edge_agent.protocol import encode
 from edge_agent.trainer import state_to_numpy
 from models import build_split, default_model, select_device
 
+from . import checkpoint
 from .errors import GapslError, RunError, RunInterrupted
 from .group import SessionGroup
 from .launcher import LocalFleet
@@ -219,7 +220,7 @@ class Engine:
                     self.run_id,
                     s.rank,
                     resume_round,
-                    {k: v.numpy() for k, v in clients[s.id].items()} if s.id in clients else None,
+                    checkpoint.tensors_to_weights(clients[s.id]) if s.id in clients else None,
                 )
                 for s in self.sessions.values()
             }
@@ -257,6 +258,8 @@ class Engine:
                         await self._say_bye("interrupted; the run can be resumed", redial=True)
                     else:
                         await self._say_bye("completed" if status == "completed" else "run ended")
+                    # a respawn still starting must finish before the fleet is stopped
+                    await asyncio.gather(*self._background, return_exceptions=True)
                     if self.fleet is not None:
                         await self.fleet.stop()
         except asyncio.CancelledError:
@@ -343,10 +346,10 @@ class Engine:
             m.testbed.round_timeout_s,
             self.job.dataset.num_classes,
             m.training.compression,
+            patience_s=m.testbed.patience_s,
+            lost_timeout_s=m.testbed.lost_timeout_s,
+            on_event=st.event,
         )
-        group.patience_s = m.testbed.patience_s
-        group.lost_timeout_s = m.testbed.lost_timeout_s
-        group.on_event = st.event
         runner = Runner(m, self.job, group, st)
         runner.checkpoint_dir = self.records.dir
         runner.run_id = self.run_id

@@ -32,22 +32,24 @@ def _failure(task: asyncio.Task[Any]) -> BaseException | None:
 
 
 class SessionGroup:
-    patience_s: float | None = None  # testbed.patience_s: how long an absent device is awaited
-    lost_timeout_s: float = 300.0  # testbed.lost_timeout_s: waiting for min_participants
-    on_event: Callable[..., None] | None = None  # the run's event log
-
     def __init__(
         self,
         sessions: list[DeviceSession],
         timeout_s: float,
         num_classes: int,
         compression: str = "none",
+        patience_s: float | None = None,
+        lost_timeout_s: float = 300.0,
+        on_event: Callable[..., None] | None = None,
     ) -> None:
         self.sessions = sessions
         self.ids = [s.id for s in sessions]
         self.timeout_s = timeout_s
         self.num_classes = num_classes
         self.compression = compression  # training.compression: the cut-layer codec both ways
+        self.patience_s = patience_s  # testbed.patience_s: how long an absent device is awaited
+        self.lost_timeout_s = lost_timeout_s  # testbed.lost_timeout_s: short of min_participants
+        self.on_event = on_event  # the run's event log
 
     async def forward(
         self,

@@ -21,7 +21,7 @@ import torch
 from edge_agent.compress import wire_dtype
 from edge_agent.trainer import load_numpy_state, round_lr
 
-from . import algorithms
+from . import algorithms, checkpoint
 from .algorithms import client_spread
 from .gapsl import LeaderTracker, client_alignment, gapsl_server_step
 from .manifest import Manifest
@@ -161,8 +161,6 @@ class Runner:
         return max(10.0, self._fetch_deadline() or 0.0)
 
     def _save_checkpoint(self, r: int) -> None:
-        from . import checkpoint
-
         assert self.checkpoint_dir is not None
         missing = [i for i in self.group.ids if i not in self._client_weights]
         if missing:  # a device that never answered has nothing to resume from yet
@@ -174,8 +172,6 @@ class Runner:
 
     def restore(self, state: dict[str, Any]) -> None:
         """Continue from a checkpoint: the next round is the one after it."""
-        from . import checkpoint
-
         checkpoint.restore_runner(self, state)
         self.start_round = int(state["round"]) + 1
         self.checkpointed_round = int(state["round"])
