@@ -118,7 +118,7 @@ def job_spec(m: Manifest, job: Job, rank: int) -> dict[str, Any]:
         "algorithm": t.algorithm,
         "rounds": t.rounds,
         "batch_size": t.batch_size,
-        "lr": t.lr,
+        "lr": t.lr * t.client_lr_scale,
         "lr_decay": t.lr_decay,
         "client_anchor": t.client_anchor,
         "momentum": t.momentum,

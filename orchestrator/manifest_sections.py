@@ -107,6 +107,9 @@ class TrainingConfig:
     lr: float = _opt(0.05, check=_positive)
     # "cosine": every learning rate (devices and server) anneals from lr to 0 over the rounds
     lr_decay: str = _opt("none", choices=("none", "cosine"))
+    # the devices' rate is lr * client_lr_scale (the server keeps lr); 0 freezes every client
+    # partition at the shared initial weights, the control that shows what client drift costs
+    client_lr_scale: float = _opt(1.0, check=_non_negative)
     # > 0: every client partition is pulled towards the shared initial weights with this L2
     # coefficient (a regulariser against drift; no weights or gradients are exchanged)
     client_anchor: float = _opt(0.0, check=_non_negative)
