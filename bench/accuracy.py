@@ -63,6 +63,10 @@ VARIANTS: dict[str, list[str]] = {
     "gapsl-client-fo-anchor": [*_gapsl("client", "first_order", 1.0), "training.client_anchor=0.01"],
     "psl-anchor-01": ["training.algorithm=psl", "training.client_anchor=0.1"],
     "gapsl-client-fo-anchor-01": [*_gapsl("client", "first_order", 1.0), "training.client_anchor=0.1"],
+    # the devices' step size: frozen client partitions (the drift control) and a tenth of lr
+    "psl-frozen": ["training.algorithm=psl", "training.client_lr_scale=0"],
+    "psl-lr01": ["training.algorithm=psl", "training.client_lr_scale=0.1"],
+    "gapsl-client-fo-lr01": [*_gapsl("client", "first_order", 1.0), "training.client_lr_scale=0.1"],
 }  # fmt: skip
 MAIN = [
     "psl",
@@ -105,8 +109,13 @@ def _manifest(dataset: str, alpha: float, seed: int, devices: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+def run_dir(dataset: str, alpha: float, seed: int, variant: str, cut: str = "default") -> Path:
+    suffix = "" if cut == "default" else f"-cut-{cut}"
+    return OUT / "runs" / f"{dataset}-a{alpha}-s{seed}-{variant}{suffix}"
+
+
 def run_one(
-    dataset: str, alpha: float, seed: int, variant: str, devices: int = 8
+    dataset: str, alpha: float, seed: int, variant: str, cut: str = "default", devices: int = 8
 ) -> dict[str, Any]:
     """One simulate run; returns its summary, metrics and LGI diagnostics (cached on disk)."""
     import torch
@@ -114,12 +123,15 @@ def run_one(
     from orchestrator.engine import Engine
     from orchestrator.manifest import manifest_to_toml, parse_manifest
 
-    out = OUT / "runs" / f"{dataset}-a{alpha}-s{seed}-{variant}"
+    out = run_dir(dataset, alpha, seed, variant, cut)
     cached = out / "result.json"
     if cached.exists():
         return json.loads(cached.read_text())
     torch.set_num_threads(1)  # two runs share the two cores
-    m = parse_manifest(_manifest(dataset, alpha, seed, devices), overrides=VARIANTS[variant])
+    m = parse_manifest(
+        _manifest(dataset, alpha, seed, devices),
+        overrides=[*VARIANTS[variant], f"training.cut={cut}"],
+    )
     start = time.perf_counter()
     status = asyncio.run(
         Engine(m, out, manifest_to_toml(m), run_id=out.name, in_process=True).run()
@@ -275,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--alphas", default="0.1,0.5")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--variants", default="")
+    p.add_argument("--cut", default="default", help="the model's cut point (default: its own)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--cached-only", action="store_true", help="tabulate finished runs, start none")
     args = p.parse_args(argv)
@@ -286,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         alphas = [0.1]
     seeds = [int(s) for s in args.seeds.split(",")]
     jobs = [
-        (args.dataset, a, s, v)
+        (args.dataset, a, s, v, args.cut)
         for a in alphas
         for s in seeds
         for v in variants
@@ -297,11 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     OUT.mkdir(parents=True, exist_ok=True)
     if args.cached_only:
-        jobs = [
-            j
-            for j in jobs
-            if (OUT / "runs" / f"{j[0]}-a{j[1]}-s{j[2]}-{j[3]}" / "result.json").exists()
-        ]
+        jobs = [j for j in jobs if (run_dir(*j) / "result.json").exists()]
     results = []
     with ProcessPoolExecutor(max_workers=args.workers) as pool:
         futures = [pool.submit(run_one, *job) for job in jobs]
@@ -313,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
     md, headline = table(results, variants)
-    name = f"{args.table}-{args.dataset}"
+    name = f"{args.table}-{args.dataset}" + ("" if args.cut == "default" else f"-{args.cut}")
     (OUT / f"{name}.md").write_text(md)
     plot(results, OUT / f"{name}.png")
     print(md)
