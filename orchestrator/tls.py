@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import ipaddress
-import json
 import os
 import re
 import socket
@@ -26,6 +25,7 @@ from pathlib import Path
 from typing import Any, NoReturn, Union
 
 from .errors import ExitCode, GapslError
+from .toml_values import toml_str
 
 __all__ = [
     "ALWAYS_HOSTS",
@@ -311,11 +311,6 @@ def server_ssl_context(cert: Path, key: Path) -> ssl.SSLContext:
 # --- tls-init ----------------------------------------------------------------------------------
 
 
-def _toml_str(text: str) -> str:
-    # JSON string escapes are TOML basic-string escapes; TOML also forbids a raw DEL.
-    return json.dumps(text, ensure_ascii=False).replace("\x7f", "\\u007F")
-
-
 def add_parser(sub: Any) -> None:
     """Register the ``tls-init`` command (its handler is ``run_tls``, also set as ``func``)."""
     p = sub.add_parser(
@@ -357,9 +352,9 @@ def run_tls(args: argparse.Namespace) -> int:
         f"  {key}  server key",
         "",
         "manifest, in [testbed]:",
-        f"  tls_cert = {_toml_str(str(cert))}",
-        f"  tls_key = {_toml_str(str(key))}",
-        f"  tls_ca = {_toml_str(str(ca))}  # what local agents trust",
+        f"  tls_cert = {toml_str(str(cert))}",
+        f"  tls_key = {toml_str(str(key))}",
+        f"  tls_ca = {toml_str(str(ca))}  # what local agents trust",
         "",
         f"on each device, with its copy of {CA_CERT} (the port is the one of testbed.listen):",
         f"  gapsl-agent --orchestrator wss://{dial}:8765 --ca-file /path/to/{CA_CERT} "
