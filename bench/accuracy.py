@@ -67,6 +67,8 @@ VARIANTS: dict[str, list[str]] = {
     "psl-frozen": ["training.algorithm=psl", "training.client_lr_scale=0"],
     "psl-lr01": ["training.algorithm=psl", "training.client_lr_scale=0.1"],
     "gapsl-client-fo-lr01": [*_gapsl("client", "first_order", 1.0), "training.client_lr_scale=0.1"],
+    # the leader built from the devices' momentum updates instead of their raw gradients
+    "gapsl-client-fo-upd": [*_gapsl("client", "first_order", 1.0), "gapsl.leader=update"],
 }  # fmt: skip
 MAIN = [
     "psl",
@@ -82,7 +84,7 @@ MAIN = [
 # default GAPSL (the other spaces are measured at alpha = 0.1 on Fashion-MNIST).
 MAIN_SHORT = ["psl", "sfl", "epsl", "gapsl-client-fo"]
 ABLATION = ["psl", "gapsl-client-fo", "abl-lgi-off", "abl-no-ema", "gapsl-client-fo-l05",
-            "gapsl-client-exact", "client-fedsgd"]  # fmt: skip
+            "abl-l025", "gapsl-client-exact", "abl-pull-l05", "client-fedsgd"]  # fmt: skip
 
 DATA = {"fashion_mnist": "fashion_mnist", "cifar10": "cifar10", "digits": "digits"}
 SETTINGS = {

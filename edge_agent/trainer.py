@@ -123,6 +123,11 @@ class ClientTrainer:
         self._anchor = float(job.get("client_anchor", 0.0))
         self._initial = [p.detach().clone() for p in self._params] if self._anchor > 0 else []
         self.gda_mode = str(job.get("gda_mode", ""))
+        # GAPSL's client space compares either raw gradients or the momentum steps built from them
+        self.leader_kind = str(job.get("gapsl_leader", "gradient"))
+        if self.leader_kind not in ("gradient", "update"):
+            raise ValueError(f"gapsl_leader must be gradient or update, not {self.leader_kind!r}")
+        self._own: list[torch.Tensor] = []
         self._lr = float(job["lr"])
         self._decay = str(job.get("lr_decay", "none"))
         self._rounds = int(job.get("rounds", 1))  # only a schedule needs it
@@ -176,7 +181,11 @@ class ClientTrainer:
             self.applied_round = round_
             return None, time.perf_counter() - start
         self._held = round_
-        flat = flat_grad(self._params).detach().to("cpu", torch.float32).numpy()
+        if self.leader_kind == "update":
+            self._own = self._update_direction(round_)
+            flat = torch.cat([u.reshape(-1) for u in self._own]).to("cpu", torch.float32).numpy()
+        else:
+            flat = flat_grad(self._params).detach().to("cpu", torch.float32).numpy()
         return flat, time.perf_counter() - start
 
     def align(self, round_: int, leader: np.ndarray, mode: str, lam: float) -> float:
@@ -197,6 +206,12 @@ class ClientTrainer:
                 for p, e in zip(self._params, extra):
                     g = p.grad.detach() if p.grad is not None else torch.zeros_like(p)
                     p.grad = g + lam * e if e is not None else g
+        elif self.leader_kind == "update":
+            own = torch.cat([u.reshape(-1) for u in self._own])
+            self._apply_update(blend(mode, own, g_l, lam))
+            self._held = None
+            self.applied_round = round_
+            return time.perf_counter() - start
         else:
             with torch.no_grad():
                 set_flat_grad(self._params, blend(mode, flat_grad(self._params), g_l, lam))
@@ -205,7 +220,8 @@ class ClientTrainer:
         self.applied_round = round_
         return time.perf_counter() - start
 
-    def _step(self, round_: int) -> None:
+    def _prepare(self, round_: int) -> None:
+        """What comes before every step: the anchor's pull on .grad and the round's rate."""
         if self._anchor > 0:  # an L2 pull towards the shared initial weights
             with torch.no_grad():
                 for p, p0 in zip(self._params, self._initial):
@@ -214,7 +230,42 @@ class ClientTrainer:
         if self._decay != "none":
             for group in self.optimizer.param_groups:
                 group["lr"] = round_lr(self._lr, self._decay, round_, self._rounds)
+
+    def _step(self, round_: int) -> None:
+        self._prepare(round_)
         self.optimizer.step()
+
+    @torch.no_grad()
+    def _update_direction(self, round_: int) -> list[torch.Tensor]:
+        """The step SGD would take this round (per unit of lr), computed as SGD computes it —
+        weight decay into the gradient, then momentum — without changing any state."""
+        self._prepare(round_)
+        group = self.optimizer.param_groups[0]
+        mu, wd = float(group["momentum"]), float(group["weight_decay"])
+        out = []
+        for p in self._params:
+            d = p.grad if p.grad is not None else torch.zeros_like(p)
+            if wd != 0:
+                d = d.add(p, alpha=wd)
+            buf = self.optimizer.state.get(p, {}).get("momentum_buffer")
+            if mu == 0 or buf is None:
+                out.append(d.clone())
+            else:
+                out.append(buf.mul(mu).add(d))
+        return out
+
+    @torch.no_grad()
+    def _apply_update(self, step: torch.Tensor) -> None:
+        """Step by the aligned update; the momentum buffers keep the device's own update."""
+        group = self.optimizer.param_groups[0]
+        offset = 0
+        for p, own in zip(self._params, self._own):
+            n = p.numel()
+            if float(group["momentum"]) != 0:
+                self.optimizer.state[p]["momentum_buffer"] = own
+            p.add_(step[offset : offset + n].view_as(p).to(p.dtype), alpha=-float(group["lr"]))
+            offset += n
+        self._own = []
 
     def set_weights(self, weights: Mapping[str, np.ndarray]) -> None:
         """Replace the client partition's weights (SFL averaging); the optimizer state stays."""

@@ -127,6 +127,7 @@ def job_spec(m: Manifest, job: Job, rank: int) -> dict[str, Any]:
         "rank": rank,
         "gapsl_space": m.gapsl.space if t.algorithm == "gapsl" else "",
         "gda_mode": m.gapsl.gda_mode if t.algorithm == "gapsl" else "",
+        "gapsl_leader": m.gapsl.leader if t.algorithm == "gapsl" else "gradient",
         "compression": t.compression,
     }
 

@@ -231,6 +231,13 @@ def _validate(raw: dict[str, Any], ctx: _Context, base_dir: Path) -> Manifest:
         raise ctx.error("testbed.tls_ca", "set, but TLS is off (testbed.tls_cert is empty)")
     if tb.tls_cert and not tb.tls_ca and any(d.launch == "local" for d in devices):
         raise ctx.error("testbed.tls_ca", "missing (local agents must trust the CA of tls_cert)")
+    g = sections["gapsl"]
+    if g.leader == "update" and (g.space != "client" or g.gda_mode == "exact"):
+        raise ctx.error(
+            "gapsl.leader",
+            '"update" needs gapsl.space = "client" and gda_mode first_order or pull, got '
+            f"space {toml_value(g.space)} and gda_mode {toml_value(g.gda_mode)}",
+        )
     return Manifest(**sections, devices=devices, source=ctx.source, base_dir=base_dir)
 
 

@@ -154,6 +154,9 @@ class GapslConfig:
     )  # a mean cosine, so it lives in [-1, 1]
     rho: float = _opt(0.5, check=_unit_open_lo)
     ema_beta: float = _opt(0.9, check=_unit_open_hi)
+    # client space: LGI and GDA act on the raw gradients ("gradient") or on the momentum steps
+    # the devices' optimizers would take ("update"; each device's momentum keeps its own)
+    leader: str = _opt("gradient", choices=("gradient", "update"))
 
 
 @dataclass(frozen=True)
