@@ -290,6 +290,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--variants", default="")
     p.add_argument("--cut", default="default", help="the model's cut point (default: its own)")
+    p.add_argument(
+        "--name", default="", help="name of the table and plot files (default: TABLE-DATASET)"
+    )
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--cached-only", action="store_true", help="tabulate finished runs, start none")
     args = p.parse_args(argv)
@@ -324,7 +327,9 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
     md, headline = table(results, variants)
-    name = f"{args.table}-{args.dataset}" + ("" if args.cut == "default" else f"-{args.cut}")
+    name = args.name or f"{args.table}-{args.dataset}" + (
+        "" if args.cut == "default" else f"-{args.cut}"
+    )
     (OUT / f"{name}.md").write_text(md)
     plot(results, OUT / f"{name}.png")
     print(md)
