@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from edge_agent.protocol import encode
+from orchestrator.manifest import local_device_toml
 
 ROOT = Path(__file__).resolve().parent.parent
 MANIFEST = """
@@ -41,10 +42,7 @@ eval_every = 100
 seed = 5
 """
 for _i in range(3):  # a 30 ms RTT keeps the run going while the fuzzer works
-    MANIFEST += (
-        f'[[devices]]\nid = "dev-{_i}"\ntoken = "secret-{_i}"\nlaunch = "local"\ndevice = "cpu"\n'
-        "[devices.emulate]\nrtt_ms = 30.0\n"
-    )
+    MANIFEST += local_device_toml(f"dev-{_i}", f"secret-{_i}", rtt_ms=30.0)
 
 
 def _valid_frames() -> list[bytes]:

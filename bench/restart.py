@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.engine import Engine
-from orchestrator.manifest import manifest_to_toml, parse_manifest
+from orchestrator.manifest import local_device_toml, manifest_to_toml, parse_manifest
 
 MANIFEST = """
 [testbed]
@@ -40,10 +40,7 @@ device = "cpu"
 partition = "dirichlet"
 alpha = 0.5
 """
-DEVICES = "".join(
-    f'[[devices]]\nid = "d{i}"\ntoken = "t{i}"\nlaunch = "local"\ndevice = "cpu"\n'
-    for i in range(3)
-)
+DEVICES = "".join(local_device_toml(f"d{i}", f"t{i}") for i in range(3))
 
 
 async def _run(run_dir: Path, rounds: int, kill_rounds: list[int]) -> tuple[str, list[float]]:

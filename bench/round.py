@@ -33,6 +33,8 @@ from typing import Any
 
 import numpy as np
 
+from orchestrator.manifest import local_device_toml
+
 DEVICES = 4
 SEED = 0
 FLOOR_TRIPS = 300
@@ -48,9 +50,7 @@ def manifest_text(rounds: int, eval_every: int) -> str:
         '[data]\npartition = "iid"\n'
     )
     for k in range(DEVICES):
-        text += (
-            f'[[devices]]\nid = "dev-{k}"\ntoken = "tok-{k}"\nlaunch = "local"\ndevice = "cpu"\n'
-        )
+        text += local_device_toml(f"dev-{k}", f"tok-{k}")
     return text
 
 

@@ -20,6 +20,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from orchestrator.manifest import local_device_toml
+
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "bench" / "results"
 
@@ -51,10 +53,8 @@ def manifest(
         '[data]\npartition = "iid"\n'
     )
     for i, slow, up, down, rtt in fleet:
-        text += (
-            f'[[devices]]\nid = "{i}"\ntoken = "t-{i}"\nlaunch = "local"\ndevice = "cpu"\n'
-            f"[devices.emulate]\ncompute_slowdown = {slow}\nuplink_mbps = {up}\n"
-            f"downlink_mbps = {down}\nrtt_ms = {rtt}\n"
+        text += local_device_toml(
+            i, f"t-{i}", compute_slowdown=slow, uplink_mbps=up, downlink_mbps=down, rtt_ms=rtt
         )
     return text
 

@@ -40,7 +40,7 @@ from orchestrator.manifest_sections import (
     TrainingConfig,
     split_listen,
 )
-from orchestrator.manifest_toml import manifest_to_toml
+from orchestrator.manifest_toml import local_device_toml, manifest_to_toml
 from orchestrator.toml_values import toml_str, toml_value
 
 __all__ = [
@@ -60,6 +60,7 @@ __all__ = [
     "TlsFiles",
     "TrainingConfig",
     "load_manifest",
+    "local_device_toml",
     "manifest_to_toml",
     "parse_manifest",
     "parse_override",

@@ -44,3 +44,15 @@ def manifest_to_toml(m: Manifest, *, absolute_paths: bool = False) -> str:
             if not is_dataclass(getattr(obj, f.name))
         ]
     return "\n".join(lines)
+
+
+def local_device_toml(device_id: str, token: str, **emulate: float) -> str:
+    """One ``[[devices]]`` table for an agent the orchestrator starts on this machine (CPU),
+    with an ``[devices.emulate]`` table when emulation keys are given: for generated manifests."""
+    text = f"[[devices]]\nid = {toml_str(device_id)}\ntoken = {toml_str(token)}\n"
+    text += 'launch = "local"\ndevice = "cpu"\n'
+    if emulate:
+        text += "[devices.emulate]\n" + "".join(
+            f"{k} = {toml_value(v)}\n" for k, v in emulate.items()
+        )
+    return text

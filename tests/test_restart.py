@@ -20,6 +20,8 @@ from typing import Any
 import psutil
 import pytest
 
+from orchestrator.manifest import local_device_toml
+
 ROOT = Path(__file__).resolve().parent.parent
 SCALE = float(os.environ.get("GAPSL_TEST_TIMEOUT_SCALE", "1"))
 
@@ -39,10 +41,7 @@ device = "cpu"
 partition = "dirichlet"
 alpha = 0.5
 """
-DEVICES = "".join(
-    f'[[devices]]\nid = "d{i}"\ntoken = "t{i}"\nlaunch = "local"\ndevice = "cpu"\n'
-    for i in range(3)
-)
+DEVICES = "".join(local_device_toml(f"d{i}", f"t{i}") for i in range(3))
 
 
 def _cli(*args: str) -> list[str]:

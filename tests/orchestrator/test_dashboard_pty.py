@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator.manifest import local_device_toml
 from orchestrator.watch import snapshot_from_records
 
 pyte = pytest.importorskip("pyte")
@@ -42,10 +43,7 @@ seed = 2
 [data]
 partition = "iid"
 test_limit = 300
-""" + "".join(
-    f'\n[[devices]]\nid = "{d}"\ntoken = "tok-{d}"\nlaunch = "local"\ndevice = "cpu"\n'
-    for d in DEVICES
-)
+""" + "".join("\n" + local_device_toml(d, f"tok-{d}") for d in DEVICES)
 
 
 # `watch` through its own parser, so the test does not depend on how the CLI registers it.

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from orchestrator.engine import Engine
-from orchestrator.manifest import manifest_to_toml, parse_manifest
+from orchestrator.manifest import local_device_toml, manifest_to_toml, parse_manifest
 
 from .stall import run_with_stopped_agent
 
@@ -21,8 +21,7 @@ eval_every = 10
 deadline_factor = 3.0
 min_participants = 2
 """
-for _id in ("a", "b", "c"):
-    MANIFEST += f'[[devices]]\nid = "{_id}"\ntoken = "t-{_id}"\nlaunch = "local"\ndevice = "cpu"\n'
+MANIFEST += "".join(local_device_toml(i, f"t-{i}") for i in ("a", "b", "c"))
 
 
 def test_stalled_device_is_left_out_and_the_run_completes(tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.engine import Engine
-from orchestrator.manifest import manifest_to_toml, parse_manifest
+from orchestrator.manifest import local_device_toml, manifest_to_toml, parse_manifest
 
 from .stall import run_with_stopped_agent
 
@@ -30,8 +30,7 @@ lost_timeout_s = 4.0
 rounds = 30
 eval_every = 10
 """
-for _id in ("a", "b", "c"):
-    MANIFEST += f'[[devices]]\nid = "{_id}"\ntoken = "t-{_id}"\nlaunch = "local"\ndevice = "cpu"\n'
+MANIFEST += "".join(local_device_toml(i, f"t-{i}") for i in ("a", "b", "c"))
 
 
 def _lines(path: Path) -> list[dict[str, Any]]:

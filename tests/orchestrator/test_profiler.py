@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.engine import Engine
-from orchestrator.manifest import manifest_to_toml, parse_manifest
+from orchestrator.manifest import local_device_toml, manifest_to_toml, parse_manifest
 from orchestrator.profiler import DeviceProfile, balance_batches, predict_round
 
 SCALE = float(os.environ.get("GAPSL_TEST_TIMEOUT_SCALE", "1"))
@@ -25,12 +25,10 @@ EMULATED = {  # id: (compute_slowdown, uplink_mbps, downlink_mbps, rtt_ms)
 def _manifest() -> str:
     text = '[testbed]\nlisten = "127.0.0.1:0"\n[training]\nrounds = 3\neval_every = 3\n'
     # An unshaped device: the reference for relative compute speed.
-    text += '[[devices]]\nid = "base"\ntoken = "t-base"\nlaunch = "local"\ndevice = "cpu"\n'
+    text += local_device_toml("base", "t-base")
     for i, (slow, up, down, rtt) in EMULATED.items():
-        text += (
-            f'[[devices]]\nid = "{i}"\ntoken = "t-{i}"\nlaunch = "local"\ndevice = "cpu"\n'
-            f"[devices.emulate]\ncompute_slowdown = {slow}\nuplink_mbps = {up}\n"
-            f"downlink_mbps = {down}\nrtt_ms = {rtt}\n"
+        text += local_device_toml(
+            i, f"t-{i}", compute_slowdown=slow, uplink_mbps=up, downlink_mbps=down, rtt_ms=rtt
         )
     return text
 

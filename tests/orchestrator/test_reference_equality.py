@@ -26,7 +26,7 @@ import torch
 
 from orchestrator import engine as engine_module
 from orchestrator.engine import Engine, prepare_job
-from orchestrator.manifest import Manifest, manifest_to_toml, parse_manifest
+from orchestrator.manifest import Manifest, local_device_toml, manifest_to_toml, parse_manifest
 
 TOL = 1e-6  # absolute, on accuracies (multiples of 1/len(test set)) and mean losses
 SCALE = float(os.environ.get("GAPSL_TEST_TIMEOUT_SCALE", "1"))
@@ -42,10 +42,7 @@ CASES: dict[str, list[str]] = {
     "sfl": ["training.algorithm=sfl", "sfl.avg_every=3"],
 }
 
-_DEVICES = "".join(
-    f'\n[[devices]]\nid = "dev{i}"\ntoken = "tok-{i}"\nlaunch = "local"\ndevice = "cpu"\n'
-    for i in range(3)
-)
+_DEVICES = "".join("\n" + local_device_toml(f"dev{i}", f"tok-{i}") for i in range(3))
 
 
 def _manifest(overrides: list[str]) -> Manifest:
