@@ -134,8 +134,8 @@ def run_one(
     """One simulate run; returns its summary, metrics and LGI diagnostics (cached on disk)."""
     import torch
 
+    from orchestrator.config.manifest import manifest_to_toml, parse_manifest
     from orchestrator.engine import Engine
-    from orchestrator.manifest import manifest_to_toml, parse_manifest
 
     out = run_dir(dataset, alpha, seed, variant, cut)
     cached = out / "result.json"

@@ -67,8 +67,8 @@ def run_one(job: tuple[str, str, str, int, int | None, str]) -> dict[str, Any]:
     dataset, algorithm, mode, seed, rounds, out = job
     import torch
 
+    from orchestrator.config.manifest import load_manifest, manifest_to_toml
     from orchestrator.engine import Engine
-    from orchestrator.manifest import load_manifest, manifest_to_toml
 
     torch.set_num_threads(1)  # parallel runs share the cores
     overrides = dataset_overrides(dataset, rounds) + ALGORITHMS[algorithm]
@@ -94,7 +94,7 @@ def activation_shape(dataset: str) -> tuple[int, ...]:
     import torch
 
     from models import build_split, default_model, model_info
-    from orchestrator.manifest import load_manifest
+    from orchestrator.config.manifest import load_manifest
 
     m = load_manifest(MANIFEST, dataset_overrides(dataset, None))
     t = m.training

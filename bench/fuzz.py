@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from edge_agent.protocol import encode
-from orchestrator.manifest import local_device_toml
+from orchestrator.config.manifest import local_device_toml
 
 ROOT = Path(__file__).resolve().parent.parent
 MANIFEST = """

@@ -23,8 +23,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from orchestrator.config.manifest import local_device_toml, manifest_to_toml, parse_manifest
 from orchestrator.engine import Engine
-from orchestrator.manifest import local_device_toml, manifest_to_toml, parse_manifest
 
 MANIFEST = """
 [testbed]

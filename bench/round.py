@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from orchestrator.manifest import local_device_toml
+from orchestrator.config.manifest import local_device_toml
 
 DEVICES = 4
 SEED = 0
@@ -68,9 +68,9 @@ class PhaseClock:
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[None]:
-        from orchestrator.group import SessionGroup
-        from orchestrator.inprocess import InProcessGroup
-        from orchestrator.rounds import Runner
+        from orchestrator.fleet.group import SessionGroup
+        from orchestrator.training.inprocess import InProcessGroup
+        from orchestrator.training.loop import Runner
 
         saved: list[tuple[Any, str, Any]] = [
             (cls, "forward", cls.forward) for cls in (SessionGroup, InProcessGroup)
@@ -167,9 +167,9 @@ def run_engine(text: str, work: Path, name: str, in_process: bool, profile: bool
     import io
     import pstats
 
+    from orchestrator.config.manifest import manifest_to_toml, parse_manifest
     from orchestrator.engine import Engine
-    from orchestrator.manifest import manifest_to_toml, parse_manifest
-    from orchestrator.rounds import Runner
+    from orchestrator.training.loop import Runner
 
     m = parse_manifest(text)
     clock, profiler = PhaseClock(), cProfile.Profile()
@@ -386,8 +386,8 @@ def main(argv: list[str] | None = None) -> int:
                   "runnable but waiting for one (kernel schedstat)")  # fmt: skip
     floor: dict[str, float] = {}
     if not args.quick:
-        from orchestrator.engine import prepare_job
-        from orchestrator.manifest import parse_manifest
+        from orchestrator.config.manifest import parse_manifest
+        from orchestrator.training.job import prepare_job
 
         width = prepare_job(parse_manifest(text)).act_bytes_per_sample // 4
         floor = floor_ms((batch, width))

@@ -253,9 +253,10 @@ def _orchestrator(text: str, run_dir: str, profile: bool, threads: int, conn: Co
     if threads > 0:
         torch.set_num_threads(threads)
 
-    from orchestrator import group, rounds
+    from orchestrator.config.manifest import manifest_to_toml, parse_manifest
     from orchestrator.engine import Engine
-    from orchestrator.manifest import manifest_to_toml, parse_manifest
+    from orchestrator.fleet import group
+    from orchestrator.training import loop as rounds
 
     marks: dict[str, tuple[float, float]] = {}
     spans: dict[str, list[float]] = {}

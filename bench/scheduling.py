@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from orchestrator.manifest import local_device_toml
+from orchestrator.config.manifest import local_device_toml
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "bench" / "results"
@@ -62,8 +62,8 @@ def manifest(
 def run_policy(
     name: str, rounds: int, fleet: list[Any], work: Path, seed: int = 0
 ) -> dict[str, Any]:
+    from orchestrator.config.manifest import manifest_to_toml, parse_manifest
     from orchestrator.engine import Engine
-    from orchestrator.manifest import manifest_to_toml, parse_manifest
 
     m = parse_manifest(manifest(rounds, fleet, seed), overrides=POLICIES[name])
     run_dir = work / f"{name}-s{seed}"

@@ -16,11 +16,11 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import ExitCode, GapslError, ManifestError
-from .manifest import Manifest, load_manifest, manifest_to_toml
+from orchestrator.config.manifest import Manifest, load_manifest, manifest_to_toml
+from orchestrator.errors import ExitCode, GapslError, ManifestError
 
 if TYPE_CHECKING:
-    from .resume import Resume
+    from orchestrator.records.resume import Resume
 
 DEFAULT_MANIFEST = "testbed.toml"
 
@@ -56,13 +56,13 @@ def _parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="validate a manifest and exit")
     check.add_argument("manifest", nargs="?", default=DEFAULT_MANIFEST)
     check.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    from .report import add_parser as add_report
+    from orchestrator.ui.report import add_parser as add_report
 
     add_report(sub)
-    from .tls import add_parser as add_tls
+    from orchestrator.fleet.tls import add_parser as add_tls
 
     add_tls(sub)
-    from .watch import add_parser as add_watch
+    from orchestrator.ui.watch import add_parser as add_watch
 
     add_watch(sub)
     return p
@@ -87,7 +87,7 @@ def _check(args: argparse.Namespace) -> int:
 async def _run_async(
     m: Manifest, run_dir: Path, dashboard: bool, in_process: bool, resume: Resume | None = None
 ) -> str:
-    from .engine import Engine
+    from orchestrator.engine import Engine
 
     engine = Engine(
         m,
@@ -118,7 +118,7 @@ async def _run_async(
     if dashboard:
         from rich.console import Console
 
-        from .dashboard import LiveDashboard
+        from orchestrator.ui.render import LiveDashboard
 
         live = LiveDashboard(Console(), m.dashboard.refresh_hz, engine.state.snapshot)
         view = asyncio.create_task(live.run(stop), name="dashboard")
@@ -137,7 +137,7 @@ async def _run_async(
 def _run(args: argparse.Namespace) -> int:
     resume = None
     if getattr(args, "resume", None) is not None:
-        from .resume import prepare_resume
+        from orchestrator.records.resume import prepare_resume
 
         resume = prepare_resume(args.resume, args.set, args.run_dir)
         m, run_dir = resume.manifest, args.resume

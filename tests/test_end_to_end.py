@@ -169,8 +169,8 @@ def test_agent_with_wrong_token_exits_refused(tmp_path: Path) -> None:
     async def scenario() -> int:
         from websockets.asyncio.server import serve
 
-        from orchestrator.manifest import parse_manifest
-        from orchestrator.sessions import Admission, DeviceSession
+        from orchestrator.config.manifest import parse_manifest
+        from orchestrator.fleet.sessions import Admission, DeviceSession
 
         m = parse_manifest('[[devices]]\nid = "pi"\ntoken = "right"\n')
         sessions = {"pi": DeviceSession(m.devices[0], 0)}

@@ -9,8 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from orchestrator.config.manifest import manifest_to_toml, parse_manifest
 from orchestrator.engine import Engine
-from orchestrator.manifest import manifest_to_toml, parse_manifest
 
 ROOT = Path(__file__).resolve().parent.parent
 SCALE = float(os.environ.get("GAPSL_TEST_TIMEOUT_SCALE", "1"))

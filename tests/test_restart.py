@@ -20,7 +20,7 @@ from typing import Any
 import psutil
 import pytest
 
-from orchestrator.manifest import local_device_toml
+from orchestrator.config.manifest import local_device_toml
 
 ROOT = Path(__file__).resolve().parent.parent
 SCALE = float(os.environ.get("GAPSL_TEST_TIMEOUT_SCALE", "1"))

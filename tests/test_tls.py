@@ -24,7 +24,7 @@ from websockets.exceptions import InvalidHandshake
 
 from edge_agent.tlsctx import TlsConfigError, client_ssl_context, describe_tls_failure
 from orchestrator.errors import ExitCode, GapslError
-from orchestrator.tls import (
+from orchestrator.fleet.tls import (
     LabFiles,
     TlsError,
     TlsFilesExistError,

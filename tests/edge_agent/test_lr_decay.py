@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 
 from edge_agent.trainer import round_lr
-from orchestrator import inprocess
+from orchestrator.config.manifest import manifest_to_toml, parse_manifest
 from orchestrator.engine import Engine
-from orchestrator.manifest import manifest_to_toml, parse_manifest
+from orchestrator.training import inprocess
 
 
 def test_cosine_anneals_from_lr_towards_zero() -> None:

@@ -17,8 +17,8 @@ from edge_agent.align import alignment_penalty, cosine
 from edge_agent.data import load_dataset
 from edge_agent.trainer import ClientTrainer, state_to_numpy
 from models import build_split
-from orchestrator.algorithms import epsl_server_step, evaluate, fedavg, psl_server_step
-from orchestrator.gapsl import LeaderTracker, client_alignment, gapsl_server_step
+from orchestrator.algorithms.base import epsl_server_step, evaluate, fedavg, psl_server_step
+from orchestrator.algorithms.gapsl import LeaderTracker, client_alignment, gapsl_server_step
 
 MODES = ("exact", "first_order", "pull")
 
@@ -261,7 +261,7 @@ def test_lambda_zero_is_psl_bit_for_bit_on_the_server(space: str, mode: str) -> 
 
 
 def _client_job(mode: str) -> dict[str, Any]:
-    """What ``orchestrator.engine.job_spec`` sends a device, for a digits run."""
+    """What ``orchestrator.training.job.job_spec`` sends a device, for a digits run."""
     return {
         "model": "digits_cnn",
         "cut": "default",

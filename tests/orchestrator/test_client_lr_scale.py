@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.engine import Engine, job_spec, prepare_job
-from orchestrator.manifest import ManifestError, manifest_to_toml, parse_manifest
+from orchestrator.config.manifest import ManifestError, manifest_to_toml, parse_manifest
+from orchestrator.engine import Engine
+from orchestrator.training.job import job_spec, prepare_job
 
 _TEXT = """
 [testbed]

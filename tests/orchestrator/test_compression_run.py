@@ -14,10 +14,11 @@ import torch
 
 from edge_agent.compress import pack, roundtrip
 from edge_agent.protocol import AGENT_TYPES, ORCHESTRATOR_TYPES, decode, encode
-from orchestrator.engine import Engine, job_spec
+from orchestrator.config.manifest import manifest_to_toml
+from orchestrator.engine import Engine
 from orchestrator.errors import RunError
-from orchestrator.group import _check_activations, _packed_grad
-from orchestrator.manifest import manifest_to_toml
+from orchestrator.fleet.group import _check_activations, _packed_grad
+from orchestrator.training.job import job_spec
 
 from .test_reference_equality import METRICS, SCALE, TOL, _jsonl, _manifest
 

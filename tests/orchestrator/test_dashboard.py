@@ -14,8 +14,8 @@ import pytest
 from rich.cells import cell_len
 from rich.console import Console
 
-from orchestrator.dashboard import LiveDashboard, format_eval, format_event, render
-from orchestrator.snapshot import (
+from orchestrator.ui.render import LiveDashboard, format_eval, format_event, render
+from orchestrator.ui.snapshot import (
     DEVICE_STATUSES,
     DeviceView,
     EvalPoint,

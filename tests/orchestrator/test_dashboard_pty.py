@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.manifest import local_device_toml
-from orchestrator.watch import snapshot_from_records
+from orchestrator.config.manifest import local_device_toml
+from orchestrator.ui.watch import snapshot_from_records
 
 pyte = pytest.importorskip("pyte")
 
@@ -48,7 +48,7 @@ test_limit = 300
 
 # `watch` through its own parser, so the test does not depend on how the CLI registers it.
 WATCH = (
-    "import argparse, sys; from orchestrator.watch import add_parser; "
+    "import argparse, sys; from orchestrator.ui.watch import add_parser; "
     "p = argparse.ArgumentParser(); add_parser(p.add_subparsers()); "
     "a = p.parse_args(sys.argv[1:]); sys.exit(a.func(a))"
 )

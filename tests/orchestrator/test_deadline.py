@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from orchestrator.config.manifest import local_device_toml, manifest_to_toml, parse_manifest
 from orchestrator.engine import Engine
-from orchestrator.manifest import local_device_toml, manifest_to_toml, parse_manifest
 
 from .stall import run_with_stopped_agent
 

@@ -10,8 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from orchestrator.errors import ExitCode, GapslError, ManifestError, exit_code_help
-from orchestrator.manifest import (
+from orchestrator.config.manifest import (
     DeviceConfig,
     EmulateConfig,
     Manifest,
@@ -20,6 +19,7 @@ from orchestrator.manifest import (
     parse_manifest,
     parse_override,
 )
+from orchestrator.errors import ExitCode, GapslError, ManifestError, exit_code_help
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -25,8 +25,14 @@ import pytest
 import torch
 
 from orchestrator import engine as engine_module
-from orchestrator.engine import Engine, prepare_job
-from orchestrator.manifest import Manifest, local_device_toml, manifest_to_toml, parse_manifest
+from orchestrator.config.manifest import (
+    Manifest,
+    local_device_toml,
+    manifest_to_toml,
+    parse_manifest,
+)
+from orchestrator.engine import Engine
+from orchestrator.training.job import prepare_job
 
 TOL = 1e-6  # absolute, on accuracies (multiples of 1/len(test set)) and mean losses
 SCALE = float(os.environ.get("GAPSL_TEST_TIMEOUT_SCALE", "1"))

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator.config.manifest import manifest_to_toml, parse_manifest
 from orchestrator.engine import Engine
 from orchestrator.errors import RunError
-from orchestrator.manifest import manifest_to_toml, parse_manifest
-from orchestrator.report import add_parser, build_report, run_report
-from orchestrator.runread import load_run, read_jsonl
+from orchestrator.records.reader import load_run, read_jsonl
+from orchestrator.ui.report import add_parser, build_report, run_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PLOTS = ("accuracy_vs_round.png", "accuracy_vs_time.png", "round_time.png", "device_accuracy.png")

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import checkpoint
 from orchestrator.cli import main
+from orchestrator.config.manifest import manifest_to_toml, parse_manifest
 from orchestrator.errors import GapslError
-from orchestrator.manifest import manifest_to_toml, parse_manifest
-from orchestrator.resume import prepare_resume
+from orchestrator.records import checkpoint
+from orchestrator.records.resume import prepare_resume
 
 MANIFEST = """
 [training]

@@ -20,8 +20,8 @@ from websockets.exceptions import ConnectionClosed
 
 from edge_agent import protocol
 from edge_agent.protocol import Message, ProtocolError, decode, encode
-from orchestrator.manifest import parse_manifest
-from orchestrator.sessions import REPLY_TYPES, Admission, DeviceSession
+from orchestrator.config.manifest import parse_manifest
+from orchestrator.fleet.sessions import REPLY_TYPES, Admission, DeviceSession
 
 SCALE = float(os.environ.get("GAPSL_TEST_TIMEOUT_SCALE", "1"))
 WAIT_S = 10.0 * SCALE

@@ -16,11 +16,11 @@ import pytest
 from rich.cells import cell_len
 from rich.console import Console
 
-from orchestrator.dashboard import render
+from orchestrator.config.manifest import manifest_to_toml, parse_manifest
 from orchestrator.errors import RunError
-from orchestrator.manifest import manifest_to_toml, parse_manifest
-from orchestrator.snapshot import RunSnapshot
-from orchestrator.watch import RunWatcher, add_parser, snapshot_from_records, watch_live
+from orchestrator.ui.render import render
+from orchestrator.ui.snapshot import RunSnapshot
+from orchestrator.ui.watch import RunWatcher, add_parser, snapshot_from_records, watch_live
 
 SCALE = float(os.environ.get("GAPSL_TEST_TIMEOUT_SCALE", "1"))
 

@@ -17,10 +17,9 @@ import torch
 
 from edge_agent.compress import CompressionError, roundtrip
 from edge_agent.trainer import ClientTrainer
-
-from .errors import RunError
-from .manifest import Manifest
-from .rounds import ForwardOut, Weights
+from orchestrator.config.manifest import Manifest
+from orchestrator.errors import RunError
+from orchestrator.training.loop import ForwardOut, Weights
 
 
 @contextlib.contextmanager
@@ -37,7 +36,7 @@ class InProcessGroup:
     """A ``DeviceGroup`` of trainers called directly."""
 
     def __init__(self, m: Manifest, job: Any, ids: list[str]) -> None:
-        from .engine import job_spec
+        from orchestrator.training.job import job_spec
 
         ds = job.dataset
         devices = {d.id: d for d in m.devices}

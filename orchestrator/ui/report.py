@@ -17,8 +17,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import ExitCode, RunError
-from .runread import RunStats, by_round, collect, finite, load_run
+from orchestrator.errors import ExitCode, RunError
+from orchestrator.records.reader import RunStats, by_round, collect, finite, load_run
 
 __all__ = ["INSTALL_HINT", "add_parser", "build_report", "default_out_dir", "run_report"]
 

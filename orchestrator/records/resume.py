@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import checkpoint
-from .errors import GapslError
-from .manifest import Manifest, load_manifest
+from orchestrator.config.manifest import Manifest, load_manifest
+from orchestrator.errors import GapslError
+from orchestrator.records import checkpoint
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,7 @@ def prepare_resume(
 
 def _last_event_time(run_dir: Path) -> float:
     """The time of the run's last recorded event: how long it ran, when nothing else says."""
-    from .runread import read_jsonl
+    from orchestrator.records.reader import read_jsonl
 
     rows, _ = read_jsonl(run_dir / "events.jsonl")
     times = [r["t"] for r in rows if isinstance(r.get("t"), (int, float))]

@@ -16,8 +16,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import ManifestError, RunError
-from .manifest import Manifest, parse_manifest
+from orchestrator.config.manifest import Manifest, parse_manifest
+from orchestrator.errors import ManifestError, RunError
 
 __all__ = [
     "RECORD_NAMES",

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn, Union
 
-from .errors import ExitCode, GapslError
-from .toml_values import toml_str
+from orchestrator.config.values import toml_str
+from orchestrator.errors import ExitCode, GapslError
 
 __all__ = [
     "ALWAYS_HOSTS",

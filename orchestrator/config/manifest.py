@@ -20,8 +20,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any, get_type_hints
 
-from orchestrator.errors import GapslError, ManifestError
-from orchestrator.manifest_sections import (
+from orchestrator.config.sections import (
     DEVICE_ID,
     SECTIONS,
     Check,
@@ -40,8 +39,9 @@ from orchestrator.manifest_sections import (
     TrainingConfig,
     split_listen,
 )
-from orchestrator.manifest_toml import local_device_toml, manifest_to_toml
-from orchestrator.toml_values import toml_str, toml_value
+from orchestrator.config.toml_out import local_device_toml, manifest_to_toml
+from orchestrator.config.values import toml_str, toml_value
+from orchestrator.errors import GapslError, ManifestError
 
 __all__ = [
     "OVERRIDE_SOURCE",

@@ -22,7 +22,7 @@ from rich.style import Style
 from rich.table import Table
 from rich.text import Text
 
-from orchestrator.snapshot import DeviceView, EvalPoint, EventLine, GapslView, RunSnapshot
+from orchestrator.ui.snapshot import DeviceView, EvalPoint, EventLine, GapslView, RunSnapshot
 
 NONE = "–"
 _BLOCKS = " ▁▂▃▄▅▆▇█"

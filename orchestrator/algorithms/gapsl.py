@@ -18,8 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from edge_agent.align import alignment_penalty, blend, cosine
-
-from .algorithms import ServerStepResult, psl_backward
+from orchestrator.algorithms.base import ServerStepResult, psl_backward
 
 
 @dataclass

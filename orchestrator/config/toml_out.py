@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from dataclasses import fields, is_dataclass, replace
 
-from orchestrator.manifest_sections import SECTIONS, Manifest
-from orchestrator.toml_values import toml_str, toml_value
+from orchestrator.config.sections import SECTIONS, Manifest
+from orchestrator.config.values import toml_str, toml_value
 
 
 def manifest_to_toml(m: Manifest, *, absolute_paths: bool = False) -> str:

@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from .errors import GapslError
+from orchestrator.errors import GapslError
 
 if TYPE_CHECKING:
-    from .rounds import Runner
+    from orchestrator.training.loop import Runner
 
 FILE = "checkpoint.pt"
 

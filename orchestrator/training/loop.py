@@ -20,15 +20,21 @@ import torch
 
 from edge_agent.compress import wire_dtype
 from edge_agent.trainer import load_numpy_state, round_lr
-
-from . import algorithms, checkpoint
-from .algorithms import client_spread
-from .gapsl import LeaderTracker, client_alignment, gapsl_server_step
-from .manifest import Manifest
-from .profiler import DeviceProfile, Prediction, balance_batches, predict_round, sample_participants
-from .snapshot import EvalPoint, GapslView, RoundPoint
-from .state import RunState
-from .transfer import to_device, to_host
+from orchestrator.algorithms import base as algorithms
+from orchestrator.algorithms.base import client_spread
+from orchestrator.algorithms.gapsl import LeaderTracker, client_alignment, gapsl_server_step
+from orchestrator.config.manifest import Manifest
+from orchestrator.records import checkpoint
+from orchestrator.training.latency import (
+    DeviceProfile,
+    Prediction,
+    balance_batches,
+    predict_round,
+    sample_participants,
+)
+from orchestrator.training.state import RunState
+from orchestrator.training.transfer import to_device, to_host
+from orchestrator.ui.snapshot import EvalPoint, GapslView, RoundPoint
 
 Weights = dict[str, np.ndarray]
 
@@ -148,7 +154,7 @@ class Runner:
 
     async def _interrupt(self, r: int) -> None:
         """Stop after round ``r``: checkpoint it (devices too), then end the run as interrupted."""
-        from .errors import RunInterrupted
+        from orchestrator.errors import RunInterrupted
 
         if self.checkpoint_dir is not None and r > self.checkpointed_round and r >= 1:
             self.state.phase = "checkpointing"
@@ -417,7 +423,7 @@ class Runner:
 
     def _score(self, states: list[Weights]) -> tuple[list[tuple[float, float]], float | None]:
         """Accuracy and loss of every device's model, and the spread of the partitions."""
-        from .errors import RunError
+        from orchestrator.errors import RunError
 
         job = self.job
         out = []

@@ -15,11 +15,10 @@ import numpy as np
 from edge_agent import protocol
 from edge_agent.compress import CompressionError, pack, unpack
 from edge_agent.protocol import encode
-
-from .errors import FleetError, RunError
-from .profiler import DeviceProfile, link_from_samples
-from .rounds import ForwardOut, Weights
-from .sessions import DeviceAbsent, DeviceSession
+from orchestrator.errors import FleetError, RunError
+from orchestrator.fleet.sessions import DeviceAbsent, DeviceSession
+from orchestrator.training.latency import DeviceProfile, link_from_samples
+from orchestrator.training.loop import ForwardOut, Weights
 
 
 def _failure(task: asyncio.Task[Any]) -> BaseException | None:

@@ -19,10 +19,17 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import ExitCode, ManifestError, RunError
-from .manifest import Manifest, parse_manifest
-from .runread import finite
-from .snapshot import DeviceView, EvalPoint, EventLine, GapslView, RoundPoint, RunSnapshot
+from orchestrator.config.manifest import Manifest, parse_manifest
+from orchestrator.errors import ExitCode, ManifestError, RunError
+from orchestrator.records.reader import finite
+from orchestrator.ui.snapshot import (
+    DeviceView,
+    EvalPoint,
+    EventLine,
+    GapslView,
+    RoundPoint,
+    RunSnapshot,
+)
 
 __all__ = ["RunWatcher", "add_parser", "run_watch", "snapshot_from_records", "watch_live"]
 
@@ -159,7 +166,7 @@ class _Fold:
         line = EventLine(t, name, raw if isinstance(raw, str) else None, text)
         self.events.append(line)
         if self.on_line is not None:
-            from .dashboard import format_event
+            from orchestrator.ui.render import format_event
 
             self.on_line(format_event(line))
 
@@ -175,7 +182,7 @@ class _Fold:
             if d is not None:
                 d["accuracy"] = _num(acc)
         if self.on_line is not None:
-            from .dashboard import format_eval
+            from orchestrator.ui.render import format_eval
 
             self.on_line(format_eval(point, self.total_rounds(r)))
 
@@ -381,7 +388,7 @@ async def watch_live(watcher: RunWatcher, console: Any, refresh_hz: float) -> st
     The last frame is drawn after the status appears. Cancelling is safe (the `Live` context
     restores the terminal).
     """
-    from .dashboard import LiveDashboard
+    from orchestrator.ui.render import LiveDashboard
 
     stop = asyncio.Event()
 
@@ -430,7 +437,7 @@ def run_watch(args: argparse.Namespace) -> int:
     """Handle ``watch``; a RunError (not a run directory) propagates."""
     from rich.console import Console
 
-    from .dashboard import render
+    from orchestrator.ui.render import render
 
     watcher = RunWatcher(args.run_dir)
     hz = args.refresh_hz

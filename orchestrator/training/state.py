@@ -8,10 +8,17 @@ from __future__ import annotations
 import collections
 from typing import Any, Callable
 
-from .manifest import Manifest
-from .records import RunRecords
-from .sessions import DeviceSession
-from .snapshot import DeviceView, EvalPoint, EventLine, GapslView, RoundPoint, RunSnapshot
+from orchestrator.config.manifest import Manifest
+from orchestrator.fleet.sessions import DeviceSession
+from orchestrator.records.writer import RunRecords
+from orchestrator.ui.snapshot import (
+    DeviceView,
+    EvalPoint,
+    EventLine,
+    GapslView,
+    RoundPoint,
+    RunSnapshot,
+)
 
 
 class RunState:
@@ -46,14 +53,14 @@ class RunState:
         line = EventLine(t=rec["t"], event=event, device=device, text=text)
         self.events.append(line)
         if self.on_line is not None:
-            from .dashboard import format_event
+            from orchestrator.ui.render import format_event
 
             self.on_line(format_event(line))
 
     def add_eval(self, point: EvalPoint) -> None:
         self.evals.append(point)
         if self.on_line is not None:
-            from .dashboard import format_eval
+            from orchestrator.ui.render import format_eval
 
             self.on_line(format_eval(point, self.m.training.rounds))
 

@@ -1,7 +1,7 @@
 """The manifest's sections: one frozen dataclass per ``testbed.toml`` table, plus ``Manifest``.
 
 Each field carries its own constraints (choices, a check), so the key list, the defaults and the
-checks exist once; ``orchestrator.manifest`` reads raw TOML into these classes and re-exports them.
+checks exist once; ``orchestrator.config.manifest`` reads raw TOML into these classes and re-exports them.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Optional
 
-from orchestrator.toml_values import toml_value
+from orchestrator.config.values import toml_value
 
 Check = Callable[[Any], Optional[str]]  # returns a problem, or None when the value is fine
 

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import IO, Any, Callable
 
-from .manifest import DeviceConfig
+from orchestrator.config.manifest import DeviceConfig
 
 _PR_SET_PDEATHSIG = 1
 

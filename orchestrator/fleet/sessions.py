@@ -15,9 +15,8 @@ from typing import Any, Callable
 
 from edge_agent import protocol
 from edge_agent.protocol import Message, ProtocolError, decode, encode
-
-from .errors import FleetError
-from .manifest import DeviceConfig
+from orchestrator.config.manifest import DeviceConfig
+from orchestrator.errors import FleetError
 
 # Markers put in a session's reply queue by the connection handler.
 _DROPPED = object()  # the connection went away: resend after the device is back

@@ -1,0 +1,1 @@
+"""The run directory: its writer and reader, run statistics, the checkpoint and resume."""
