@@ -18,6 +18,8 @@ import torch
 from edge_agent import protocol
 from edge_agent.agent import AgentExit
 from edge_agent.protocol import encode
+from orchestrator.algorithms.base import POOLED_ID
+from orchestrator.algorithms.registry import rule_class
 from orchestrator.config.manifest import Manifest
 from orchestrator.errors import GapslError, RunError, RunInterrupted
 from orchestrator.fleet.group import SessionGroup
@@ -86,9 +88,9 @@ class Engine:
                 await self._train_in_process()
                 status = "completed"
                 return status
-            if m.training.algorithm == "central":
+            if rule_class(m.training.algorithm).simulate_only:
                 raise RunError(
-                    "training.algorithm = 'central' (the pooled-data ceiling) runs only with simulate"
+                    f"training.algorithm = {m.training.algorithm!r} runs only with simulate"
                 )
             resume_round = int(self.resume["round"]) if self.resume else 0
             clients = self.resume["clients"] if self.resume else {}
@@ -196,12 +198,12 @@ class Engine:
         from orchestrator.training.inprocess import InProcessGroup
 
         assert self.job is not None
-        central = self.m.training.algorithm == "central"
-        ids = ["central"] if central else [s.id for s in self.sessions.values()]
+        pooled = rule_class(self.m.training.algorithm).pooled
+        ids = [POOLED_ID] if pooled else [s.id for s in self.sessions.values()]
         group = InProcessGroup(self.m, self.job, ids)
         for s in self.sessions.values():
             s.status = "joined"
-            s.shard_size = len(self.job.shards[0 if central else s.rank])
+            s.shard_size = len(self.job.shards[0 if pooled else s.rank])
         self.state.listen = "in-process"
         await Runner(self.m, self.job, group, self.state).train()
         for s in self.sessions.values():
@@ -234,7 +236,7 @@ class Engine:
         runner.run_id = self.run_id
         self.runner = runner
         if self.resume is not None:
-            runner.restore(self.resume)
+            runner.load_state_dict(self.resume)
             st.round = runner.start_round - 1
             st.event("resumed", None, {"round": st.round})
         await runner.train()

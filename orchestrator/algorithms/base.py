@@ -1,5 +1,8 @@
-"""Server-side training rules over tensors, with no I/O: the distributed orchestrator and an
-in-process engine call the same functions.
+"""What every training rule shares: the :class:`Rule` interface the round loop dispatches
+through, the result of a server step, and PSL's backward that every server rule starts from.
+
+Rules are tensor code with no I/O: the distributed orchestrator and the in-process engine call the
+same objects, and a rule says what it needs of the devices as data, never by sending anything.
 
 PSL (parallel split learning): one shared server partition. Each device i uploads activations
 ``a_i`` of a batch of ``b_i`` samples; the server minimises the batch-weighted mean loss
@@ -9,12 +12,18 @@ PSL (parallel split learning): one shared server partition. Each device i upload
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from orchestrator.config.manifest import Manifest
+
+Weights = dict[str, np.ndarray]  # a client partition as the devices send it
+POOLED_ID = "pooled"  # the one learner of a pooled rule (the ceiling), as the records name it
 
 
 @dataclass
@@ -56,109 +65,71 @@ def psl_backward(
     return ServerStepResult(grads=grads, losses=losses, loss=float(loss.detach()))
 
 
-def psl_server_step(
-    server: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    activations: Sequence[torch.Tensor],
-    labels: Sequence[torch.Tensor],
-) -> ServerStepResult:
-    """One PSL server update on the devices' activations; returns their activation gradients."""
-    result = psl_backward(server, optimizer, activations, labels)
-    optimizer.step()
-    return result
+@dataclass(frozen=True)
+class DeviceRole:
+    """What a rule asks of every device's trainer; it travels in the job (``gapsl_space``,
+    ``gda_mode``, ``gapsl_leader``). The defaults are plain PSL: back-propagate and step."""
+
+    space: str = ""  # "client": keep the client gradient, upload it, and wait for the leader
+    gda_mode: str = ""  # how a device blends its gradient with the leader it receives
+    leader: str = "gradient"  # what the leader is made of: the devices' gradients or updates
 
 
-def epsl_server_step(
-    server: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    activations: Sequence[torch.Tensor],
-    labels: Sequence[torch.Tensor],
-    phi: float,
-) -> ServerStepResult:
-    """EPSL (Lin et al., TMC 2024): PSL with last-layer gradient aggregation of ratio ``phi``.
+@dataclass(frozen=True)
+class Alignment:
+    """A leader to send down to the devices that uploaded their client gradients."""
 
-    Our reading: for the first ``round(phi * b)`` positions of every device's batch, the loss
-    gradient at the server's output layer is averaged across devices (position j of every device
-    gets the mean of their j-th gradients) before back-propagation; the rest stays per device.
-    phi = 0 is PSL bit for bit (the same backward, split at the logits).
+    leader: np.ndarray
+    mode: str
+    lam: float
+    diag: dict[str, object]
+
+
+class Rule:
+    """One training rule. The round loop calls these hooks and never tests a rule's name.
+
+    A rule owns its manifest section's settings and its state across rounds (``state_dict`` goes
+    into the run's checkpoint). Per round the loop calls :meth:`server_step`; when
+    :attr:`holds_client_grads` is set the devices upload their client gradients and the loop
+    sends down what :meth:`align` returns; when :meth:`averages` says so after a round, the loop
+    collects the client partitions and sets every device to :meth:`average` of them.
     """
-    sizes = [len(y) for y in labels]
-    if len(set(sizes)) != 1:
-        raise ValueError("EPSL aggregates position-wise: every device needs the same batch size")
-    leaves = [a.detach().requires_grad_(True) for a in activations]
-    total, b, n = sum(sizes), sizes[0], len(sizes)
-    server.train()
-    optimizer.zero_grad(set_to_none=True)
-    logits = server(torch.cat(leaves))
-    per_sample = F.cross_entropy(logits, torch.cat(list(labels)), reduction="none")
-    loss = per_sample.mean()
-    (d_logits,) = torch.autograd.grad(loss, logits, retain_graph=True)
-    k = int(round(phi * b))
-    if k > 0:
-        per_device = d_logits.view(n, b, -1)
-        shared = per_device[:, :k].mean(dim=0, keepdim=True).expand(n, k, -1)
-        d_logits = torch.cat([shared, per_device[:, k:]], dim=1).reshape_as(d_logits)
-    logits.backward(d_logits)
-    optimizer.step()
-    losses = [float(per_sample[i * b : (i + 1) * b].detach().mean()) for i in range(n)]
-    grads: list[torch.Tensor] = [leaf.grad * (total / b) for leaf in leaves]  # type: ignore[operator,misc]
-    return ServerStepResult(
-        grads=grads, losses=losses, loss=float(loss.detach()), diag={"phi": phi}
-    )
 
+    name: ClassVar[str] = ""
+    pooled: ClassVar[bool] = False  # one learner that takes everyone's batch (the ceiling)
+    simulate_only: ClassVar[bool] = False  # runs only in the in-process engine
+    holds_client_grads: bool = False
 
-def fedavg(
-    states: Sequence[dict[str, torch.Tensor]], weights: Sequence[float]
-) -> dict[str, torch.Tensor]:
-    """Weighted average of client partitions (SplitFed): sum_i w_i * theta_i / sum_i w_i."""
-    if not states or len(states) != len(weights):
-        raise ValueError("fedavg needs one weight per state")
-    total = float(sum(weights))
-    out = {}
-    for name in states[0]:
-        acc = torch.zeros_like(states[0][name], dtype=torch.float64)
-        for state, w in zip(states, weights):
-            acc += state[name].to(torch.float64) * (w / total)
-        out[name] = acc.to(states[0][name].dtype)
-    return out
+    def __init__(self, m: Manifest) -> None:
+        self.m = m
 
+    def device_role(self) -> DeviceRole:
+        return DeviceRole()
 
-@torch.no_grad()
-def evaluate(
-    client: torch.nn.Module,
-    server: torch.nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    batch_size: int = 1024,
-) -> tuple[float, float]:
-    """Accuracy and mean loss of ``server(client(x))`` on a test set."""
-    client.eval()
-    server.eval()
-    correct, loss_sum = 0, 0.0
-    for start in range(0, len(y), batch_size):
-        xb, yb = x[start : start + batch_size], y[start : start + batch_size]
-        logits = server(client(xb))
-        loss_sum += float(F.cross_entropy(logits, yb, reduction="sum"))
-        correct += int((logits.argmax(dim=1) == yb).sum())
-    n = max(len(y), 1)
-    return correct / n, loss_sum / n
+    def server_step(
+        self,
+        server: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        activations: Sequence[torch.Tensor],
+        labels: Sequence[torch.Tensor],
+    ) -> ServerStepResult:
+        """One server update on the devices' activations; returns their activation gradients."""
+        raise NotImplementedError
 
+    def align(self, client_grads: Sequence[torch.Tensor], sizes: Sequence[int]) -> Alignment:
+        """The leader for the devices' uploaded client gradients (rules that hold them)."""
+        raise NotImplementedError(f"{type(self).__name__} does not hold client gradients")
 
-def client_spread(states: Sequence[Mapping[str, np.ndarray]]) -> float | None:
-    """How far apart the client partitions are: mean pairwise distance / mean norm.
+    def averages(self, r: int) -> bool:
+        """Whether the client partitions are collected and averaged after round ``r``."""
+        return False
 
-    0 when every device holds the same partition (SFL right after averaging, client FedSGD);
-    the drift that aggregation-free training lets grow. One Gram matrix, not N^2 differences.
-    """
-    if len(states) < 2:
-        return None
-    flat = np.stack(
-        [np.concatenate([np.ravel(v).astype(np.float64) for v in w.values()]) for w in states]
-    )
-    gram = flat @ flat.T
-    sq = np.diag(gram)
-    d2 = np.clip(sq[:, None] + sq[None, :] - 2 * gram, 0.0, None)
-    n = len(flat)
-    iu = np.triu_indices(n, k=1)
-    norm = float(np.sqrt(sq).mean())
-    return float(np.sqrt(d2[iu]).mean()) / norm if norm > 0 else None
+    def average(self, states: Sequence[Weights], weights: Sequence[float]) -> Weights:
+        raise NotImplementedError(f"{type(self).__name__} does not average client partitions")
+
+    def state_dict(self) -> dict[str, Any]:
+        """The rule's state across rounds, as tensors and plain values (for the checkpoint)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any], device: torch.device) -> None:
+        """Put a :meth:`state_dict` back; tensors go to the server's ``device``."""

@@ -1,4 +1,4 @@
-"""GAPSL on the server: leader gradient identification (LGI) and gradient direction alignment (GDA).
+"""GAPSL: PSL plus leader gradient identification (LGI) and gradient direction alignment (GDA).
 
 Our reconstruction (only the paper's abstract is public; docs/algorithms.md states every rule):
 per-device gradients ``g_i`` in one of three spaces are compared by cosine; devices whose mean
@@ -10,69 +10,16 @@ blend). Every function here is tensor code without I/O.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 from edge_agent.align import alignment_penalty, blend, cosine
-from orchestrator.algorithms.base import ServerStepResult, psl_backward
-
-
-@dataclass
-class LgiResult:
-    cos: torch.Tensor  # N x N cosine matrix of the devices' gradients
-    scores: torch.Tensor  # s_i = mean_{j != i} cos_ij
-    leaders: list[int]  # indices of the leader set, ascending
-    leader: torch.Tensor  # g_L after the EMA
-    align_before: float  # mean_i cos(g_i, g_L)
-
-
-@dataclass
-class LeaderTracker:
-    """LGI with its state across rounds (the EMA of the leader)."""
-
-    tau: float = 0.0
-    rho: float = 0.5
-    beta: float = 0.9
-    ema: torch.Tensor | None = field(default=None, repr=False)
-
-    def __call__(self, grads: torch.Tensor, sizes: Sequence[int]) -> LgiResult:
-        g = grads.detach()
-        n = g.shape[0]
-        unit = g / g.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        cos = unit @ unit.T
-        scores = (
-            (cos.sum(dim=1) - cos.diagonal()) / (n - 1) if n > 1 else torch.ones(1, dtype=g.dtype)
-        )
-        chosen = [i for i in range(n) if float(scores[i]) >= self.tau]
-        need = min(n, math.ceil(self.rho * n))
-        if len(chosen) < need:
-            ranked = sorted(range(n), key=lambda i: (-float(scores[i]), i))
-            chosen = sorted(set(chosen) | set(ranked[:need]))
-        w = torch.tensor([float(sizes[i]) for i in chosen], dtype=g.dtype, device=g.device)
-        current = (w[:, None] * g[chosen]).sum(dim=0) / w.sum()
-        if self.ema is None or self.beta == 0.0:
-            leader = current
-        else:
-            leader = self.beta * self.ema + (1.0 - self.beta) * current
-        self.ema = leader
-        before = float(cosine(g, leader[None, :]).mean())
-        return LgiResult(cos=cos, scores=scores, leaders=chosen, leader=leader, align_before=before)
-
-
-def _diag(res: LgiResult, after: float | None) -> dict[str, object]:
-    return {
-        "leaders": res.leaders,
-        "cos": [[round(float(v), 4) for v in row] for row in res.cos],
-        "mean_cos": float(
-            (res.cos.sum() - res.cos.diagonal().sum()) / max(res.cos.numel() - len(res.cos), 1)
-        ),
-        "align_before": res.align_before,
-        "align_after": after,
-    }
+from orchestrator.algorithms.base import Alignment, DeviceRole, Rule, ServerStepResult, psl_backward
+from orchestrator.algorithms.lgi import LeaderTracker, client_alignment, lgi_diag
+from orchestrator.algorithms.psl import psl_server_step
+from orchestrator.config.manifest import Manifest
 
 
 def gapsl_server_step(
@@ -145,13 +92,47 @@ def gapsl_server_step(
         grads=[g.detach() for g in act_grads],
         losses=base.losses,
         loss=base.loss,
-        diag=_diag(res, after),
+        diag=lgi_diag(res, after),
     )
 
 
-def client_alignment(
-    tracker: LeaderTracker, client_grads: Sequence[torch.Tensor], sizes: Sequence[int]
-) -> tuple[torch.Tensor, dict[str, object]]:
-    """LGI over the devices' uploaded client-partition gradients; the leader goes back down."""
-    res = tracker(torch.stack([g.reshape(-1) for g in client_grads]), sizes)
-    return res.leader, _diag(res, None)
+class Gapsl(Rule):
+    """GAPSL in the ``[gapsl]`` space: the server and cut spaces align inside the server step;
+    the client space has the devices upload their client gradients and sends the leader down."""
+
+    name = "gapsl"
+
+    def __init__(self, m: Manifest) -> None:
+        super().__init__(m)
+        g = self.cfg = m.gapsl
+        self.tracker = LeaderTracker(tau=g.tau, rho=g.rho, beta=g.ema_beta)
+        self.holds_client_grads = g.space == "client"
+
+    def device_role(self) -> DeviceRole:
+        return DeviceRole(space=self.cfg.space, gda_mode=self.cfg.gda_mode, leader=self.cfg.leader)
+
+    def server_step(
+        self,
+        server: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        activations: Sequence[torch.Tensor],
+        labels: Sequence[torch.Tensor],
+    ) -> ServerStepResult:
+        if self.holds_client_grads:  # the client space aligns on the devices, after backward
+            return psl_server_step(server, optimizer, activations, labels)
+        g = self.cfg
+        return gapsl_server_step(
+            server, optimizer, activations, labels, self.tracker, g.space, g.gda_mode, g.gda_lambda
+        )
+
+    def align(self, client_grads: Sequence[torch.Tensor], sizes: Sequence[int]) -> Alignment:
+        leader, diag = client_alignment(self.tracker, client_grads, sizes)
+        return Alignment(leader.numpy(), self.cfg.gda_mode, self.cfg.gda_lambda, diag)
+
+    def state_dict(self) -> dict[str, object]:
+        ema = self.tracker.ema
+        return {"leader_ema": None if ema is None else ema.detach().cpu()}
+
+    def load_state_dict(self, state: dict[str, object], device: torch.device) -> None:
+        ema = state.get("leader_ema")
+        self.tracker.ema = ema.to(device) if isinstance(ema, torch.Tensor) else None

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Optional
 
+from orchestrator.algorithms.registry import RULE_NAMES
 from orchestrator.config.values import toml_value
 
 Check = Callable[[Any], Optional[str]]  # returns a problem, or None when the value is fine
@@ -96,7 +97,7 @@ class TrainingConfig:
     """The learning problem and the optimiser every device and the server use."""
 
     # "central" (pooled data, one learner: the accuracy ceiling) runs only in-process (simulate).
-    algorithm: str = _opt("psl", choices=("psl", "gapsl", "sfl", "epsl", "central"))
+    algorithm: str = _opt("psl", choices=RULE_NAMES)
     dataset: str = _opt("digits", choices=("digits", "fashion_mnist", "cifar10"))
     model: str = _opt("auto", check=_non_empty)  # "auto": the dataset's default small model
     cut: str = _opt("default", check=_non_empty)

@@ -19,7 +19,7 @@ from edge_agent.compress import CompressionError, roundtrip
 from edge_agent.trainer import ClientTrainer
 from orchestrator.config.manifest import Manifest
 from orchestrator.errors import RunError
-from orchestrator.training.loop import ForwardOut, Weights
+from orchestrator.training.devices import ForwardOut, Weights
 
 
 @contextlib.contextmanager

@@ -1,4 +1,4 @@
-"""Device profiles from measurement, the round-time model, and latency-balanced batch sizes.
+"""Device profiles from measurement and the latency model that predicts a round's time.
 
 On join each device is probed over its live connection: application-level echoes give the RTT
 (median and jitter), echoes carrying activation-sized payloads one way give downlink and uplink
@@ -14,8 +14,6 @@ import statistics
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
-
-import numpy as np
 
 SMOOTHING = 0.3  # weight of a new round's measurement in the running profile
 RTT_SAMPLES = 7
@@ -140,59 +138,3 @@ def predict_round(
         downlink_s=d + rtt / 2,
         server_s=server_s,
     )
-
-
-def balance_batches(
-    profiles: Mapping[str, DeviceProfile],
-    total: int,
-    act_bytes_per_sample: float,
-    min_batch: int = 1,
-) -> dict[str, int]:
-    """Per-device batch sizes that equalise predicted arrival, summing to ``total``.
-
-    Device i's path is rtt_i + b_i * k_i with k_i its per-sample cost (compute plus both
-    transfers); equal paths T give b_i = (T - rtt_i) / k_i with sum b_i = total. Devices that
-    would get less than ``min_batch`` are pinned there and the rest re-solved; the result is
-    rounded by largest remainder so the total is exact.
-    """
-    ids = list(profiles)
-    if total < min_batch * len(ids):
-        raise ValueError(
-            f"a total batch of {total} cannot give {len(ids)} devices {min_batch} each"
-        )
-    k, rtt = {}, {}
-    for i in ids:
-        p = profiles[i]
-        per = p.compute_ms_per_sample / 1000.0
-        for mbps in (p.uplink_mbps, p.downlink_mbps):
-            if math.isfinite(mbps) and mbps > 0:
-                per += act_bytes_per_sample * 8 / (mbps * 1e6)
-        k[i] = max(per, 1e-9)
-        rtt[i] = p.rtt_ms / 1000.0
-    pinned: set[str] = set()
-    while True:
-        free = [i for i in ids if i not in pinned]
-        budget = total - min_batch * len(pinned)
-        t = (budget + sum(rtt[i] / k[i] for i in free)) / sum(1.0 / k[i] for i in free)
-        raw = {i: (t - rtt[i]) / k[i] for i in free}
-        low = [i for i in free if raw[i] < min_batch]
-        if not low:
-            break
-        pinned.update(low)
-    sizes = {i: float(min_batch) for i in pinned} | raw
-    floors = {i: int(math.floor(v)) for i, v in sizes.items()}
-    short = total - sum(floors.values())
-    for i in sorted(ids, key=lambda i: (floors[i] - sizes[i], i))[:short]:
-        floors[i] += 1
-    return floors
-
-
-def sample_participants(
-    ids: list[str], fraction: float, minimum: int, rng: np.random.Generator
-) -> list[str]:
-    """Partial participation: a seeded random subset of ``ceil(fraction * N)`` devices (order kept)."""
-    n = max(minimum, math.ceil(fraction * len(ids)))
-    if n >= len(ids):
-        return list(ids)
-    chosen = set(rng.choice(len(ids), size=n, replace=False).tolist())
-    return [i for k, i in enumerate(ids) if k in chosen]

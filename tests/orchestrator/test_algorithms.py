@@ -17,8 +17,12 @@ from edge_agent.align import alignment_penalty, cosine
 from edge_agent.data import load_dataset
 from edge_agent.trainer import ClientTrainer, state_to_numpy
 from models import build_split
-from orchestrator.algorithms.base import epsl_server_step, evaluate, fedavg, psl_server_step
-from orchestrator.algorithms.gapsl import LeaderTracker, client_alignment, gapsl_server_step
+from orchestrator.algorithms.epsl import epsl_server_step
+from orchestrator.algorithms.gapsl import gapsl_server_step
+from orchestrator.algorithms.lgi import LeaderTracker, client_alignment
+from orchestrator.algorithms.psl import psl_server_step
+from orchestrator.algorithms.sfl import fedavg
+from orchestrator.training.evaluation import evaluate
 
 MODES = ("exact", "first_order", "pull")
 

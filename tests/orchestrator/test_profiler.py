@@ -12,7 +12,8 @@ import pytest
 
 from orchestrator.config.manifest import local_device_toml, manifest_to_toml, parse_manifest
 from orchestrator.engine import Engine
-from orchestrator.training.latency import DeviceProfile, balance_batches, predict_round
+from orchestrator.training.latency import DeviceProfile, predict_round
+from orchestrator.training.scheduler import balance_batches
 
 SCALE = float(os.environ.get("GAPSL_TEST_TIMEOUT_SCALE", "1"))
 EMULATED = {  # id: (compute_slowdown, uplink_mbps, downlink_mbps, rtt_ms)

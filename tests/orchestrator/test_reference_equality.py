@@ -24,7 +24,6 @@ from typing import Any, Callable
 import pytest
 import torch
 
-from orchestrator import engine as engine_module
 from orchestrator.config.manifest import (
     Manifest,
     local_device_toml,
@@ -32,6 +31,7 @@ from orchestrator.config.manifest import (
     parse_manifest,
 )
 from orchestrator.engine import Engine
+from orchestrator.training import job as job_module
 from orchestrator.training.job import prepare_job
 
 TOL = 1e-6  # absolute, on accuracies (multiples of 1/len(test set)) and mean losses
@@ -180,7 +180,7 @@ def test_concurrently_prepared_jobs_start_from_the_same_weights(
     lets three threads meet there, and each goes on after the barrier's timeout."""
     m = _manifest(CASES["psl"])
     reference = prepare_job(m)
-    real_build = engine_module.build_split
+    real_build = job_module.build_split
     barrier = threading.Barrier(3, timeout=2.0 * SCALE)
 
     def build_after_everyone_seeded(*args: Any, **kwargs: Any) -> Any:
@@ -190,7 +190,7 @@ def test_concurrently_prepared_jobs_start_from_the_same_weights(
             pass
         return real_build(*args, **kwargs)
 
-    monkeypatch.setattr(engine_module, "build_split", build_after_everyone_seeded)
+    monkeypatch.setattr(job_module, "build_split", build_after_everyone_seeded)
     with ThreadPoolExecutor(3) as pool:
         jobs = list(pool.map(lambda _: prepare_job(m), range(3)))
     for job in jobs:

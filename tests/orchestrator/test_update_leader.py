@@ -17,7 +17,7 @@ from edge_agent.align import cosine, flat_grad
 from edge_agent.data import load_dataset
 from edge_agent.trainer import ClientTrainer, state_to_numpy
 from models import build_split
-from orchestrator.algorithms.base import psl_server_step
+from orchestrator.algorithms.psl import psl_server_step
 from orchestrator.config.manifest import ManifestError, parse_manifest
 
 from .test_algorithms import _client_job, _same_params, _sgd

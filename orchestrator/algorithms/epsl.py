@@ -1,0 +1,69 @@
+"""EPSL (Lin et al., TMC 2024): PSL with last-layer gradient aggregation of ratio ``epsl.phi``.
+
+What travels: as in PSL. phi = 0 is PSL bit for bit."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from orchestrator.algorithms.base import Rule, ServerStepResult
+from orchestrator.config.manifest import Manifest
+
+
+def epsl_server_step(
+    server: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    activations: Sequence[torch.Tensor],
+    labels: Sequence[torch.Tensor],
+    phi: float,
+) -> ServerStepResult:
+    """EPSL (Lin et al., TMC 2024): PSL with last-layer gradient aggregation of ratio ``phi``.
+
+    Our reading: for the first ``round(phi * b)`` positions of every device's batch, the loss
+    gradient at the server's output layer is averaged across devices (position j of every device
+    gets the mean of their j-th gradients) before back-propagation; the rest stays per device.
+    phi = 0 is PSL bit for bit (the same backward, split at the logits).
+    """
+    sizes = [len(y) for y in labels]
+    if len(set(sizes)) != 1:
+        raise ValueError("EPSL aggregates position-wise: every device needs the same batch size")
+    leaves = [a.detach().requires_grad_(True) for a in activations]
+    total, b, n = sum(sizes), sizes[0], len(sizes)
+    server.train()
+    optimizer.zero_grad(set_to_none=True)
+    logits = server(torch.cat(leaves))
+    per_sample = F.cross_entropy(logits, torch.cat(list(labels)), reduction="none")
+    loss = per_sample.mean()
+    (d_logits,) = torch.autograd.grad(loss, logits, retain_graph=True)
+    k = int(round(phi * b))
+    if k > 0:
+        per_device = d_logits.view(n, b, -1)
+        shared = per_device[:, :k].mean(dim=0, keepdim=True).expand(n, k, -1)
+        d_logits = torch.cat([shared, per_device[:, k:]], dim=1).reshape_as(d_logits)
+    logits.backward(d_logits)
+    optimizer.step()
+    losses = [float(per_sample[i * b : (i + 1) * b].detach().mean()) for i in range(n)]
+    grads: list[torch.Tensor] = [leaf.grad * (total / b) for leaf in leaves]  # type: ignore[operator,misc]
+    return ServerStepResult(
+        grads=grads, losses=losses, loss=float(loss.detach()), diag={"phi": phi}
+    )
+
+
+class Epsl(Rule):
+    name = "epsl"
+
+    def __init__(self, m: Manifest) -> None:
+        super().__init__(m)
+        self.phi = m.epsl.phi
+
+    def server_step(
+        self,
+        server: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        activations: Sequence[torch.Tensor],
+        labels: Sequence[torch.Tensor],
+    ) -> ServerStepResult:
+        return epsl_server_step(server, optimizer, activations, labels, self.phi)

@@ -1,0 +1,79 @@
+"""LGI, leader gradient identification: which devices' gradients agree, and the leader they make.
+
+Per-device gradients ``g_i`` (in whatever space the rule works in) are compared by cosine;
+devices whose mean cosine to the others reaches ``tau`` form the leader set, topped up by score to
+``ceil(rho*N)``; the leader ``g_L`` is their batch-weighted mean, smoothed across rounds by an EMA
+``beta`` — "the global convergence trend". docs/algorithms.md states the rule.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from edge_agent.align import cosine
+
+
+@dataclass
+class LgiResult:
+    cos: torch.Tensor  # N x N cosine matrix of the devices' gradients
+    scores: torch.Tensor  # s_i = mean_{j != i} cos_ij
+    leaders: list[int]  # indices of the leader set, ascending
+    leader: torch.Tensor  # g_L after the EMA
+    align_before: float  # mean_i cos(g_i, g_L)
+
+
+@dataclass
+class LeaderTracker:
+    """LGI with its state across rounds (the EMA of the leader)."""
+
+    tau: float = 0.0
+    rho: float = 0.5
+    beta: float = 0.9
+    ema: torch.Tensor | None = field(default=None, repr=False)
+
+    def __call__(self, grads: torch.Tensor, sizes: Sequence[int]) -> LgiResult:
+        g = grads.detach()
+        n = g.shape[0]
+        unit = g / g.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        cos = unit @ unit.T
+        scores = (
+            (cos.sum(dim=1) - cos.diagonal()) / (n - 1) if n > 1 else torch.ones(1, dtype=g.dtype)
+        )
+        chosen = [i for i in range(n) if float(scores[i]) >= self.tau]
+        need = min(n, math.ceil(self.rho * n))
+        if len(chosen) < need:
+            ranked = sorted(range(n), key=lambda i: (-float(scores[i]), i))
+            chosen = sorted(set(chosen) | set(ranked[:need]))
+        w = torch.tensor([float(sizes[i]) for i in chosen], dtype=g.dtype, device=g.device)
+        current = (w[:, None] * g[chosen]).sum(dim=0) / w.sum()
+        if self.ema is None or self.beta == 0.0:
+            leader = current
+        else:
+            leader = self.beta * self.ema + (1.0 - self.beta) * current
+        self.ema = leader
+        before = float(cosine(g, leader[None, :]).mean())
+        return LgiResult(cos=cos, scores=scores, leaders=chosen, leader=leader, align_before=before)
+
+
+def lgi_diag(res: LgiResult, after: float | None) -> dict[str, object]:
+    return {
+        "leaders": res.leaders,
+        "cos": [[round(float(v), 4) for v in row] for row in res.cos],
+        "mean_cos": float(
+            (res.cos.sum() - res.cos.diagonal().sum()) / max(res.cos.numel() - len(res.cos), 1)
+        ),
+        "align_before": res.align_before,
+        "align_after": after,
+    }
+
+
+def client_alignment(
+    tracker: LeaderTracker, client_grads: Sequence[torch.Tensor], sizes: Sequence[int]
+) -> tuple[torch.Tensor, dict[str, object]]:
+    """LGI over the devices' uploaded client-partition gradients; the leader goes back down."""
+    res = tracker(torch.stack([g.reshape(-1) for g in client_grads]), sizes)
+    return res.leader, lgi_diag(res, None)
