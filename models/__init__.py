@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from models.base import ModelInfo, SplitModel
 from models.device import DEVICE_CHOICES, select_device
+from models.errors import DeviceUnavailable, ModelError, UnknownChoiceError
 from models.registry import (
-    UnknownChoiceError,
     available_models,
     build_model,
     build_split,
@@ -19,6 +19,8 @@ from models.registry import (
 
 __all__ = [
     "DEVICE_CHOICES",
+    "DeviceUnavailable",
+    "ModelError",
     "ModelInfo",
     "SplitModel",
     "UnknownChoiceError",

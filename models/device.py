@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from models.errors import DeviceUnavailable, UnknownChoiceError
+
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
 
 
@@ -17,7 +19,7 @@ def select_device(preference: str = "auto") -> torch.device:
     """Resolve `preference` to a usable device.
 
     "auto" picks CUDA if available, then Apple MPS, else CPU. An explicit "cpu", "cuda",
-    "cuda:N" or "mps" that this machine cannot provide raises ValueError saying why.
+    "cuda:N" or "mps" that this machine cannot provide raises DeviceUnavailable (a ValueError) saying why.
     """
     choice = preference.strip().lower()
     if choice == "auto":
@@ -30,19 +32,21 @@ def select_device(preference: str = "auto") -> torch.device:
         return torch.device("cpu")
     if choice == "mps":
         if not _mps_available():
-            raise ValueError("device 'mps' requested but Apple MPS is not available here")
+            raise DeviceUnavailable("device 'mps' requested but Apple MPS is not available here")
         return torch.device("mps")
     if choice == "cuda" or choice.startswith("cuda:"):
         if not torch.cuda.is_available():
-            raise ValueError(
+            raise DeviceUnavailable(
                 f"device {preference!r} requested but CUDA is not available "
                 "(no GPU, driver, or CUDA-enabled torch build)"
             )
         index_text = choice[len("cuda:") :] if ":" in choice else "0"
         count = torch.cuda.device_count()
         if not index_text.isdigit() or int(index_text) >= count:
-            raise ValueError(
+            raise DeviceUnavailable(
                 f"device {preference!r} requested but this machine has {count} CUDA device(s)"
             )
         return torch.device(choice)
-    raise ValueError(f"unknown device {preference!r}; valid choices: auto, cpu, cuda[:N], mps")
+    raise DeviceUnavailable(
+        f"unknown device {preference!r}; valid choices: auto, cpu, cuda[:N], mps"
+    )

@@ -21,6 +21,7 @@ from models.cnn import (
     digits_cnn_stages,
     fmnist_cnn_stages,
 )
+from models.errors import UnknownChoiceError
 from models.mlp import DIGITS_MLP, digits_mlp_stages
 from models.resnet import RESNET18, resnet18_stages
 
@@ -41,18 +42,6 @@ _DATASET_DEFAULTS: dict[str, str] = {
     "fashion_mnist": "fmnist_cnn",
     "cifar10": "cifar_cnn",
 }
-
-
-class UnknownChoiceError(ValueError, KeyError):
-    """A name that is not one of the valid choices; the message lists them.
-
-    It is a ValueError (bad argument) and also a KeyError (failed lookup), so callers may catch
-    either.
-    """
-
-    def __str__(self) -> str:
-        # KeyError would otherwise print the message quoted like a dictionary key.
-        return str(self.args[0]) if self.args else ""
 
 
 def _unknown(kind: str, value: str, choices: Iterable[str]) -> UnknownChoiceError:

@@ -14,6 +14,7 @@ from edge_agent.data import Dataset, labels_fingerprint, load_dataset, partition
 from edge_agent.protocol import encode
 from edge_agent.trainer import state_to_numpy
 from models import build_split, default_model, select_device
+from orchestrator.algorithms.registry import rule_class, rule_for
 from orchestrator.config.manifest import Manifest
 
 
@@ -52,7 +53,7 @@ def prepare_job(m: Manifest) -> Job:
         alpha=m.data.alpha,
         shards_per_device=m.data.shards_per_device,
     )
-    if t.algorithm == "central":  # the ceiling: one learner holding everyone's data
+    if rule_class(t.algorithm).pooled:  # the ceiling: one learner holding everyone's data
         shards = [np.sort(np.concatenate(shards))]
     # torch's generator is process-wide: engines preparing jobs in threads at once must not
     # take each other's draws, so seeding and building happen under a lock on a forked RNG.
@@ -90,6 +91,7 @@ def prepare_job(m: Manifest) -> Job:
 def job_spec(m: Manifest, job: Job, rank: int) -> dict[str, Any]:
     """The job description a device receives (the ``job`` field of the protocol's job message)."""
     t = m.training
+    role = rule_for(m).device_role()
     return {
         "model": job.model,
         "cut": job.cut,
@@ -106,9 +108,10 @@ def job_spec(m: Manifest, job: Job, rank: int) -> dict[str, Any]:
         "weight_decay": t.weight_decay,
         "seed": t.seed,
         "rank": rank,
-        "gapsl_space": m.gapsl.space if t.algorithm == "gapsl" else "",
-        "gda_mode": m.gapsl.gda_mode if t.algorithm == "gapsl" else "",
-        "gapsl_leader": m.gapsl.leader if t.algorithm == "gapsl" else "gradient",
+        # what the rule asks of the device's trainer
+        "gapsl_space": role.space,
+        "gda_mode": role.gda_mode,
+        "gapsl_leader": role.leader,
         "compression": t.compression,
     }
 
