@@ -19,7 +19,8 @@ def select_device(preference: str = "auto") -> torch.device:
     """Resolve `preference` to a usable device.
 
     "auto" picks CUDA if available, then Apple MPS, else CPU. An explicit "cpu", "cuda",
-    "cuda:N" or "mps" that this machine cannot provide raises DeviceUnavailable (a ValueError) saying why.
+    "cuda:N" or "mps" that this machine cannot provide raises DeviceUnavailable (a ValueError)
+    saying why.
     """
     choice = preference.strip().lower()
     if choice == "auto":
@@ -47,6 +48,6 @@ def select_device(preference: str = "auto") -> torch.device:
                 f"device {preference!r} requested but this machine has {count} CUDA device(s)"
             )
         return torch.device(choice)
-    raise DeviceUnavailable(
+    raise UnknownChoiceError(
         f"unknown device {preference!r}; valid choices: auto, cpu, cuda[:N], mps"
     )
