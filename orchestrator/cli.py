@@ -1,6 +1,6 @@
-"""``gapsl-orchestrator``: run a testbed manifest, or check one.
+"""``gapsl-orchestrator``: run a testbed manifest, or check one; report, watch, make TLS files.
 
-Exit codes: 0 ok, 1 run failed, 2 bad manifest or usage, 130 interrupted (SIGINT/SIGTERM).
+Exit codes are :class:`~orchestrator.errors.ExitCode`; every command's ``--help`` lists them.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from orchestrator.config.manifest import Manifest, load_manifest, manifest_to_toml
-from orchestrator.errors import ExitCode, GapslError, ManifestError
+from orchestrator.errors import ExitCode, GapslError, exit_code_help
+from orchestrator.names import Phase
 
 if TYPE_CHECKING:
     from orchestrator.records.resume import Resume
@@ -25,11 +26,27 @@ if TYPE_CHECKING:
 DEFAULT_MANIFEST = "testbed.toml"
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """argparse's default, except that text with line breaks (the exit-code table) is kept as
+    written instead of being re-flowed into one paragraph."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if "\n" not in text:
+            return super()._fill_text(text, width, indent)
+        return "".join(indent + line for line in text.splitlines(keepends=True))
+
+
+def _with_exit_codes(parser: argparse.ArgumentParser) -> None:
+    """Put the exit-code table (from ``ExitCode``) at the end of ``parser``'s help."""
+    table = exit_code_help()
+    parser.epilog = f"{parser.epilog}\n\n{table}" if parser.epilog else table
+    parser.formatter_class = _HelpFormatter
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="gapsl-orchestrator",
         description="Orchestrator of the GAPSL split-learning testbed.",
-        epilog="Exit codes: 0 ok, 1 run failed, 2 bad manifest or usage, 130 interrupted.",
     )
     sub = p.add_subparsers(dest="command", required=True)
     for name, text in (
@@ -65,6 +82,9 @@ def _parser() -> argparse.ArgumentParser:
     from orchestrator.ui.watch import add_parser as add_watch
 
     add_watch(sub)
+    # Every command, also those other modules register, shows the same table in its --help.
+    for parser in (p, *sub.choices.values()):
+        _with_exit_codes(parser)
     return p
 
 
@@ -105,7 +125,7 @@ async def _run_async(
     def on_signal() -> None:
         # During training the first signal stops at the next round boundary with a checkpoint;
         # a second one stops at once (the last evaluation's checkpoint stands).
-        training = engine.state.phase in ("training", "evaluating")
+        training = engine.state.phase in (Phase.TRAINING, Phase.EVALUATING)
         if engine.state.stop_requested or in_process or not training:
             main.cancel()  # nothing learnt yet that a checkpoint could keep
         else:
@@ -149,16 +169,17 @@ def _run(args: argparse.Namespace) -> int:
     try:
         status = asyncio.run(_run_async(m, run_dir, dashboard, args.command == "simulate", resume))
     except (KeyboardInterrupt, asyncio.CancelledError):
-        status = "interrupted"
+        status = Phase.INTERRUPTED
     summary = run_dir / "summary.json"
-    if status == "interrupted":
+    if status == Phase.INTERRUPTED:
         print(
             f"interrupted; resume with: gapsl-orchestrator run --resume {run_dir}",
             file=sys.stderr,
         )
         return ExitCode.INTERRUPTED
-    print(f"run {status}: {run_dir}", file=sys.stderr if status != "completed" else sys.stdout)
-    if status != "completed":
+    completed = status == Phase.COMPLETED
+    print(f"run {status}: {run_dir}", file=sys.stdout if completed else sys.stderr)
+    if not completed:
         import json
 
         reason = json.loads(summary.read_text()).get("error", "") if summary.exists() else ""
@@ -175,12 +196,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in ("report", "tls-init", "watch"):
             return int(args.func(args))
         return _run(args)
-    except ManifestError as exc:
+    except GapslError as exc:  # the user's to fix: one line, the class says which exit code
         print(f"gapsl-orchestrator: {exc}", file=sys.stderr)
-        return ExitCode.USAGE
-    except GapslError as exc:
-        print(f"gapsl-orchestrator: {exc}", file=sys.stderr)
-        return ExitCode.FAILED
+        return exc.exit_code
 
 
 if __name__ == "__main__":

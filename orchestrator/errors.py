@@ -3,22 +3,37 @@
 Every error the orchestrator raises on purpose derives from one root, so the CLI can turn any of
 them into a one-line message and an exit code without a traceback::
 
-    GapslError                  anything the testbed reports to its user
-    ├── ManifestError           a manifest key (or a --set override) is wrong; names the key
-    ├── FleetError              devices did not join, or too few remain for a run to proceed
-    └── RunError                a run failed after it started (training, evaluation, records)
+    GapslError                 anything the testbed reports to its user             exit 1
+    ├── ManifestError          a manifest key or --set override is wrong; names it  exit 2
+    ├── FleetError             devices did not join, or too few remain for the run  exit 1
+    ├── RunError               a run failed after it started (training, records)    exit 1
+    ├── RunInterrupted         SIGINT/SIGTERM stopped training at a round boundary  exit 130
+    ├── CheckpointError        records/checkpoint.py: a checkpoint that cannot be
+    │                          read, or is not this testbed's (--resume)            exit 1
+    └── TlsError               fleet/tls.py: a certificate or key cannot be made or
+        │                      used; the message names the file or host             exit 2
+        └── TlsFilesExistError tls-init would overwrite files (--force allows it)   exit 2
 
-Exit codes (``ExitCode``)::
+The exit code of each class is its ``exit_code`` attribute. Inside a run the engine catches them
+all: the run's ``summary.json`` says ``failed`` (or ``interrupted``) with the message as its
+``error``, and ``run`` exits 1 (or 130).
 
-    0    OK           the command finished
-    1    FAILED       the run failed (FleetError, RunError)
-    2    USAGE        bad manifest or bad command-line usage (ManifestError)
-    130  INTERRUPTED  stopped by SIGINT / SIGTERM; the run directory is marked interrupted
+Not under the root, on purpose:
+
+- ``DeviceAbsent`` (fleet/sessions.py): not an error but a per-request signal ("this device is
+  away past testbed.patience_s, or lost the round") that ``SessionGroup`` always turns into "the
+  device sits out". Under the root, a forgotten ``except`` would become a one-line run failure at
+  the engine's ``except GapslError`` instead of the traceback our bug deserves.
+- The edge agent's errors (``edge_agent.protocol.ProtocolError``, ``edge_agent.compress.
+  CompressionError``, ``edge_agent.datasets.DataError``, ...): the agent never imports the
+  orchestrator. The fleet turns a ProtocolError into a close code and an event, a
+  CompressionError into a RunError naming the device.
 """
 
 from __future__ import annotations
 
 from enum import IntEnum
+from typing import ClassVar
 
 __all__ = [
     "ExitCode",
@@ -26,12 +41,39 @@ __all__ = [
     "GapslError",
     "ManifestError",
     "RunError",
+    "RunInterrupted",
     "exit_code_help",
 ]
 
 
+class ExitCode(IntEnum):
+    """Process exit status of ``gapsl-orchestrator`` (``gapsl-agent`` has ``AgentExit``)."""
+
+    OK = 0
+    FAILED = 1
+    USAGE = 2
+    INTERRUPTED = 130  # 128 + SIGINT, the shell convention for a Ctrl-C'd process
+
+
+_MEANINGS = {
+    ExitCode.OK: "the command finished",
+    ExitCode.FAILED: "the run failed (devices missing, training or records failed)",
+    ExitCode.USAGE: "bad manifest or bad command-line usage; the message names the key",
+    ExitCode.INTERRUPTED: "interrupted (Ctrl-C or SIGTERM); the run is marked interrupted",
+}
+
+
+def exit_code_help() -> str:
+    """The exit codes as a short block of text, for a command's ``--help`` epilog."""
+    lines = ["exit codes:"]
+    lines += [f"  {code.value:<4} {code.name.lower():<12} {_MEANINGS[code]}" for code in ExitCode]
+    return "\n".join(lines)
+
+
 class GapslError(Exception):
     """Root of every error the testbed reports to its user (message only, no traceback)."""
+
+    exit_code: ClassVar[ExitCode] = ExitCode.FAILED
 
 
 class ManifestError(GapslError):
@@ -42,6 +84,8 @@ class ManifestError(GapslError):
     ``devices.pi-03.token``, or ``""`` for a problem with the file as a whole (unreadable, not
     valid TOML); ``problem`` says what is wrong.
     """
+
+    exit_code = ExitCode.USAGE
 
     def __init__(self, source: str, key: str, problem: str) -> None:
         self.source = source
@@ -72,30 +116,8 @@ class FleetError(GapslError):
 class RunInterrupted(GapslError):
     """The run was asked to stop (SIGINT/SIGTERM) and stopped at a round boundary."""
 
+    exit_code = ExitCode.INTERRUPTED
+
 
 class RunError(GapslError):
     """A run failed after it started: training diverged, a record could not be written, ..."""
-
-
-class ExitCode(IntEnum):
-    """Process exit status of the ``gapsl-orchestrator`` and ``gapsl-agent`` commands."""
-
-    OK = 0
-    FAILED = 1
-    USAGE = 2
-    INTERRUPTED = 130  # 128 + SIGINT, the shell convention for a Ctrl-C'd process
-
-
-_MEANINGS = {
-    ExitCode.OK: "the command finished",
-    ExitCode.FAILED: "the run failed (devices missing, training or records failed)",
-    ExitCode.USAGE: "bad manifest or bad command-line usage; the message names the key",
-    ExitCode.INTERRUPTED: "interrupted (Ctrl-C or SIGTERM); the run is marked interrupted",
-}
-
-
-def exit_code_help() -> str:
-    """The exit codes as a short block of text, for a command's ``--help`` epilog."""
-    lines = ["exit codes:"]
-    lines += [f"  {code.value:<4} {code.name.lower():<12} {_MEANINGS[code]}" for code in ExitCode]
-    return "\n".join(lines)

@@ -201,3 +201,9 @@ def test_tls_init_refuses_to_overwrite_without_force(
 
     assert _tls_init([str(out), "--host", "lab-server", "--force"]) == ExitCode.OK
     assert (out / "ca.pem").read_bytes() != first_ca
+
+
+def test_tls_errors_are_usage_errors_under_the_root() -> None:
+    # A bad host, validity or file is the user's to fix: one line and exit 2, like a bad manifest.
+    assert issubclass(TlsFilesExistError, TlsError)
+    assert TlsError.exit_code == TlsFilesExistError.exit_code == ExitCode.USAGE

@@ -1,7 +1,9 @@
-"""The devices of a distributed run, reached through their sessions (a ``DeviceGroup``).
+"""The devices of a distributed run, reached through their sessions (a ``SessionGroup``).
 
 Requests go out to every device at once and replies are awaited together; each reply is checked
 against what was asked (shape, dtype, finite values) before it reaches the server partition.
+Every wait is bounded: each request by ``testbed.round_timeout_s``, an absent device by
+``testbed.patience_s``, a round short of its quorum by ``testbed.lost_timeout_s``.
 """
 
 from __future__ import annotations
@@ -16,9 +18,11 @@ from edge_agent import protocol
 from edge_agent.compress import CompressionError, pack, unpack
 from edge_agent.protocol import encode
 from orchestrator.errors import FleetError, RunError
+from orchestrator.fleet.probe import PROBE_MIN_BATCH, PROBE_MIN_BYTES, probe
 from orchestrator.fleet.sessions import DeviceAbsent, DeviceSession
-from orchestrator.training.latency import DeviceProfile, link_from_samples
-from orchestrator.training.loop import ForwardOut, Weights
+from orchestrator.names import DeviceStatus
+from orchestrator.training.devices import ForwardOut, Weights
+from orchestrator.training.latency import DeviceProfile
 
 
 def _failure(task: asyncio.Task[Any]) -> BaseException | None:
@@ -30,15 +34,25 @@ def _failure(task: asyncio.Task[Any]) -> BaseException | None:
     return task.exception()
 
 
+# A round short of scheduler.min_participants logs a "waiting" event this often while it waits.
+WAITING_EVENT_EVERY_S = 10.0
+# How often a round waiting on its devices looks again at who answered, who is absent and how
+# long it has been short of its quorum (the deadline, when sooner, wakes it on time).
+QUORUM_CHECK_S = 1.0
+
+
 class SessionGroup:
+    """The round loop's device group over the network (the in-process engine has its own)."""
+
     def __init__(
         self,
         sessions: list[DeviceSession],
         timeout_s: float,
         num_classes: int,
         compression: str = "none",
+        *,
         patience_s: float | None = None,
-        lost_timeout_s: float = 300.0,
+        lost_timeout_s: float,
         on_event: Callable[..., None] | None = None,
     ) -> None:
         self.sessions = sessions
@@ -107,7 +121,7 @@ class SessionGroup:
                             f"{self.lost_timeout_s:.0f} s (testbed.lost_timeout_s) for the "
                             f"absent ones ({away})"
                         )
-                    if now - noted >= 10.0 and self.on_event is not None:
+                    if now - noted >= WAITING_EVENT_EVERY_S and self.on_event is not None:
                         noted = now
                         self.on_event(
                             "waiting",
@@ -126,7 +140,7 @@ class SessionGroup:
                         left = self.lost_timeout_s - (now - short_since) + self.timeout_s
                         tasks[asyncio.create_task(ask(s, None, left))] = s
                     pending = {t for t in tasks if not t.done()}
-                wait_s = 1.0
+                wait_s = QUORUM_CHECK_S
                 if deadline_s is not None and not late:
                     wait_s = min(wait_s, deadline_s - (time.monotonic() - started))
                 if pending:
@@ -135,7 +149,7 @@ class SessionGroup:
                     )
             for t, s in tasks.items():
                 if _failure(t) is not None or not t.done():
-                    s.status = "straggling" if s.ws is not None else s.status
+                    s.status = DeviceStatus.STRAGGLING if s.ws is not None else s.status
                     await s.send(encode("skip", round=r))
             return {tasks[t].id: t.result() for t in tasks if t.done() and _failure(t) is None}
         except TimeoutError as exc:
@@ -148,7 +162,6 @@ class SessionGroup:
     async def profile(self, act_bytes: int, batch: int) -> dict[str, DeviceProfile]:
         """Probe every device in turn (one at a time, so they do not compete for the link)."""
         out = {}
-        # Payloads large enough that transfer time dominates timer and scheduling noise.
         payload = max(act_bytes, PROBE_MIN_BYTES)
         for s in self.sessions:
             out[s.id] = await probe(s, payload, max(batch, PROBE_MIN_BATCH), self.timeout_s)
@@ -266,41 +279,3 @@ def _packed_grad(device: str, r: int, grad: np.ndarray, compression: str) -> dic
     except CompressionError as exc:  # the server partition diverged
         raise RunError(f"device {device}: the gradient of round {r}: {exc}") from exc
     return {"grad": data, "grad_scale": scale}
-
-
-async def probe(s: DeviceSession, act_bytes: int, batch: int, timeout_s: float) -> DeviceProfile:
-    """RTT by echo, then activation-sized payloads down and up, then a compute benchmark."""
-    seq = 0
-
-    async def echo(payload: int, reply: int | None) -> float:
-        nonlocal seq
-        seq += 1
-        frame = encode("echo", seq=seq, payload=np.zeros(payload, np.uint8), reply_bytes=reply)
-        t0 = time.perf_counter()
-        await s.call(frame, "echo_reply", seq, timeout_s, key="seq")
-        return time.perf_counter() - t0
-
-    await echo(16, None)  # warm-up: first frames pay for buffers and code paths
-    rtts = [await echo(16, None) for _ in range(PROBE_RTT_SAMPLES)]
-    down = [(act_bytes, await echo(act_bytes, 0)) for _ in range(PROBE_RATE_SAMPLES)]
-    up = [(act_bytes, await echo(0, act_bytes)) for _ in range(PROBE_RATE_SAMPLES)]
-    rtt_ms, jitter_ms, down_mbps, up_mbps = link_from_samples(rtts, down, up)
-    seq += 1
-    reply = await s.call(
-        encode("bench", seq=seq, batch_size=batch, repeats=5),
-        "bench_result",
-        seq,
-        timeout_s,
-        key="seq",
-    )
-    return DeviceProfile(
-        fwd_ms_per_sample=1000.0 * float(reply["fwd_s"]) / batch,
-        bwd_ms_per_sample=1000.0 * float(reply["bwd_s"]) / batch,
-        rtt_ms=rtt_ms, jitter_ms=jitter_ms, uplink_mbps=up_mbps, downlink_mbps=down_mbps,
-    )  # fmt: skip
-
-
-PROBE_MIN_BYTES = 512 * 1024
-PROBE_MIN_BATCH = 64
-PROBE_RTT_SAMPLES = 7
-PROBE_RATE_SAMPLES = 3

@@ -12,12 +12,21 @@ import ctypes
 import os
 import signal
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 from typing import IO, Any, Callable
 
 from orchestrator.config.manifest import DeviceConfig
 
 _PR_SET_PDEATHSIG = 1
+# A local agent whose orchestrator is gone (or not yet listening) stops redialing after this
+# long: the orchestrator starts its agents only once it listens, so a minute covers a respawn's
+# start and a slow machine, yet no agent outlives its run by much.
+AGENT_GIVE_UP_S = 60
+# After the run's bye, agents get this long to leave by themselves (save, close, exit 0) ...
+STOP_GRACE_S = 5.0
+# ... then SIGTERM, then SIGKILL, each followed by this long a wait for the exits.
+SIGNAL_WAIT_S = 3.0
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec
@@ -37,7 +46,7 @@ def agent_command(
 ) -> list[str]:
     """The command line that starts one local agent (also shown to users for remote ones)."""
     cmd = [sys.executable, "-m", "edge_agent", "--orchestrator", url, "--id", device.id]
-    cmd += ["--token", device.token, "--device", device.device, "--give-up-s", "60"]
+    cmd += ["--token", device.token, "--device", device.device, "--give-up-s", str(AGENT_GIVE_UP_S)]
     if data_dir is not None:
         cmd += ["--data-dir", str(data_dir)]
     if download:
@@ -129,13 +138,15 @@ class LocalFleet:
             return ""
         return "\n".join(text.strip().splitlines()[-lines:])
 
-    async def stop(self, grace_s: float = 5.0) -> None:
-        """Give agents ``grace_s`` to leave after the run's bye, then terminate, then kill."""
+    async def stop(self, grace_s: float = STOP_GRACE_S) -> None:
+        """Give agents ``grace_s`` to leave after the run's bye, then terminate, then kill.
+
+        Bounded: at most ``grace_s + 2 * SIGNAL_WAIT_S``. Cancelled part-way, it leaves the
+        agents still alive to PR_SET_PDEATHSIG (SIGTERM when this process exits, on Linux).
+        """
         self.stopping = True
-        alive = [p for p in self.procs.values() if p.returncode is None]
-        if alive:
-            await asyncio.wait([asyncio.ensure_future(p.wait()) for p in alive], timeout=grace_s)
-        for sig, wait_s in ((signal.SIGTERM, 3.0), (signal.SIGKILL, 3.0)):
+        await _wait_exits(self.procs.values(), grace_s)
+        for sig in (signal.SIGTERM, signal.SIGKILL):
             alive = [p for p in self.procs.values() if p.returncode is None]
             if not alive:
                 break
@@ -144,9 +155,21 @@ class LocalFleet:
                     p.send_signal(sig)
                 except ProcessLookupError:
                     pass
-            await asyncio.wait([asyncio.ensure_future(p.wait()) for p in alive], timeout=wait_s)
+            await _wait_exits(alive, SIGNAL_WAIT_S)
         for w in self._watchers:
             w.cancel()
         await asyncio.gather(*self._watchers, return_exceptions=True)
         for log in self._logs:
             log.close()
+
+
+async def _wait_exits(procs: Iterable[asyncio.subprocess.Process], timeout_s: float) -> None:
+    """Wait up to ``timeout_s`` for every process still running to exit."""
+    waits = [asyncio.ensure_future(p.wait()) for p in procs if p.returncode is None]
+    if not waits:
+        return
+    try:
+        await asyncio.wait(waits, timeout=timeout_s)
+    finally:
+        for w in waits:
+            w.cancel()  # the ones still waiting: owned here, not left pending

@@ -1,22 +1,22 @@
-"""Fleet sessions: admission of the listed devices and request/reply over their connections.
+"""Fleet sessions: one :class:`DeviceSession` per listed device, and request/reply over it.
 
-A :class:`DeviceSession` outlives any one WebSocket: when a device's link drops and it dials
-back with its id and token, the new connection is attached to the same session and a request
-that was in flight is sent again (the agent answers a repeated request idempotently).
+A session outlives any one WebSocket: when a device's link drops and it dials back with its id
+and token, the new connection is attached to the same session (by :mod:`.admission`) and a
+request that was in flight is sent again (the agent answers a repeated request idempotently).
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import hmac
 import time
 from typing import Any, Callable
 
 from edge_agent import protocol
-from edge_agent.protocol import Message, ProtocolError, decode, encode
+from edge_agent.protocol import Message, ProtocolError
 from orchestrator.config.manifest import DeviceConfig
 from orchestrator.errors import FleetError
+from orchestrator.names import DeviceStatus
 
 # Markers put in a session's reply queue by the connection handler.
 _DROPPED = object()  # the connection went away: resend after the device is back
@@ -29,12 +29,61 @@ REPLY_TYPES = frozenset(
 # every round and answers the backlog in order once it resumes: those replies are late, not
 # forged, so the window covers many rounds of lag, not just the request in flight.
 EXPECTED_PER_TYPE = 64
-HELLO_TIMEOUT_S = 10.0
+# One frame to a device may be a whole job (its data shard and initial weights, up to
+# testbed.max_message_bytes) over a slow lab link: a minute is generous for that, yet short
+# enough that a peer which stopped reading (full socket buffers) does not hold a round forever.
 SEND_TIMEOUT_S = 60.0
+# websockets' own bound on the closing handshake (serve's close_timeout) normally ends a close;
+# this outer bound catches the one case it cannot: a close frame queued behind unread data of a
+# peer that stopped reading, whose drain never returns. Past it the TCP connection is aborted.
+CLOSE_TIMEOUT_S = 10.0
+# wait_ready reports the devices still missing about this often (the dashboard's waiting line).
+READY_TICK_S = 1.0
+
+
+async def close_within(ws: Any, code: int, reason: str, timeout_s: float = CLOSE_TIMEOUT_S) -> None:
+    """Close ``ws`` with ``code`` and ``reason``; abort the connection if that takes too long.
+
+    Never raises for a connection that is already gone. Cancelling is safe.
+    """
+    try:
+        await asyncio.wait_for(ws.close(code, reason), timeout_s)
+    except asyncio.TimeoutError:
+        transport = getattr(ws, "transport", None)
+        if transport is not None:
+            transport.abort()  # releases the stuck drain: connection_lost wakes its waiters
+
+
+async def send_within(
+    ws: Any,
+    frame: bytes,
+    timeout_s: float = SEND_TIMEOUT_S,
+    close_timeout_s: float = CLOSE_TIMEOUT_S,
+) -> bool:
+    """Send ``frame`` on ``ws``; False if the connection is closed or the peer is not reading.
+
+    A peer that stops reading fills the socket buffers: past ``timeout_s`` its connection is
+    closed (1001 "not reading", see :func:`close_within`), so whoever waits on the device hears
+    of a drop instead of nothing. Cancelling is safe.
+    """
+    from websockets.exceptions import ConnectionClosed
+
+    try:
+        await asyncio.wait_for(ws.send(frame), timeout_s)
+    except ConnectionClosed:
+        return False
+    except asyncio.TimeoutError:
+        await close_within(ws, protocol.CLOSE_GOING_AWAY, "not reading", close_timeout_s)
+        return False
+    return True
 
 
 class DeviceAbsent(Exception):
-    """A device cannot answer this request: it is away past its patience, or lost the round."""
+    """A device cannot answer this request: it is away past its patience, or lost the round.
+
+    Not a :class:`~orchestrator.errors.GapslError`: a signal that :class:`SessionGroup` always
+    turns into "this device sits out", never a failure to report (see ``orchestrator.errors``).
+    """
 
     def __init__(self, device: str, why: str) -> None:
         super().__init__(f"device {device} {why}")
@@ -57,7 +106,8 @@ class DeviceSession:
         self.replies: asyncio.Queue[Any] = asyncio.Queue(maxsize=8)
         self.facts: dict[str, Any] = {}
         self.stats: dict[str, Any] = {}
-        self.status = "waiting"
+        # A DeviceStatus; typed str while other writers still assign the plain strings.
+        self.status: str = DeviceStatus.WAITING
         self.away_since: float | None = time.monotonic()  # None while connected
         self.failure: str | None = None
         self.shard_size = 0
@@ -67,21 +117,12 @@ class DeviceSession:
         self.awaiting_ready = False  # a job went out on this session and no ready came back yet
 
     async def send(self, frame: bytes) -> bool:
-        """Send on the current connection; False when there is none (the device is away)."""
-        from websockets.exceptions import ConnectionClosed
-
+        """Send on the current connection; False when there is none (the device is away) or the
+        device stopped reading for ``SEND_TIMEOUT_S`` (its connection is then closed)."""
         ws = self.ws
         if ws is None:
             return False
-        try:
-            # A peer that stops reading fills the socket buffers; do not wait on it forever.
-            await asyncio.wait_for(ws.send(frame), SEND_TIMEOUT_S)
-        except ConnectionClosed:
-            return False
-        except asyncio.TimeoutError:
-            await ws.close(protocol.CLOSE_GOING_AWAY, "not reading")
-            return False
-        return True
+        return await send_within(ws, frame)
 
     async def call(
         self,
@@ -146,6 +187,42 @@ class DeviceSession:
                 pass
         raise DeviceAbsent(self.id, f"disconnected for more than {patience_s:.0f} s")
 
+    # --- what the connection handler (admission) tells the session ----------------------------
+
+    def attach(self, ws: Any) -> Any:
+        """Make ``ws`` the device's connection; returns the one it replaces (None if none).
+
+        A request in flight on the replaced link is asked again on the new one.
+        """
+        old, self.ws = self.ws, ws
+        if old is not None:
+            self.resend_pending()
+        return old
+
+    def mark_connected(self) -> None:
+        """The attached connection is admitted: requests may go out on it."""
+        self.status = DeviceStatus.JOINED
+        self.away_since = None
+        self.connected.set()
+
+    def detach(self, ws: Any) -> bool:
+        """``ws`` closed; False if it was no longer the device's connection (replaced)."""
+        if self.ws is not ws:
+            return False
+        self.ws = None
+        self.connected.clear()
+        self.away_since = time.monotonic()
+        self.resend_pending()
+        return True
+
+    def resend_pending(self) -> None:
+        """Wake a pending call to send its request again once the device is (back) connected."""
+        self._push(_DROPPED)
+
+    def deliver(self, msg: Message) -> None:
+        """Hand a reply to the pending call; ProtocolError (1002) if the device floods us."""
+        self._push(msg)
+
     def fail(self, reason: str) -> None:
         """The device cannot go on (its local agent died for good): fail its pending call."""
         self.failure = self.failure or reason
@@ -184,199 +261,13 @@ class DeviceSession:
                 raise ProtocolError(protocol.CLOSE_PROTOCOL_ERROR, "unsolicited replies") from None
 
 
-class Admission:
-    """The WebSocket handler: checks ``hello``, attaches connections to sessions, reads frames.
-
-    ``job_frame(session)`` returns the job to send a device that does not hold the current run;
-    ``on_event(event, device, fields)`` and ``on_telemetry(session)`` report to the run state.
-    """
-
-    def __init__(
-        self,
-        sessions: dict[str, DeviceSession],
-        run_id: str,
-        job_frame: Callable[[DeviceSession], bytes],
-        on_event: Callable[..., None],
-        on_telemetry: Callable[[DeviceSession], None],
-    ) -> None:
-        self.sessions = sessions
-        self.run_id = run_id
-        self.job_frame = job_frame
-        self.on_event = on_event
-        self.on_telemetry = on_telemetry
-        self.closing = False
-
-    async def handler(self, ws: Any) -> None:
-        """Serve one connection until it closes. Cancelling is safe."""
-        from websockets.exceptions import ConnectionClosed
-
-        peer = _peer(ws)
-        session: DeviceSession | None = None
-        try:
-            try:
-                first = await asyncio.wait_for(ws.recv(), HELLO_TIMEOUT_S)
-            except asyncio.TimeoutError:
-                await self._refuse(
-                    ws, None, peer, protocol.CLOSE_PROTOCOL_ERROR, "no hello in time"
-                )
-                return
-            session = await self._admit(ws, first, peer)
-            if session is None:
-                return
-            async for frame in ws:
-                self._dispatch(session, decode(frame, protocol.AGENT_TYPES))
-        except ProtocolError as exc:
-            device = session.id if session is not None else None
-            await self._refuse(ws, device, peer, exc.code, exc.reason, event="bad_frame")
-        except ConnectionClosed as exc:
-            code = exc.sent.code if exc.sent is not None else None
-            if code == protocol.CLOSE_MESSAGE_TOO_BIG:
-                self.on_event(
-                    "bad_frame",
-                    session.id if session else None,
-                    {
-                        "code": code,
-                        "peer": peer,
-                        "reason": "frame larger than testbed.max_message_bytes",
-                    },
-                )
-        finally:
-            if session is not None and session.ws is ws:
-                session.ws = None
-                session.connected.clear()
-                session.away_since = time.monotonic()
-                session._push(_DROPPED)
-                if not self.closing:
-                    session.status = "lost"
-                    self.on_event("lost", session.id, {"code": ws.close_code})
-
-    async def _admit(self, ws: Any, first: Any, peer: str) -> DeviceSession | None:
-        try:
-            hello = decode(first, protocol.AGENT_TYPES)
-        except ProtocolError as exc:
-            await self._refuse(ws, None, peer, exc.code, exc.reason, event="bad_frame")
-            return None
-        if hello.type != "hello":
-            await self._refuse(
-                ws, None, peer, protocol.CLOSE_PROTOCOL_ERROR, "the first frame must be hello"
-            )
-            return None
-        if hello["protocol"] != protocol.PROTOCOL_VERSION:
-            reason = f"protocol {hello['protocol']} not supported (this orchestrator speaks {protocol.PROTOCOL_VERSION})"
-            await self._refuse(ws, hello["device_id"], peer, protocol.CLOSE_PROTOCOL_ERROR, reason)
-            return None
-        session = self.sessions.get(hello["device_id"])
-        # Compare tokens in constant time; an unknown id still pays for one comparison.
-        expected = session.cfg.token if session is not None else ""
-        token_ok = hmac.compare_digest(hello["token"].encode(), expected.encode())
-        if session is None or not token_ok:
-            reason = "unknown device" if session is None else "bad token"
-            await self._refuse(
-                ws, hello["device_id"][:64], peer, protocol.CLOSE_POLICY_VIOLATION, reason
-            )
-            return None
-        resume = hello.get("resume") or {}
-        if not isinstance(resume.get("run_id", ""), str) or not _is_int(resume.get("round", 0)):
-            reason = "hello.resume must hold a string run_id and an integer round"
-            await self._refuse(
-                ws, session.id, peer, protocol.CLOSE_INVALID_PAYLOAD, reason, event="bad_frame"
-            )
-            return None
-        old = session.ws
-        session.ws = ws
-        if old is not None:
-            session._push(_DROPPED)  # a request in flight on the old link is asked again
-            await old.close(
-                protocol.CLOSE_GOING_AWAY, "replaced by a newer connection of this device"
-            )
-        session.facts = dict(hello["facts"])
-        # A device this orchestrator has not yet seen ready (a resumed run) gets the job again,
-        # which tells it the round to resume from.
-        rejoin = resume.get("run_id") == self.run_id and session.ready.is_set()
-        self.on_event("rejoined" if rejoin else "joined", session.id, {"peer": peer})
-        if not rejoin:
-            session.ready.clear()
-            session.awaiting_ready = True  # set before sending: the ready may come back at once
-            await asyncio.wait_for(ws.send(self.job_frame(session)), SEND_TIMEOUT_S)
-        elif (
-            session.last_gradient is not None and resume.get("round", 0) < session.last_gradient[0]
-        ):
-            await asyncio.wait_for(ws.send(session.last_gradient[1]), SEND_TIMEOUT_S)
-        session.status = "joined"
-        session.away_since = None
-        session.connected.set()
-        return session
-
-    def _dispatch(self, session: DeviceSession, msg: Message) -> None:
-        kind = msg.type
-        if kind in REPLY_TYPES:
-            # A reply must answer something this session asked; anything else is a forged or
-            # confused peer, and queueing it would only hide the bug until the queue overflows.
-            if not session.solicited(msg):
-                raise ProtocolError(protocol.CLOSE_PROTOCOL_ERROR, _unasked(session, msg))
-            session._push(msg)
-        elif kind == "ready":
-            if not session.awaiting_ready:
-                raise ProtocolError(
-                    protocol.CLOSE_PROTOCOL_ERROR, "ready without a job awaiting it on this session"
-                )
-            session.awaiting_ready = False
-            session.shard_size = msg["shard_size"]
-            session.facts["torch_device"] = msg["torch_device"]
-            session.ready.set()
-            self.on_event(
-                "ready",
-                session.id,
-                {
-                    "shard_size": msg["shard_size"],
-                    "load_s": round(msg["load_s"], 3),
-                    "restored_round": msg.get("restored_round"),
-                },
-            )
-        elif kind == "telemetry":
-            session.stats = dict(msg["stats"])
-            self.on_telemetry(session)
-        elif kind == "error":
-            session.failure = f"{msg['code']}: {msg['message']}"
-            self.on_event("device_error", session.id, {"message": session.failure})
-            session._push(_FAILED)
-        elif kind == "hello":
-            raise ProtocolError(protocol.CLOSE_PROTOCOL_ERROR, "hello after admission")
-        # "bye" needs no action: the agent closes the connection next.
-
-    async def _refuse(
-        self, ws: Any, device: str | None, peer: str, code: int, reason: str, event: str = "refused"
-    ) -> None:
-        self.on_event(event, device, {"code": code, "reason": reason, "peer": peer})
-        try:
-            await asyncio.wait_for(
-                ws.send(encode("error", code=str(code), message=reason)), HELLO_TIMEOUT_S
-            )
-        except Exception:  # the peer may already be gone or not reading; closing is what matters
-            pass
-        await ws.close(code, reason[:120])
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _unasked(session: DeviceSession, msg: Message) -> str:
-    """The close reason for a reply nobody asked for, naming the message and its round/seq."""
-    entry = session.expected.get(msg.type)
-    key = entry[0] if entry is not None else ("seq" if "seq" in msg.fields else "round")
-    return f"{msg.type} {key}={msg.get(key)} answers no request sent on this session"
-
-
-def _peer(ws: Any) -> str:
-    addr = getattr(ws, "remote_address", None)
-    return f"{addr[0]}:{addr[1]}" if addr else "?"
-
-
 async def wait_ready(
     sessions: list[DeviceSession], timeout_s: float, tick: Callable[[list[str]], None]
 ) -> None:
-    """Wait until every device holds the job; ``tick(missing)`` runs about once a second."""
+    """Wait until every device holds the job; ``tick(missing)`` runs about once a second.
+
+    ``timeout_s`` is ``testbed.join_timeout_s``. Cancelling is safe.
+    """
     deadline = time.monotonic() + timeout_s
     while True:
         missing = [s.id for s in sessions if not s.ready.is_set()]
@@ -391,7 +282,9 @@ async def wait_ready(
             raise FleetError(f"devices did not join within {timeout_s:.0f} s: {', '.join(missing)}")
         waits = [asyncio.ensure_future(s.ready.wait()) for s in sessions if not s.ready.is_set()]
         try:
-            await asyncio.wait(waits, timeout=min(1.0, left), return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(
+                waits, timeout=min(READY_TICK_S, left), return_when=asyncio.FIRST_COMPLETED
+            )
         finally:
             for w in waits:
                 w.cancel()

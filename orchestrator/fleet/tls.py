@@ -52,6 +52,8 @@ IpAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 class TlsError(GapslError):
     """A certificate or key cannot be made or used; the message names the file or host."""
 
+    exit_code = ExitCode.USAGE  # the user's files or flags are wrong, as with a bad manifest
+
 
 class TlsFilesExistError(TlsError):
     """``tls-init`` would overwrite existing certificate or key files (``--force`` allows it)."""
@@ -339,7 +341,7 @@ def run_tls(args: argparse.Namespace) -> int:
         files = create_lab_ca(args.out_dir, hosts=args.host, days=args.days, force=args.force)
     except TlsError as exc:
         print(f"gapsl-orchestrator: {exc}", file=sys.stderr, flush=True)
-        return ExitCode.USAGE
+        return exc.exit_code
     ca, cert, key = (p.resolve() for p in (files.ca_cert, files.server_cert, files.server_key))
     dial = args.host[0].strip() if args.host else "localhost"
     if ":" in dial and not dial.startswith("["):

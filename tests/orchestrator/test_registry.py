@@ -16,6 +16,7 @@ import torch
 from models import build_split
 from orchestrator.algorithms import registry
 from orchestrator.algorithms.base import Rule, ServerStepResult, psl_backward
+from orchestrator.algorithms.dispatch import rule_for
 from orchestrator.config.manifest import manifest_to_toml, parse_manifest
 from orchestrator.config.sections import TrainingConfig
 from orchestrator.engine import Engine
@@ -62,7 +63,7 @@ def test_every_manifest_choice_is_a_registered_rule() -> None:
     assert tuple(choices.metadata["choices"]) == registry.RULE_NAMES
     for name in registry.RULE_NAMES:
         m = parse_manifest(_TEXT, overrides=[f"training.algorithm={name}"])
-        rule = registry.rule_for(m)
+        rule = rule_for(m)
         assert isinstance(rule, Rule) and rule.name == name
 
 

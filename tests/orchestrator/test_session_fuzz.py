@@ -1,174 +1,40 @@
 """The session state machine under fire: every agent frame is checked against what its session
 asked for. A fuzzing peer sends schema-valid messages in any order over a real localhost
-WebSocket while a well-behaved device on the same orchestrator completes its exchanges."""
+WebSocket while a well-behaved device on the same orchestrator completes its exchanges.
+
+The plain cases (one rule each) are in ``test_session_cases.py``; the server and the frame
+builders both use are in ``session_harness.py``."""
 
 from __future__ import annotations
 
 import asyncio
-import os
-from collections.abc import AsyncIterator, Awaitable, Sequence
-from contextlib import asynccontextmanager
-from typing import Any, Callable, Optional
+from typing import Any
 
 import numpy as np
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from websockets.asyncio.client import connect
-from websockets.asyncio.server import serve
-from websockets.exceptions import ConnectionClosed
 
 from edge_agent import protocol
-from edge_agent.protocol import Message, ProtocolError, decode, encode
-from orchestrator.config.manifest import parse_manifest
-from orchestrator.fleet.sessions import REPLY_TYPES, Admission, DeviceSession
+from edge_agent.protocol import ProtocolError, decode, encode
+from orchestrator.fleet.sessions import REPLY_TYPES
 
-SCALE = float(os.environ.get("GAPSL_TEST_TIMEOUT_SCALE", "1"))
-WAIT_S = 10.0 * SCALE
-RUN_ID = "fuzz-run"
-MAX_BYTES = 16 * 1024  # small, so that an oversized frame costs nothing to send
-TOKENS = {"good": "t-good", "fuzz": "t-fuzz", "spare": "t-spare"}
-MANIFEST = "".join(f'[[devices]]\nid = "{d}"\ntoken = "{t}"\n' for d, t in TOKENS.items())
-ERROR_CODES = {1002, 1003, 1007, 1008, 1009}
-
-# What the orchestrator asked the fuzzed device for, before it connects (reply type -> values).
-ASKED = {
-    "activations": [3, 4],
-    "client_grad": [4],
-    "eval_result": [4],
-    "echo_reply": [2],
-    "bench_result": [3],
-}
-KEY = {"echo_reply": "seq", "bench_result": "seq"}  # the others answer by "round"
-
-Event = tuple[str, Optional[str], dict]
-JOB = encode("job", run_id=RUN_ID, job={}, shard=np.zeros(0, np.int64), weights={})
-
-
-# --- a real orchestrator endpoint on port 0 --------------------------------------------------
-
-
-class Server:
-    """An ``Admission`` over three sessions, wired as the engine wires it, recording everything."""
-
-    def __init__(self) -> None:
-        m = parse_manifest(MANIFEST)
-        self.sessions = {d.id: DeviceSession(d, rank) for rank, d in enumerate(m.devices)}
-        self.events: list[Event] = []
-        self.crashes: list[BaseException] = []
-        self.marker = asyncio.Event()  # a telemetry frame carrying "marker" got through
-        self.admission = Admission(
-            self.sessions, RUN_ID, lambda s: JOB, self._event, self._telemetry
-        )
-        self.url = ""
-
-    def _event(self, event: str, device: str | None, fields: dict[str, Any]) -> None:
-        self.events.append((event, device, dict(fields)))
-
-    def _telemetry(self, session: DeviceSession) -> None:
-        if "marker" in session.stats:
-            self.marker.set()
-
-    async def handler(self, ws: Any) -> None:
-        try:
-            await self.admission.handler(ws)
-        except asyncio.CancelledError:
-            raise
-        except BaseException as exc:  # the property: the server never raises
-            self.crashes.append(exc)
-            raise
-
-    def closes(self, device: str | None = None) -> list[dict[str, Any]]:
-        """The fields of every refusal / bad-frame event (those carry the close code)."""
-        return [
-            f
-            for e, d, f in self.events
-            if e in ("refused", "bad_frame") and (device is None or d == device)
-        ]
-
-
-@asynccontextmanager
-async def running() -> AsyncIterator[Server]:
-    server = Server()
-    async with serve(
-        server.handler, "127.0.0.1", 0, compression=None, max_size=MAX_BYTES, close_timeout=5
-    ) as ws_server:
-        port = ws_server.sockets[0].getsockname()[1]
-        server.url = f"ws://127.0.0.1:{port}"
-        yield server
-    assert not server.crashes, server.crashes
-
-
-def within(aw: Awaitable[Any]) -> Awaitable[Any]:
-    return asyncio.wait_for(aw, WAIT_S)
-
-
-def hello(device: str, token: str, rejoin: bool = False, version: int = 1) -> bytes:
-    resume = {"run_id": RUN_ID, "round": 0} if rejoin else None
-    return encode("hello", protocol=version, device_id=device, token=token, facts={}, resume=resume)
-
-
-def ready() -> bytes:
-    return encode("ready", shard_size=10, load_s=0.01, torch_device="cpu")
-
-
-def reply(kind: str, value: int, batch: int = 2) -> bytes:
-    """A schema-valid reply of ``kind`` answering request ``value`` (its round or seq)."""
-    if kind == "activations":
-        x = np.full((batch, 4), value, np.float32)
-        return encode("activations", round=value, x=x, y=np.zeros(batch, np.int64), compute_s=0.0)
-    if kind == "client_grad":
-        return encode("client_grad", round=value, grad=np.ones(3, np.float32), compute_s=0.0)
-    if kind == "eval_result":
-        w = {"w": np.full(2, value, np.float32)}
-        return encode("eval_result", round=value, weights=w, compute_s=0.0)
-    if kind == "echo_reply":
-        return encode("echo_reply", seq=value, payload=np.full(3, value % 256, np.uint8))
-    if kind == "missed":
-        return encode("missed", round=value)
-    return encode("bench_result", seq=value, fwd_s=0.001, bwd_s=0.002)
-
-
-async def recv(ws: Any) -> Message:
-    return decode(await within(ws.recv()), protocol.ORCHESTRATOR_TYPES)
-
-
-async def peer(
-    server: Server, frames: Sequence[bytes | str], marker: bool = True
-) -> tuple[int | None, str]:
-    """Send ``frames`` as one connection; (None, "") if it is still open after a final marker
-    telemetry got through, else the close code and reason the orchestrator chose."""
-    async with connect(server.url, compression=None, max_size=None, open_timeout=WAIT_S) as ws:
-
-        async def drain() -> None:  # job, requests, error frames: read them so nothing backs up
-            try:
-                async for _ in ws:
-                    pass
-            except ConnectionClosed:
-                pass
-
-        reader = asyncio.ensure_future(drain())
-        marked = asyncio.ensure_future(server.marker.wait())
-        try:
-            try:
-                for frame in frames:
-                    await ws.send(frame)
-                if marker:
-                    await ws.send(encode("telemetry", stats={"marker": 1}))
-            except ConnectionClosed:
-                pass  # refused part-way: the close code tells why
-            done, _ = await asyncio.wait(
-                {reader, marked}, timeout=WAIT_S, return_when=asyncio.FIRST_COMPLETED
-            )
-            assert done, "the orchestrator neither closed the peer nor took its frames"
-            if reader in done:
-                return ws.close_code, ws.close_reason or ""
-            return None, ""
-        finally:
-            marked.cancel()
-            reader.cancel()
-            await asyncio.gather(reader, marked, return_exceptions=True)
-
+from .session_harness import (
+    ASKED,
+    ERROR_CODES,
+    KEY,
+    MAX_BYTES,
+    TOKENS,
+    WAIT_S,
+    Server,
+    hello,
+    peer,
+    ready,
+    recv,
+    reply,
+    running,
+    within,
+)
 
 # --- the well-behaved device and the calls that drive it --------------------------------------
 
@@ -298,7 +164,6 @@ def _judge(kind: str, arg: Any, admitted: bool, awaiting_ready: bool) -> tuple[i
         return protocol.CLOSE_PROTOCOL_ERROR, "ready"
     if kind == "reply":
         reply_type, value = arg
-        # "missed" (a device lost that round) may answer any request keyed by that round
         # "missed" (the device lost that round) answers any request keyed by its round
         types = [t for t in ASKED if t not in KEY] if reply_type == "missed" else [reply_type]
         if not any(value in ASKED.get(t, []) for t in types):
@@ -382,111 +247,3 @@ def test_fuzzing_peer_is_judged_by_state_while_a_good_device_works(
     ops: list[Op], was_ready: bool
 ) -> None:
     asyncio.run(fuzz_scenario(ops, was_ready))
-
-
-# --- plain cases ---------------------------------------------------------------------------
-
-
-def run(scenario: Callable[[Server], Awaitable[None]]) -> None:
-    async def main() -> None:
-        async with running() as server:
-            await within(scenario(server))
-
-    asyncio.run(main())
-
-
-async def joined(server: Server, ws: Any, device: str = "fuzz") -> None:
-    """Admit ``ws`` as ``device`` with a fresh job and answer it with ready."""
-    await ws.send(hello(device, TOKENS[device]))
-    assert (await recv(ws)).type == "job"
-    await ws.send(ready())
-    await within(server.sessions[device].ready.wait())
-
-
-def test_unsolicited_activations_close_1002_with_an_event() -> None:
-    async def scenario(server: Server) -> None:
-        frames = [hello("fuzz", TOKENS["fuzz"]), reply("activations", 5)]
-        code, reason = await peer(server, frames, marker=False)
-        assert code == protocol.CLOSE_PROTOCOL_ERROR
-        assert "activations" in reason and "round=5" in reason
-        assert [f["code"] for f in server.closes("fuzz")] == [protocol.CLOSE_PROTOCOL_ERROR]
-
-    run(scenario)
-
-
-@pytest.mark.parametrize(
-    ("rejoin", "asked", "frames", "word"),
-    [
-        (False, [], [ready(), ready()], "ready"),  # a second ready for the same job
-        (True, [], [ready()], "ready"),  # a rejoin of a ready device gets no job: no ready due
-        (False, [("activations", 1)], [reply("eval_result", 1)], "eval_result"),  # wrong type
-        (False, [("echo_reply", 2)], [reply("echo_reply", 2), reply("echo_reply", 3)], "seq=3"),
-    ],
-)
-def test_frames_out_of_state_close_1002(
-    rejoin: bool, asked: list[tuple[str, int]], frames: list[bytes], word: str
-) -> None:
-    async def scenario(server: Server) -> None:
-        for kind, value in asked:
-            server.sessions["fuzz"].expect(kind, KEY.get(kind, "round"), value)
-        if rejoin:
-            server.sessions["fuzz"].ready.set()  # it took the job on an earlier connection
-        first = hello("fuzz", TOKENS["fuzz"], rejoin=rejoin)
-        code, reason = await peer(server, [first, *frames], marker=False)
-        assert code == protocol.CLOSE_PROTOCOL_ERROR and word in reason
-        assert server.closes("fuzz")[-1]["reason"] == reason
-
-    run(scenario)
-
-
-def test_late_reply_after_a_resend_is_accepted_and_dropped() -> None:
-    async def scenario(server: Server) -> None:
-        s = server.sessions["fuzz"]
-        request = encode("round", round=1, batch_size=2)
-        async with connect(server.url, compression=None) as first:
-            await joined(server, first)
-            call = asyncio.ensure_future(s.call(request, "activations", 1, WAIT_S))
-            assert (await recv(first))["round"] == 1  # asked, but the link "drops" unanswered
-            async with connect(server.url, compression=None) as second:
-                await second.send(hello("fuzz", TOKENS["fuzz"], rejoin=True))
-                assert (await recv(second))["round"] == 1  # the same request, sent again
-                await second.send(reply("activations", 1))
-                await second.send(reply("activations", 1))  # the late answer to the first copy
-                assert (await within(call))["round"] == 1
-                # the next call skips the stale duplicate; the connection stays open
-                call = asyncio.ensure_future(
-                    s.call(encode("round", round=2, batch_size=2), "activations", 2, WAIT_S)
-                )
-                assert (await recv(second))["round"] == 2
-                await second.send(reply("activations", 2))
-                assert (await within(call))["round"] == 2
-                assert second.close_code is None
-            assert first.close_code == protocol.CLOSE_GOING_AWAY
-        assert not server.closes("fuzz"), server.events
-
-    run(scenario)
-
-
-def test_late_reply_after_a_deadline_is_accepted_and_dropped() -> None:
-    async def scenario(server: Server) -> None:
-        s = server.sessions["fuzz"]
-        async with connect(server.url, compression=None) as ws:
-            await joined(server, ws)
-            # Past a round's deadline the orchestrator cancels the call and moves on.
-            call = asyncio.ensure_future(
-                s.call(encode("round", round=3, batch_size=2), "activations", 3, WAIT_S)
-            )
-            assert (await recv(ws))["round"] == 3
-            call.cancel()
-            await asyncio.gather(call, return_exceptions=True)
-            await ws.send(reply("activations", 3))  # after the orchestrator gave up on it
-            call = asyncio.ensure_future(
-                s.call(encode("eval_request", round=3), "eval_result", 3, WAIT_S)
-            )
-            assert (await recv(ws)).type == "eval_request"
-            await ws.send(reply("eval_result", 3))
-            assert (await within(call)).type == "eval_result"
-            assert ws.close_code is None
-        assert not server.closes("fuzz"), server.events
-
-    run(scenario)

@@ -1,0 +1,246 @@
+"""Admission: the WebSocket handler that checks ``hello``, refuses or admits, and reads frames.
+
+The wire behaviour of DESIGN.md lives here: bad token or unknown device closes 1008, an
+undecodable or out-of-protocol frame 1002/1003/1007, an oversized one 1009 — each with a reason
+and an event — and the orchestrator keeps serving everyone else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+from typing import Any, Callable
+
+from edge_agent import protocol
+from edge_agent.protocol import Message, ProtocolError, decode, encode
+from orchestrator.fleet.sessions import (
+    REPLY_TYPES,
+    DeviceSession,
+    close_within,
+    send_within,
+)
+from orchestrator.names import DeviceStatus
+
+# A connection that does not say hello in this time is refused: an agent sends it right after the
+# handshake, so anything slower is a port scanner or a confused peer holding a slot open.
+HELLO_TIMEOUT_S = 10.0
+# The refusal's error frame is a courtesy before the close that matters: do not wait long on it.
+REFUSE_SEND_TIMEOUT_S = HELLO_TIMEOUT_S
+# What ``joined``/``rejoined`` events carry of a device's hello facts (name -> type), so that the
+# run's records alone tell who joined: the dashboard's ``watch`` view is rebuilt from them.
+HELLO_FACTS: dict[str, type] = {
+    "hostname": str,
+    "platform": str,  # e.g. "Linux aarch64"
+    "torch_device": str,  # "cpu" | "cuda" | "mps"; "" until the agent has its job
+    "cpu_count": int,
+    "memory_bytes": int,
+}
+# A fact is the device's word: longer strings are cut before they go into the run's records.
+FACT_MAX_CHARS = 200
+# A close reason must fit a control frame (125 bytes, RFC 6455 §5.5) with its 2-byte code.
+CLOSE_REASON_MAX_CHARS = 120
+
+
+class Admission:
+    """The WebSocket handler: checks ``hello``, attaches connections to sessions, reads frames.
+
+    ``job_frame(session)`` returns the job to send a device that does not hold the current run;
+    ``on_event(event, device, fields)`` and ``on_telemetry(session)`` report to the run state.
+    """
+
+    def __init__(
+        self,
+        sessions: dict[str, DeviceSession],
+        run_id: str,
+        job_frame: Callable[[DeviceSession], bytes],
+        on_event: Callable[..., None],
+        on_telemetry: Callable[[DeviceSession], None],
+    ) -> None:
+        self.sessions = sessions
+        self.run_id = run_id
+        self.job_frame = job_frame
+        self.on_event = on_event
+        self.on_telemetry = on_telemetry
+        self.closing = False
+
+    async def handler(self, ws: Any) -> None:
+        """Serve one connection until it closes. Cancelling is safe.
+
+        Reading frames after admission has no timeout of its own: the server's keepalive
+        (``testbed.ping_interval_s`` / ``ping_timeout_s``) ends a connection that went silent.
+        """
+        from websockets.exceptions import ConnectionClosed
+
+        peer = _peer(ws)
+        session: DeviceSession | None = None
+        try:
+            try:
+                first = await asyncio.wait_for(ws.recv(), HELLO_TIMEOUT_S)
+            except asyncio.TimeoutError:
+                await self._refuse(
+                    ws, None, peer, protocol.CLOSE_PROTOCOL_ERROR, "no hello in time"
+                )
+                return
+            session = await self._admit(ws, first, peer)
+            if session is None:
+                return
+            async for frame in ws:
+                self._dispatch(session, decode(frame, protocol.AGENT_TYPES))
+        except ProtocolError as exc:
+            device = session.id if session is not None else None
+            await self._refuse(ws, device, peer, exc.code, exc.reason, event="bad_frame")
+        except ConnectionClosed as exc:
+            code = exc.sent.code if exc.sent is not None else None
+            if code == protocol.CLOSE_MESSAGE_TOO_BIG:
+                self.on_event(
+                    "bad_frame",
+                    session.id if session else None,
+                    {
+                        "code": code,
+                        "peer": peer,
+                        "reason": "frame larger than testbed.max_message_bytes",
+                    },
+                )
+        finally:
+            if session is not None and session.detach(ws) and not self.closing:
+                session.status = DeviceStatus.LOST
+                self.on_event("lost", session.id, {"code": ws.close_code})
+
+    async def _admit(self, ws: Any, first: Any, peer: str) -> DeviceSession | None:
+        try:
+            hello = decode(first, protocol.AGENT_TYPES)
+        except ProtocolError as exc:
+            await self._refuse(ws, None, peer, exc.code, exc.reason, event="bad_frame")
+            return None
+        if hello.type != "hello":
+            await self._refuse(
+                ws, None, peer, protocol.CLOSE_PROTOCOL_ERROR, "the first frame must be hello"
+            )
+            return None
+        if hello["protocol"] != protocol.PROTOCOL_VERSION:
+            reason = f"protocol {hello['protocol']} not supported (this orchestrator speaks {protocol.PROTOCOL_VERSION})"
+            await self._refuse(ws, hello["device_id"], peer, protocol.CLOSE_PROTOCOL_ERROR, reason)
+            return None
+        session = self.sessions.get(hello["device_id"])
+        # Compare tokens in constant time; an unknown id still pays for one comparison.
+        expected = session.cfg.token if session is not None else ""
+        token_ok = hmac.compare_digest(hello["token"].encode(), expected.encode())
+        if session is None or not token_ok:
+            reason = "unknown device" if session is None else "bad token"
+            await self._refuse(
+                ws, hello["device_id"][:64], peer, protocol.CLOSE_POLICY_VIOLATION, reason
+            )
+            return None
+        resume = hello.get("resume") or {}
+        if not isinstance(resume.get("run_id", ""), str) or not _is_int(resume.get("round", 0)):
+            reason = "hello.resume must hold a string run_id and an integer round"
+            await self._refuse(
+                ws, session.id, peer, protocol.CLOSE_INVALID_PAYLOAD, reason, event="bad_frame"
+            )
+            return None
+        old = session.attach(ws)  # a request in flight on the old link is asked again
+        if old is not None:
+            await close_within(
+                old, protocol.CLOSE_GOING_AWAY, "replaced by a newer connection of this device"
+            )
+        session.facts = dict(hello["facts"])
+        # A device this orchestrator has not yet seen ready (a resumed run) gets the job again,
+        # which tells it the round to resume from.
+        rejoin = resume.get("run_id") == self.run_id and session.ready.is_set()
+        self.on_event(
+            "rejoined" if rejoin else "joined",
+            session.id,
+            {"peer": peer, **reported_facts(session.facts)},
+        )
+        if not rejoin:
+            session.ready.clear()
+            session.awaiting_ready = True  # set before sending: the ready may come back at once
+            # A device that does not take its job is closed by send_within; the read loop then
+            # ends and the device is recorded as lost, free to dial again.
+            await send_within(ws, self.job_frame(session))
+        elif (
+            session.last_gradient is not None and resume.get("round", 0) < session.last_gradient[0]
+        ):
+            await send_within(ws, session.last_gradient[1])
+        session.mark_connected()
+        return session
+
+    def _dispatch(self, session: DeviceSession, msg: Message) -> None:
+        kind = msg.type
+        if kind in REPLY_TYPES:
+            # A reply must answer something this session asked; anything else is a forged or
+            # confused peer, and queueing it would only hide the bug until the queue overflows.
+            if not session.solicited(msg):
+                raise ProtocolError(protocol.CLOSE_PROTOCOL_ERROR, _unasked(session, msg))
+            session.deliver(msg)
+        elif kind == "ready":
+            if not session.awaiting_ready:
+                raise ProtocolError(
+                    protocol.CLOSE_PROTOCOL_ERROR, "ready without a job awaiting it on this session"
+                )
+            session.awaiting_ready = False
+            session.shard_size = msg["shard_size"]
+            session.facts["torch_device"] = msg["torch_device"]
+            session.ready.set()
+            self.on_event(
+                "ready",
+                session.id,
+                {
+                    "shard_size": msg["shard_size"],
+                    "load_s": round(msg["load_s"], 3),
+                    "restored_round": msg.get("restored_round"),
+                    # the device picks its torch device with the job: hello may not have it yet
+                    **reported_facts({"torch_device": msg["torch_device"]}),
+                },
+            )
+        elif kind == "telemetry":
+            session.stats = dict(msg["stats"])
+            self.on_telemetry(session)
+        elif kind == "error":
+            session.failure = f"{msg['code']}: {msg['message']}"
+            self.on_event("device_error", session.id, {"message": session.failure})
+            session.fail(session.failure)
+        elif kind == "hello":
+            raise ProtocolError(protocol.CLOSE_PROTOCOL_ERROR, "hello after admission")
+        # "bye" needs no action: the agent closes the connection next.
+
+    async def _refuse(
+        self, ws: Any, device: str | None, peer: str, code: int, reason: str, event: str = "refused"
+    ) -> None:
+        self.on_event(event, device, {"code": code, "reason": reason, "peer": peer})
+        try:
+            await asyncio.wait_for(
+                ws.send(encode("error", code=str(code), message=reason)), REFUSE_SEND_TIMEOUT_S
+            )
+        except Exception:  # the peer may already be gone or not reading; closing is what matters
+            pass
+        await close_within(ws, code, reason[:CLOSE_REASON_MAX_CHARS])
+
+
+def reported_facts(facts: dict[str, Any]) -> dict[str, Any]:
+    """The :data:`HELLO_FACTS` a device sent, as event fields: non-empty strings (cut to
+    :data:`FACT_MAX_CHARS`) and non-negative integers; a fact of another type is left out."""
+    out: dict[str, Any] = {}
+    for name, kind in HELLO_FACTS.items():
+        value = facts.get(name)
+        if kind is str and isinstance(value, str) and value:
+            out[name] = value[:FACT_MAX_CHARS]
+        elif kind is int and isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            out[name] = value
+    return out
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _unasked(session: DeviceSession, msg: Message) -> str:
+    """The close reason for a reply nobody asked for, naming the message and its round/seq."""
+    entry = session.expected.get(msg.type)
+    key = entry[0] if entry is not None else ("seq" if "seq" in msg.fields else "round")
+    return f"{msg.type} {key}={msg.get(key)} answers no request sent on this session"
+
+
+def _peer(ws: Any) -> str:
+    addr = getattr(ws, "remote_address", None)
+    return f"{addr[0]}:{addr[1]}" if addr else "?"
