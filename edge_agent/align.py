@@ -3,12 +3,11 @@
 ``first_order`` keeps a gradient's length and turns it toward the leader,
 ``(1 - lam) * g + lam * |g| * g_L / |g_L|``; ``pull`` moves it toward the leader vector,
 ``(1 - lam) * g + lam * g_L``. Both act on the last dimension, so a batch of per-device
-gradients (N x D) aligns in one call. ``lam = 0`` returns ``g`` bit for bit.
+gradients (N x D) aligns in one call. ``lam = 0`` returns ``g`` bit for bit. The flat-vector
+forms these act on come from :mod:`edge_agent.weights`.
 """
 
 from __future__ import annotations
-
-from collections.abc import Iterable
 
 import torch
 
@@ -36,25 +35,3 @@ def blend(mode: str, g: torch.Tensor, leader: torch.Tensor, lam: float) -> torch
 def alignment_penalty(g: torch.Tensor, leader: torch.Tensor) -> torch.Tensor:
     """The exact mode's regulariser ``1 - cos(g, g_L)`` with the leader held constant."""
     return 1.0 - cosine(g, leader.detach())
-
-
-def flat_grad(params: Iterable[torch.nn.Parameter]) -> torch.Tensor:
-    """All parameters' gradients as one vector (zeros where a parameter has none)."""
-    parts = [
-        p.grad.reshape(-1) if p.grad is not None else torch.zeros_like(p).reshape(-1)
-        for p in params
-    ]
-    return torch.cat(parts)
-
-
-def set_flat_grad(params: Iterable[torch.nn.Parameter], flat: torch.Tensor) -> None:
-    """Write a vector back into the parameters' ``.grad`` (the inverse of :func:`flat_grad`)."""
-    params = list(params)
-    total = sum(p.numel() for p in params)
-    if total != flat.numel():  # checked first: a mismatch must not leave half the grads written
-        raise ValueError(f"flat gradient has {flat.numel()} values, parameters hold {total}")
-    offset = 0
-    for p in params:
-        n = p.numel()
-        p.grad = flat[offset : offset + n].view_as(p).clone()
-        offset += n

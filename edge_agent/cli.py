@@ -12,10 +12,15 @@ import logging
 import sys
 from pathlib import Path
 
-from .agent import Agent, AgentConfig, AgentExit
+from .agent import Agent, AgentExit
 from .checkpoint import default_root
+from .config import AgentConfig
 from .emulation import EmulationProfile
-from .tlsctx import TlsConfigError, client_ssl_context
+from .errors import TlsConfigError
+from .tlsctx import client_ssl_context
+
+# The defaults of the flags below are the config's own, so they exist once.
+_DEFAULTS = AgentConfig(url="", device_id="", token="")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -42,8 +47,25 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--download", action="store_true", help="download the dataset if missing")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
-    p.add_argument("--give-up-s", type=float, default=300.0, help="stop redialling after this long")
-    p.add_argument("--max-message-bytes", type=int, default=256 * 1024 * 1024)
+    p.add_argument(
+        "--give-up-s",
+        type=float,
+        default=_DEFAULTS.give_up_s,
+        help="stop redialling after this long without an orchestrator",
+    )
+    p.add_argument(
+        "--idle-timeout-s",
+        type=float,
+        default=_DEFAULTS.idle_timeout_s,
+        help="redial when the orchestrator has sent nothing for this long",
+    )
+    p.add_argument(
+        "--send-timeout-s",
+        type=float,
+        default=_DEFAULTS.send_timeout_s,
+        help="redial when a frame cannot be sent within this long",
+    )
+    p.add_argument("--max-message-bytes", type=int, default=_DEFAULTS.max_message_bytes)
     p.add_argument(
         "--compute-slowdown", type=float, default=1.0, help="emulate a slower device (>= 1)"
     )
@@ -121,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
         emulation=emulation,
         max_message_bytes=args.max_message_bytes,
         give_up_s=args.give_up_s,
+        idle_timeout_s=args.idle_timeout_s,
+        send_timeout_s=args.send_timeout_s,
         ca_file=args.ca_file,
         checkpoint_dir=None if args.no_checkpoints else (args.checkpoint_dir or default_root()),
     )

@@ -12,6 +12,8 @@ import math
 
 import numpy as np
 
+from .errors import CompressionError
+
 MODES = ("none", "fp16", "int8")
 INT8_LEVELS = 127  # symmetric: -127..127, so that 0 is exact and the range mirrors itself
 _FP16_OVERFLOW = 65520.0  # halfway between float16's largest finite value (65504) and 2**16
@@ -20,10 +22,6 @@ _WIRE_DTYPES: dict[str, np.dtype] = {
     "fp16": np.dtype(np.float16),
     "int8": np.dtype(np.int8),
 }
-
-
-class CompressionError(ValueError):
-    """A tensor that cannot be packed (non-finite values) or a wire form that is not a codec's."""
 
 
 def check_mode(mode: str) -> str:

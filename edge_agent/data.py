@@ -20,13 +20,13 @@ from edge_agent.datasets import (
     CIFAR_ARCHIVE,
     DATASETS,
     FASHION_IDX_FILES,
-    DataError,
     Dataset,
     load_digits_dataset,
     make_dataset,
     read_downloads,
     read_folder,
 )
+from edge_agent.errors import DataError
 from edge_agent.partition import PARTITION_SCHEMES, labels_fingerprint, partition
 
 __all__ = [
@@ -46,6 +46,8 @@ __all__ = [
 
 PathArg = Union[str, "os.PathLike[str]"]
 
+# urllib applies it to every blocking socket operation (connect, each read), not to the whole
+# download: a mirror that stalls this long is dead, while a slow but steady one may take hours.
 DOWNLOAD_TIMEOUT_S = 60.0
 _CHUNK_BYTES = 1 << 16
 

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from edge_agent.errors import DataError
+
 DATASETS = ("digits", "fashion_mnist", "cifar10")
 
 # (channels, height, width) of each dataset as stored in `Dataset`.
@@ -38,10 +40,6 @@ _CIFAR_RECORD = 1 + 3 * 32 * 32  # one label byte, then the image as R, G, B pla
 _IDX_IMAGES, _IDX_LABELS = 2051, 2049
 
 Splits = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
-
-
-class DataError(Exception):
-    """Data could not be found, verified or parsed; the message says what to do about it."""
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: comparing or hashing big arrays is never wanted

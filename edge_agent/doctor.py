@@ -10,7 +10,13 @@ from typing import Callable
 
 import psutil
 
+from .protocol import CLOSE_NORMAL
+
 OK, WARN, FAIL = "ok", "warn", "FAIL"
+# How long the orchestrator check waits for each handshake: a reachable orchestrator on a lab
+# network answers well within it, and a user running the doctor should not wait for more.
+PROBE_TIMEOUT_S = 5.0
+MIN_FREE_GIB = 0.5  # below this, a job's dataset and model may not fit beside the system
 
 
 def _check_python() -> tuple[str, str]:
@@ -37,7 +43,7 @@ def _check_torch(device: str) -> tuple[str, str]:
 def _check_memory() -> tuple[str, str]:
     vm = psutil.virtual_memory()
     gib = vm.available / 2**30
-    status = OK if gib >= 0.5 else WARN
+    status = OK if gib >= MIN_FREE_GIB else WARN
     return status, f"{gib:.1f} GiB free of {vm.total / 2**30:.1f} GiB"
 
 
@@ -64,11 +70,13 @@ def _check_data(data_dir: Path | None) -> tuple[str, str]:
 async def _probe(url: str, timeout_s: float) -> None:
     from websockets.asyncio.client import connect
 
-    async with connect(url, open_timeout=timeout_s, compression=None) as ws:
-        await ws.close(1000, "doctor")
+    async with connect(
+        url, open_timeout=timeout_s, close_timeout=timeout_s, compression=None
+    ) as ws:
+        await ws.close(CLOSE_NORMAL, "doctor")
 
 
-def _check_orchestrator(url: str | None, timeout_s: float = 5.0) -> tuple[str, str]:
+def _check_orchestrator(url: str | None, timeout_s: float = PROBE_TIMEOUT_S) -> tuple[str, str]:
     if not url:
         return WARN, "no --orchestrator given: not checked"
     try:

@@ -12,11 +12,9 @@ import ssl
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from .errors import TlsConfigError
+
 __all__ = ["TlsConfigError", "client_ssl_context", "describe_tls_failure"]
-
-
-class TlsConfigError(ValueError):
-    """``--ca-file`` and ``--orchestrator`` do not fit together, or the CA file is unusable."""
 
 
 def _scheme(url: str) -> str:

@@ -8,7 +8,6 @@ Everything here is synchronous torch code; the connection runs it off the event 
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -18,21 +17,24 @@ import torch
 
 from models import build_split, select_device
 
-from .align import alignment_penalty, blend, flat_grad, set_flat_grad
-from .compress import check_mode
+from .align import alignment_penalty, blend
+from .errors import CheckpointError
+from .jobspec import JobSpec
+from .schedule import round_lr
+from .weights import (
+    copy_numpy_state,
+    flat_grad,
+    flatten,
+    load_numpy_state,
+    set_flat_grad,
+    state_to_numpy,
+    unflatten,
+)
 
-
-def round_lr(lr: float, decay: str, round_: int, rounds: int) -> float:
-    """The learning rate of round ``round_`` (1-based) of ``rounds`` under ``training.lr_decay``.
-
-    "cosine" anneals from ``lr`` in round 1 towards 0 after the last round; devices and the
-    server use the same value in the same round.
-    """
-    if decay == "none":
-        return lr
-    if decay == "cosine":
-        return lr * 0.5 * (1.0 + math.cos(math.pi * (round_ - 1) / max(rounds, 1)))
-    raise ValueError(f"unknown lr_decay {decay!r}")
+# A benchmark times at least this much work, so that a fast device's figure is not one timer
+# tick; and at most this many repeats, so that a batch too small to time ends anyway.
+BENCH_MIN_S = 0.2
+BENCH_MAX_REPEATS = 5000
 
 
 class BatchSampler:
@@ -77,23 +79,12 @@ class BatchSampler:
         self._pos = int(state["pos"])
 
 
-def state_to_numpy(module: torch.nn.Module) -> dict[str, np.ndarray]:
-    """A module's state as CPU numpy arrays, in state_dict order (for the wire)."""
-    return {k: v.detach().cpu().numpy() for k, v in module.state_dict().items()}
-
-
-def load_numpy_state(module: torch.nn.Module, state: Mapping[str, np.ndarray]) -> None:
-    """Load wire arrays into a module; strict, so a mismatched model is an error, not noise."""
-    tensors = {k: torch.from_numpy(np.array(v)) for k, v in state.items()}
-    module.load_state_dict(tensors, strict=True)
-
-
 class ClientTrainer:
     """One device's client partition, its optimizer and its batch sampler."""
 
     def __init__(
         self,
-        job: Mapping[str, Any],
+        job: JobSpec | Mapping[str, Any],
         shard: np.ndarray,
         weights: Mapping[str, np.ndarray],
         x_train: np.ndarray,
@@ -101,39 +92,40 @@ class ClientTrainer:
         normalize: Any,
         device: str = "auto",
     ) -> None:
+        # A map written by hand (tests, tools) may leave out what has a default; a received job
+        # was checked whole by JobSpec.from_wire.
+        job = job if isinstance(job, JobSpec) else JobSpec.from_partial(job)
+        self.job = job
         self.device = select_device(device)
         # The weights come from the job, so building the model needs no seeding here.
-        split = build_split(job["model"], job["cut"], num_classes=int(job["num_classes"]))
+        split = build_split(job.model, job.cut, num_classes=job.num_classes)
         self.model = split.client
         load_numpy_state(self.model, weights)
         self.model.to(self.device)
         self.optimizer = torch.optim.SGD(
             self.model.parameters(),
-            lr=float(job["lr"]),
-            momentum=float(job["momentum"]),
-            weight_decay=float(job["weight_decay"]),
+            lr=job.lr,
+            momentum=job.momentum,
+            weight_decay=job.weight_decay,
         )
         self._x, self._y, self._normalize = x_train, y_train, normalize
-        self.sampler = BatchSampler(shard, int(job["seed"]), int(job["rank"]))
+        self.sampler = BatchSampler(shard, job.seed, job.rank)
         self.shard_size = len(shard)
         self._pending: tuple[int, torch.Tensor] | None = None
         self._held: int | None = None
         self._graph_grads: tuple[torch.Tensor, ...] | None = None
         self._params = [p for p in self.model.parameters() if p.requires_grad]
-        self._anchor = float(job.get("client_anchor", 0.0))
+        self._anchor = job.client_anchor
         self._initial = [p.detach().clone() for p in self._params] if self._anchor > 0 else []
-        self.gda_mode = str(job.get("gda_mode", ""))
+        self.gda_mode = job.gda_mode
         # GAPSL's client space compares either raw gradients or the momentum steps built from them
-        self.leader_kind = str(job.get("gapsl_leader", "gradient"))
-        if self.leader_kind not in ("gradient", "update"):
-            raise ValueError(f"gapsl_leader must be gradient or update, not {self.leader_kind!r}")
+        self.leader_kind = job.gapsl_leader
         self._own: list[torch.Tensor] = []
-        self._lr = float(job["lr"])
-        self._decay = str(job.get("lr_decay", "none"))
-        self._rounds = int(job.get("rounds", 1))  # only a schedule needs it
-        round_lr(self._lr, self._decay, 1, self._rounds)  # an unknown schedule fails the job now
+        self._lr = job.lr
+        self._decay = job.lr_decay
+        self._rounds = job.rounds  # only a schedule needs it
         # How activations and gradients travel (edge_agent.compress); the connection packs them.
-        self.compression = check_mode(str(job.get("compression", "none")))
+        self.compression = job.compression
         self.applied_round = 0
 
     def forward(self, round_: int, batch_size: int) -> tuple[np.ndarray, np.ndarray, float]:
@@ -183,7 +175,7 @@ class ClientTrainer:
         self._held = round_
         if self.leader_kind == "update":
             self._own = self._update_direction(round_)
-            flat = torch.cat([u.reshape(-1) for u in self._own]).to("cpu", torch.float32).numpy()
+            flat = flatten(self._own).to("cpu", torch.float32).numpy()
         else:
             flat = flat_grad(self._params).detach().to("cpu", torch.float32).numpy()
         return flat, time.perf_counter() - start
@@ -198,7 +190,7 @@ class ClientTrainer:
             # PSL backward already filled .grad (with a graph); add lam * d(1 - cos)/d(theta).
             if self._graph_grads is None:
                 raise ValueError("exact alignment needs a backward with hold in exact mode")
-            flat = torch.cat([t.reshape(-1) for t in self._graph_grads])
+            flat = flatten(self._graph_grads)
             penalty = alignment_penalty(flat, g_l)
             extra = torch.autograd.grad(penalty, self._params, allow_unused=True)
             self._graph_grads = None
@@ -207,7 +199,7 @@ class ClientTrainer:
                     g = p.grad.detach() if p.grad is not None else torch.zeros_like(p)
                     p.grad = g + lam * e if e is not None else g
         elif self.leader_kind == "update":
-            own = torch.cat([u.reshape(-1) for u in self._own])
+            own = flatten(self._own)
             self._apply_update(blend(mode, own, g_l, lam))
             self._held = None
             self.applied_round = round_
@@ -258,22 +250,19 @@ class ClientTrainer:
     def _apply_update(self, step: torch.Tensor) -> None:
         """Step by the aligned update; the momentum buffers keep the device's own update."""
         group = self.optimizer.param_groups[0]
-        offset = 0
-        for p, own in zip(self._params, self._own):
-            n = p.numel()
+        for p, own, part in zip(self._params, self._own, unflatten(step, self._params)):
             if float(group["momentum"]) != 0:
                 self.optimizer.state[p]["momentum_buffer"] = own
-            p.add_(step[offset : offset + n].view_as(p).to(p.dtype), alpha=-float(group["lr"]))
-            offset += n
+            p.add_(part.to(p.dtype), alpha=-float(group["lr"]))
         self._own = []
 
     def set_weights(self, weights: Mapping[str, np.ndarray]) -> None:
         """Replace the client partition's weights (SFL averaging); the optimizer state stays."""
-        with torch.no_grad():
-            for name, tensor in self.model.state_dict().items():
-                tensor.copy_(torch.from_numpy(np.array(weights[name])))
+        copy_numpy_state(self.model, weights)
 
-    def benchmark(self, batch_size: int, repeats: int, min_s: float = 0.2) -> tuple[float, float]:
+    def benchmark(
+        self, batch_size: int, repeats: int, min_s: float = BENCH_MIN_S
+    ) -> tuple[float, float]:
         """Forward and backward seconds of one batch, without changing the model.
 
         Repeats until at least ``min_s`` of work is timed and reports the fastest repeat of each:
@@ -284,7 +273,9 @@ class ClientTrainer:
         fwd: list[float] = []
         bwd: list[float] = []
         self.model.train()
-        while len(fwd) < max(repeats, 1) or (sum(fwd) + sum(bwd) < min_s and len(fwd) < 5000):
+        while len(fwd) < max(repeats, 1) or (
+            sum(fwd) + sum(bwd) < min_s and len(fwd) < BENCH_MAX_REPEATS
+        ):
             t0 = time.perf_counter()
             acts = self.model(x)
             t1 = time.perf_counter()
@@ -317,11 +308,14 @@ class ClientTrainer:
         }
 
     def restore(self, state: Mapping[str, Any]) -> None:
-        """Load a :meth:`checkpoint`; strict, so another model's checkpoint is an error."""
-        self.model.load_state_dict(state["model"], strict=True)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.sampler.restore(state["sampler"])
-        self.applied_round = int(state["applied_round"])
+        """Load a :meth:`checkpoint`; strict, so another model's checkpoint is a CheckpointError."""
+        try:
+            self.model.load_state_dict(state["model"], strict=True)
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.sampler.restore(state["sampler"])
+            self.applied_round = int(state["applied_round"])
+        except (RuntimeError, KeyError, ValueError, TypeError) as exc:
+            raise CheckpointError(f"{type(exc).__name__}: {exc}") from exc
         self._pending = None
         self._held = None
         self._graph_grads = None

@@ -170,7 +170,8 @@ def test_agent_with_wrong_token_exits_refused(tmp_path: Path) -> None:
         from websockets.asyncio.server import serve
 
         from orchestrator.config.manifest import parse_manifest
-        from orchestrator.fleet.sessions import Admission, DeviceSession
+        from orchestrator.fleet.admission import Admission
+        from orchestrator.fleet.sessions import DeviceSession
 
         m = parse_manifest('[[devices]]\nid = "pi"\ntoken = "right"\n')
         sessions = {"pi": DeviceSession(m.devices[0], 0)}

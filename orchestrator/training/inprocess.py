@@ -36,7 +36,7 @@ class InProcessGroup:
     """A ``DeviceGroup`` of trainers called directly."""
 
     def __init__(self, m: Manifest, job: Any, ids: list[str]) -> None:
-        from orchestrator.training.job import job_spec
+        from orchestrator.training.job import build_job_spec
 
         ds = job.dataset
         devices = {d.id: d for d in m.devices}
@@ -47,7 +47,7 @@ class InProcessGroup:
             for rank, i in enumerate(ids):
                 device = devices[i].device if i in devices else "cpu"
                 self.trainers[i] = ClientTrainer(
-                    job_spec(m, job, rank), job.shards[rank], job.client_init,
+                    build_job_spec(m, job, rank), job.shards[rank], job.client_init,
                     ds.x_train, ds.y_train, ds.normalize, device,
                 )  # fmt: skip
 

@@ -11,10 +11,11 @@ import numpy as np
 import torch
 
 from edge_agent.data import Dataset, labels_fingerprint, load_dataset, partition
+from edge_agent.jobspec import JobSpec
 from edge_agent.protocol import encode
-from edge_agent.trainer import state_to_numpy
+from edge_agent.weights import state_to_numpy
 from models import build_split, default_model, select_device
-from orchestrator.algorithms.registry import rule_class, rule_for
+from orchestrator.algorithms.dispatch import rule_class, rule_for
 from orchestrator.config.manifest import Manifest
 
 
@@ -88,32 +89,38 @@ def prepare_job(m: Manifest) -> Job:
     )
 
 
-def job_spec(m: Manifest, job: Job, rank: int) -> dict[str, Any]:
-    """The job description a device receives (the ``job`` field of the protocol's job message)."""
+def build_job_spec(m: Manifest, job: Job, rank: int, resume_round: int = 0) -> JobSpec:
+    """What device ``rank`` trains: the spec behind the ``job`` field of its job message."""
     t = m.training
     role = rule_for(m).device_role()
-    return {
-        "model": job.model,
-        "cut": job.cut,
-        "dataset": t.dataset,
-        "num_classes": job.dataset.num_classes,
-        "dataset_fingerprint": labels_fingerprint(job.dataset.y_train),
-        "algorithm": t.algorithm,
-        "rounds": t.rounds,
-        "batch_size": t.batch_size,
-        "lr": t.lr * t.client_lr_scale,
-        "lr_decay": t.lr_decay,
-        "client_anchor": t.client_anchor,
-        "momentum": t.momentum,
-        "weight_decay": t.weight_decay,
-        "seed": t.seed,
-        "rank": rank,
+    return JobSpec(
+        model=job.model,
+        cut=job.cut,
+        dataset=t.dataset,
+        num_classes=job.dataset.num_classes,
+        dataset_fingerprint=labels_fingerprint(job.dataset.y_train),
+        algorithm=t.algorithm,
+        rounds=t.rounds,
+        batch_size=t.batch_size,
+        lr=t.lr * t.client_lr_scale,
+        lr_decay=t.lr_decay,
+        client_anchor=t.client_anchor,
+        momentum=t.momentum,
+        weight_decay=t.weight_decay,
+        seed=t.seed,
+        rank=rank,
         # what the rule asks of the device's trainer
-        "gapsl_space": role.space,
-        "gda_mode": role.gda_mode,
-        "gapsl_leader": role.leader,
-        "compression": t.compression,
-    }
+        gapsl_space=role.space,
+        gda_mode=role.gda_mode,
+        gapsl_leader=role.leader,
+        compression=t.compression,
+        resume_round=resume_round,
+    )
+
+
+def job_spec(m: Manifest, job: Job, rank: int) -> dict[str, Any]:
+    """The job description a device receives (the ``job`` field of the protocol's job message)."""
+    return build_job_spec(m, job, rank).to_wire()
 
 
 def job_message(
@@ -125,13 +132,10 @@ def job_message(
     weights: dict[str, np.ndarray] | None = None,
 ) -> bytes:
     """The job frame of one device; a resumed run sends the round and that device's weights."""
-    spec = job_spec(m, job, rank)
-    if resume_round:
-        spec["resume_round"] = resume_round
     return encode(
         "job",
         run_id=run_id,
-        job=spec,
+        job=build_job_spec(m, job, rank, resume_round).to_wire(),
         shard=job.shards[rank],
         weights=job.client_init if weights is None else weights,
     )

@@ -18,11 +18,13 @@ import numpy as np
 import torch
 
 from edge_agent.compress import wire_dtype
-from edge_agent.trainer import load_numpy_state, round_lr
+from edge_agent.schedule import round_lr
+from edge_agent.weights import load_numpy_state
 from orchestrator.algorithms.base import ServerStepResult
-from orchestrator.algorithms.registry import rule_for
+from orchestrator.algorithms.dispatch import rule_for
 from orchestrator.config.manifest import Manifest
 from orchestrator.errors import RunError, RunInterrupted
+from orchestrator.names import Phase
 from orchestrator.records import checkpoint
 from orchestrator.training.devices import DeviceGroup, Weights
 from orchestrator.training.evaluation import client_spread, evaluate
@@ -68,8 +70,7 @@ class Runner:
 
     async def train(self) -> None:
         t = self.m.training
-        self.state.phase = "training"
-        self.state.round_started = self.records.elapsed()
+        self.state.phase = Phase.TRAINING
         await self.profile()
         for r in range(self.start_round, t.rounds + 1):
             if self.state.stop_requested:
@@ -99,7 +100,6 @@ class Runner:
         for i in planned:
             if i not in fwd:
                 st.event("straggler", i, {"round": r, "deadline_s": round(deadline or 0.0, 3)})
-        self.recorder.answered(r, fwd)
         dev = job.server_device
         acts = to_device([fwd[i].acts for i in ids], dev)  # pinned + non-blocking on CUDA
         labels = to_device([fwd[i].labels for i in ids], dev)
@@ -134,9 +134,9 @@ class Runner:
 
     def _fetch_deadline(self) -> float | None:
         """With a deadline policy, a stalled device must not stall weight collection either."""
-        if self.m.scheduler.deadline_factor <= 0 or not self.state.rounds:
+        if self.m.scheduler.deadline_factor <= 0 or not self.state.round_times:
             return None
-        recent = [p.round_time_s for p in list(self.state.rounds)[-FETCH_ROUNDS:]]
+        recent = list(self.state.round_times)[-FETCH_ROUNDS:]
         return max(FETCH_MIN_S, self.m.scheduler.deadline_factor * 4 * max(recent))
 
     async def _average(self, r: int) -> None:
@@ -149,7 +149,7 @@ class Runner:
 
     async def evaluate(self, r: int) -> None:
         st = self.state
-        st.phase = "evaluating"
+        st.phase = Phase.EVALUATING
         keep = self.checkpoint_dir is not None
         states = await self.group.fetch_weights(r, self._fetch_deadline(), checkpoint=keep)
         ids = [i for i in self.group.ids if i in states]
@@ -161,7 +161,7 @@ class Runner:
             self.client_weights.update(states)
             await asyncio.to_thread(self._save_checkpoint, r)
         self.recorder.evaluation(r, ids, scores, spread)
-        st.phase = "training"
+        st.phase = Phase.TRAINING
 
     def _score(self, states: list[Weights]) -> tuple[list[tuple[float, float]], float | None]:
         """Accuracy and loss of every device's model, and the spread of the partitions."""
@@ -182,7 +182,7 @@ class Runner:
     async def _interrupt(self, r: int) -> None:
         """Stop after round ``r``: checkpoint it (devices too), then end the run as interrupted."""
         if self.checkpoint_dir is not None and r > self.checkpointed_round and r >= 1:
-            self.state.phase = "checkpointing"
+            self.state.phase = Phase.CHECKPOINTING
             deadline = max(STOP_FETCH_MIN_S, self._fetch_deadline() or 0.0)
             states = await self.group.fetch_weights(r, deadline, checkpoint=True)
             self.client_weights.update(states)

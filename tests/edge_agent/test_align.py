@@ -1,18 +1,12 @@
 """The GDA formulas in ``edge_agent.align``: what each blend does to a gradient's length and
-direction, that lam = 0 leaves a gradient untouched bit for bit, and the flat-gradient helpers."""
+direction, and that lam = 0 leaves a gradient untouched bit for bit."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from edge_agent.align import (
-    alignment_penalty,
-    blend,
-    cosine,
-    flat_grad,
-    set_flat_grad,
-)
+from edge_agent.align import alignment_penalty, blend, cosine
 
 BLENDS = ("first_order", "pull")
 
@@ -99,42 +93,3 @@ def test_alignment_penalty_is_one_minus_cosine_and_holds_the_leader_constant() -
     penalty.backward()
     assert leader.grad is None  # detached: only g is pulled
     assert g.grad is not None and float(g.grad.norm()) > 0
-
-
-def _small_module() -> torch.nn.Module:
-    torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
-
-
-def test_flat_grad_and_set_flat_grad_round_trip() -> None:
-    net = _small_module()
-    net(torch.randn(5, 3)).square().sum().backward()
-    params = list(net.parameters())
-    before = [torch.zeros(0) if p.grad is None else p.grad.clone() for p in params]
-    flat = flat_grad(params)
-    assert flat.shape == (sum(p.numel() for p in params),)
-    set_flat_grad(params, flat)
-    assert all(p.grad is not None and torch.equal(p.grad, b) for p, b in zip(params, before))
-    # Writing a changed vector back changes every parameter's slice, and only by that change.
-    set_flat_grad(params, 2.0 * flat)
-    assert all(p.grad is not None and torch.equal(p.grad, 2 * b) for p, b in zip(params, before))
-    assert torch.equal(flat_grad(params), 2.0 * flat)
-
-
-def test_set_flat_grad_copies_and_flat_grad_fills_missing_with_zeros() -> None:
-    net = _small_module()
-    params = list(net.parameters())
-    assert torch.equal(flat_grad(params), torch.zeros(sum(p.numel() for p in params)))
-    flat = torch.arange(float(sum(p.numel() for p in params)))
-    set_flat_grad(params, flat)
-    flat.zero_()  # the parameters' gradients must not alias the vector they came from
-    assert float(flat_grad(params).abs().sum()) > 0
-
-
-def test_set_flat_grad_refuses_a_vector_of_the_wrong_length() -> None:
-    params = list(_small_module().parameters())
-    n = sum(p.numel() for p in params)
-    with pytest.raises(ValueError, match="values"):
-        set_flat_grad(params, torch.zeros(n + 1))
-    with pytest.raises((ValueError, RuntimeError)):
-        set_flat_grad(params, torch.zeros(n - 1))

@@ -5,11 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from edge_agent.checkpoint import CheckpointStore
 from edge_agent.data import load_dataset
-from edge_agent.trainer import ClientTrainer, state_to_numpy
+from edge_agent.errors import JobSpecError
+from edge_agent.jobspec import JobSpec
+from edge_agent.trainer import ClientTrainer
+from edge_agent.weights import state_to_numpy
 from models import build_split
 
 JOB = {"model": "digits_mlp", "cut": "default", "num_classes": 10, "lr": 0.05, "momentum": 0.9,
@@ -61,3 +65,18 @@ def test_newest_kept_exact_round_and_bad_files(tmp_path: Path) -> None:
     assert store.rounds("run-1") == [30]
     (store.dir / "run-1" / "round-30.pt").write_bytes(b"not a checkpoint")
     assert store.load("run-1") is None  # reported and skipped, never fatal
+
+
+def test_a_spec_and_its_hand_written_map_build_the_same_trainer() -> None:
+    ds = load_dataset("digits", None)
+    torch.manual_seed(0)
+    init = state_to_numpy(build_split("digits_mlp", "default", num_classes=10).client)
+    shard = np.arange(0, 300, dtype=np.int64)
+    spec = JobSpec.from_partial(JOB)
+    a = ClientTrainer(spec, shard, init, ds.x_train, ds.y_train, ds.normalize, "cpu")
+    b = _trainer()
+    assert a.job == b.job == spec
+    for r in range(1, 3):
+        assert np.array_equal(_round(a, r), _round(b, r))
+    with pytest.raises(JobSpecError, match=r"job\.bogus: unknown key"):
+        ClientTrainer({**JOB, "bogus": 1}, shard, init, ds.x_train, ds.y_train, ds.normalize)

@@ -6,7 +6,8 @@ import numpy as np
 import torch
 
 from edge_agent.data import load_dataset
-from edge_agent.trainer import ClientTrainer, state_to_numpy
+from edge_agent.trainer import ClientTrainer
+from edge_agent.weights import state_to_numpy
 from models import build_split
 
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from edge_agent.trainer import round_lr
+from edge_agent.schedule import round_lr
 from orchestrator.config.manifest import manifest_to_toml, parse_manifest
 from orchestrator.engine import Engine
 from orchestrator.training import inprocess

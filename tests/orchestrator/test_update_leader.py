@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from edge_agent.align import cosine, flat_grad
+from edge_agent.align import cosine
 from edge_agent.data import load_dataset
-from edge_agent.trainer import ClientTrainer, state_to_numpy
+from edge_agent.trainer import ClientTrainer
+from edge_agent.weights import flat_grad, state_to_numpy
 from models import build_split
 from orchestrator.algorithms.psl import psl_server_step
 from orchestrator.config.manifest import ManifestError, parse_manifest
