@@ -138,12 +138,12 @@ async def _run_async(
     if dashboard:
         from rich.console import Console
 
-        from orchestrator.ui.render import LiveDashboard
+        from orchestrator.ui.live import LiveDashboard
 
-        live = LiveDashboard(Console(), m.dashboard.refresh_hz, engine.state.snapshot)
+        live = LiveDashboard(Console(), m.dashboard.refresh_hz, engine.snapshot)
         view = asyncio.create_task(live.run(stop), name="dashboard")
     else:
-        engine.state.on_line = lambda line: print(line, flush=True)
+        engine.fold.on_line = lambda line: print(line, flush=True)
     try:
         return await engine.run()
     finally:

@@ -19,18 +19,27 @@ from edge_agent import protocol
 from edge_agent.agent import AgentExit
 from edge_agent.protocol import encode
 from orchestrator.algorithms.base import POOLED_ID
-from orchestrator.algorithms.registry import rule_class
+from orchestrator.algorithms.dispatch import rule_class
 from orchestrator.config.manifest import Manifest
 from orchestrator.errors import GapslError, RunError, RunInterrupted
+from orchestrator.fleet.admission import Admission
 from orchestrator.fleet.group import SessionGroup
 from orchestrator.fleet.launcher import LocalFleet
-from orchestrator.fleet.sessions import Admission, DeviceSession, wait_ready
+from orchestrator.fleet.sessions import DeviceSession, wait_ready
 from orchestrator.fleet.tls import server_ssl_context
 from orchestrator.records import checkpoint
 from orchestrator.records.writer import RunRecords
 from orchestrator.training.job import Job, job_message, prepare_job
 from orchestrator.training.loop import Runner
-from orchestrator.training.state import RunState, latency_ms
+from orchestrator.training.state import RunState
+from orchestrator.ui.fold import STOP_MESSAGE, RunFold
+from orchestrator.ui.snapshot import RunSnapshot
+from orchestrator.ui.watch import read_records
+
+HANDSHAKE_TIMEOUT_S = 10.0  # a peer that has not finished its WebSocket opening by then is dropped
+CLOSE_TIMEOUT_S = 5.0  # the closing handshake's bound; a silent peer is then cut off
+WAITING_EVERY_S = 10.0  # while devices are missing, how often a `waiting` event says who
+BYE_WAIT_S = 5.0  # how long a device told `bye` may take to close before we close it
 
 
 class Engine:
@@ -54,9 +63,13 @@ class Engine:
         self.records = RunRecords(run_dir, manifest_toml)
         self.records.started -= elapsed_s  # a resumed run's record times carry on
         host, port = m.listen_host_port()
-        self.state = RunState(m, self.records, f"{host}:{port}")
+        self.state = RunState(self.records, f"{host}:{port}")
+        # What the dashboard shows: the fold of the records, those already there (a resumed
+        # run's) and each one written from now on, exactly as `watch` folds the files.
+        self.fold = RunFold(m, str(self.records.dir))
+        read_records(self.records.dir, self.fold)
+        self.records.subscribe(self.fold.add)
         self.sessions = {d.id: DeviceSession(d, rank) for rank, d in enumerate(m.devices)}
-        self.state.sessions = list(self.sessions.values())
         self.fleet: LocalFleet | None = None
         self.job: Job | None = None
         self._frames: dict[str, bytes] = {}
@@ -75,7 +88,9 @@ class Engine:
         status, error = "failed", ""
         admission: Admission | None = None
         try:
-            st.event("preparing", None, {"dataset": m.training.dataset, "devices": len(m.devices)})
+            kind = "in-process" if self.in_process else "fleet"  # the dashboard names it
+            fields = {"dataset": m.training.dataset, "devices": len(m.devices), "engine": kind}
+            st.event("preparing", None, fields)
             # A bad certificate or key fails the run before the data is loaded.
             tls = None if self.in_process else m.tls_files()
             ssl_context = server_ssl_context(tls.cert, tls.key) if tls is not None else None
@@ -117,8 +132,8 @@ class Engine:
                 max_size=m.testbed.max_message_bytes,
                 ping_interval=m.testbed.ping_interval_s,
                 ping_timeout=m.testbed.ping_timeout_s,
-                open_timeout=10,
-                close_timeout=5,
+                open_timeout=HANDSHAKE_TIMEOUT_S,
+                close_timeout=CLOSE_TIMEOUT_S,
                 ssl=ssl_context,  # with TLS on, a plain ws:// client fails its handshake
             ) as server:
                 port = server.sockets[0].getsockname()[1]
@@ -154,13 +169,9 @@ class Engine:
             error = f"{type(exc).__name__}: {exc}"
             raise
         finally:
-            st.phase = status
-            st.message = error
-            if error:
-                st.event("run_failed" if status == "failed" else status, None, {"reason": error})
-            else:
-                st.event("run_completed", None, {})
-            self._write_summary(status, error, self.elapsed_before + time.monotonic() - started)
+            wall_s = self.elapsed_before + time.monotonic() - started
+            st.finish(status, error, wall_s)
+            self._write_summary(status, error, wall_s)
             self.records.close()
         return status
 
@@ -204,6 +215,10 @@ class Engine:
         for s in self.sessions.values():
             s.status = "joined"
             s.shard_size = len(self.job.shards[0 if pooled else s.rank])
+            # No agent says it holds the job here: record what a fleet's "ready" would say.
+            trainer = group.trainers[POOLED_ID if pooled else s.id]
+            ready = {"shard_size": s.shard_size, "torch_device": trainer.device.type}
+            self.state.event("ready", s.id, ready)
         self.state.listen = "in-process"
         await Runner(self.m, self.job, group, self.state).train()
         for s in self.sessions.values():
@@ -216,7 +231,7 @@ class Engine:
 
         def tick(missing: list[str]) -> None:
             now = time.monotonic()
-            if now - last_tick[0] >= 10.0:
+            if now - last_tick[0] >= WAITING_EVERY_S:
                 last_tick[0] = now
                 st.event("waiting", None, {"missing": ",".join(missing)})
 
@@ -245,12 +260,14 @@ class Engine:
 
     def _telemetry(self, session: DeviceSession) -> None:
         record = {"t": round(self.records.elapsed(), 3), "device": session.id}
-        profile = self.state.profiles.get(session.id)
+        runner = self.runner
+        profile = runner.planner.profiles.get(session.id) if runner is not None else None
         if profile is not None:
             record.update(profile.record())
         else:
-            record["compute_ms_per_sample"] = self.state.compute_ms.get(session.id)
-            record["rtt_ms"] = latency_ms(session)
+            measured = runner.recorder.compute_ms if runner is not None else {}
+            record["compute_ms_per_sample"] = measured.get(session.id)
+            record["rtt_ms"] = _latency_ms(session)
             record["uplink_mbps"] = None
             record["downlink_mbps"] = None
         record.update(
@@ -258,11 +275,15 @@ class Engine:
         )
         self.records.append("devices", record)
 
+    def snapshot(self) -> RunSnapshot:
+        """What the dashboard shows now: the fold of every record written so far."""
+        return self.fold.snapshot(self.records.elapsed())
+
     def request_stop(self) -> None:
         """Stop at the next round boundary, after a checkpoint (the first SIGINT/SIGTERM)."""
         if not self.state.stop_requested:
             self.state.stop_requested = True
-            self.state.message = "stopping after this round (again to stop at once)"
+            self.state.message = STOP_MESSAGE
             self.state.event("stopping", None, {"round": self.state.round})
 
     async def _say_bye(self, reason: str, redial: bool = False) -> None:
@@ -275,12 +296,12 @@ class Engine:
             ws = s.ws
             if ws is not None:
                 try:
-                    await asyncio.wait_for(ws.wait_closed(), 5.0)
+                    await asyncio.wait_for(ws.wait_closed(), BYE_WAIT_S)
                 except asyncio.TimeoutError:
                     await ws.close(protocol.CLOSE_GOING_AWAY, "run over")
 
     def _write_summary(self, status: str, error: str, wall_s: float) -> None:
-        last = self.state.evals[-1] if self.state.evals else None
+        last = self.fold.last_eval
         t = self.m.training
         summary: dict[str, Any] = {
             "status": status,
@@ -300,6 +321,13 @@ class Engine:
         if error:
             summary["error"] = error
         self.records.write_summary(summary)
+
+
+def _latency_ms(session: DeviceSession) -> float | None:
+    """The websockets keepalive's last measured ping round trip."""
+    ws = session.ws
+    latency = getattr(ws, "latency", 0.0) if ws is not None else 0.0
+    return latency * 1000.0 if latency else None
 
 
 def _dial_host(host: str) -> str:

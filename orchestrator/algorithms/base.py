@@ -19,10 +19,13 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.nn import Module
+from torch.optim import Optimizer
 
 from orchestrator.config.manifest import Manifest
 
 Weights = dict[str, np.ndarray]  # a client partition as the devices send it
+Tensors = Sequence[torch.Tensor]  # one tensor per device, in the round's device order
 POOLED_ID = "pooled"  # the one learner of a pooled rule (the ceiling), as the records name it
 
 
@@ -35,10 +38,7 @@ class ServerStepResult:
 
 
 def psl_backward(
-    server: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    activations: Sequence[torch.Tensor],
-    labels: Sequence[torch.Tensor],
+    server: Module, optimizer: Optimizer, activations: Tensors, labels: Tensors
 ) -> ServerStepResult:
     """PSL's backward without the optimizer step: fills the server's ``.grad`` with the
     gradient of L and returns each device's dl_i/da_i. Every server rule starts from this, so
@@ -63,6 +63,14 @@ def psl_backward(
         grads.append(leaf.grad * (total / b))  # d(l_i)/d(a_i) = (B / b_i) * dL/da_i
         start += b
     return ServerStepResult(grads=grads, losses=losses, loss=float(loss.detach()))
+
+
+@dataclass(frozen=True)
+class ServerPart:
+    """The server partition a rule steps, with its optimizer."""
+
+    module: torch.nn.Module
+    optimizer: torch.optim.Optimizer
 
 
 @dataclass(frozen=True)
@@ -106,13 +114,7 @@ class Rule:
     def device_role(self) -> DeviceRole:
         return DeviceRole()
 
-    def server_step(
-        self,
-        server: torch.nn.Module,
-        optimizer: torch.optim.Optimizer,
-        activations: Sequence[torch.Tensor],
-        labels: Sequence[torch.Tensor],
-    ) -> ServerStepResult:
+    def server_step(self, part: ServerPart, acts: Tensors, labels: Tensors) -> ServerStepResult:
         """One server update on the devices' activations; returns their activation gradients."""
         raise NotImplementedError
 

@@ -4,21 +4,17 @@ What travels: as in PSL. phi = 0 is PSL bit for bit."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 import torch.nn.functional as F
+from torch.nn import Module
+from torch.optim import Optimizer
 
-from orchestrator.algorithms.base import Rule, ServerStepResult
+from orchestrator.algorithms.base import Rule, ServerPart, ServerStepResult, Tensors
 from orchestrator.config.manifest import Manifest
 
 
 def epsl_server_step(
-    server: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    activations: Sequence[torch.Tensor],
-    labels: Sequence[torch.Tensor],
-    phi: float,
+    server: Module, optimizer: Optimizer, activations: Tensors, labels: Tensors, phi: float
 ) -> ServerStepResult:
     """EPSL (Lin et al., TMC 2024): PSL with last-layer gradient aggregation of ratio ``phi``.
 
@@ -59,11 +55,5 @@ class Epsl(Rule):
         super().__init__(m)
         self.phi = m.epsl.phi
 
-    def server_step(
-        self,
-        server: torch.nn.Module,
-        optimizer: torch.optim.Optimizer,
-        activations: Sequence[torch.Tensor],
-        labels: Sequence[torch.Tensor],
-    ) -> ServerStepResult:
-        return epsl_server_step(server, optimizer, activations, labels, self.phi)
+    def server_step(self, part: ServerPart, acts: Tensors, labels: Tensors) -> ServerStepResult:
+        return epsl_server_step(part.module, part.optimizer, acts, labels, self.phi)

@@ -16,7 +16,15 @@ import torch
 import torch.nn.functional as F
 
 from edge_agent.align import alignment_penalty, blend, cosine
-from orchestrator.algorithms.base import Alignment, DeviceRole, Rule, ServerStepResult, psl_backward
+from orchestrator.algorithms.base import (
+    Alignment,
+    DeviceRole,
+    Rule,
+    ServerPart,
+    ServerStepResult,
+    Tensors,
+    psl_backward,
+)
 from orchestrator.algorithms.lgi import LeaderTracker, client_alignment, lgi_diag
 from orchestrator.algorithms.psl import psl_server_step
 from orchestrator.config.manifest import Manifest
@@ -25,8 +33,8 @@ from orchestrator.config.manifest import Manifest
 def gapsl_server_step(
     server: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
-    activations: Sequence[torch.Tensor],
-    labels: Sequence[torch.Tensor],
+    activations: Tensors,
+    labels: Tensors,
     tracker: LeaderTracker,
     space: str,
     mode: str,
@@ -111,18 +119,19 @@ class Gapsl(Rule):
     def device_role(self) -> DeviceRole:
         return DeviceRole(space=self.cfg.space, gda_mode=self.cfg.gda_mode, leader=self.cfg.leader)
 
-    def server_step(
-        self,
-        server: torch.nn.Module,
-        optimizer: torch.optim.Optimizer,
-        activations: Sequence[torch.Tensor],
-        labels: Sequence[torch.Tensor],
-    ) -> ServerStepResult:
+    def server_step(self, part: ServerPart, acts: Tensors, labels: Tensors) -> ServerStepResult:
         if self.holds_client_grads:  # the client space aligns on the devices, after backward
-            return psl_server_step(server, optimizer, activations, labels)
+            return psl_server_step(part.module, part.optimizer, acts, labels)
         g = self.cfg
         return gapsl_server_step(
-            server, optimizer, activations, labels, self.tracker, g.space, g.gda_mode, g.gda_lambda
+            part.module,
+            part.optimizer,
+            acts,
+            labels,
+            self.tracker,
+            g.space,
+            g.gda_mode,
+            g.gda_lambda,
         )
 
     def align(self, client_grads: Sequence[torch.Tensor], sizes: Sequence[int]) -> Alignment:

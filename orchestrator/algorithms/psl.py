@@ -7,18 +7,14 @@ shrink with fleet size. What travels: activations and labels up, activation grad
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from torch.nn import Module
+from torch.optim import Optimizer
 
-import torch
-
-from orchestrator.algorithms.base import Rule, ServerStepResult, psl_backward
+from orchestrator.algorithms.base import Rule, ServerPart, ServerStepResult, Tensors, psl_backward
 
 
 def psl_server_step(
-    server: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    activations: Sequence[torch.Tensor],
-    labels: Sequence[torch.Tensor],
+    server: Module, optimizer: Optimizer, activations: Tensors, labels: Tensors
 ) -> ServerStepResult:
     """One PSL server update on the devices' activations; returns their activation gradients."""
     result = psl_backward(server, optimizer, activations, labels)
@@ -29,11 +25,5 @@ def psl_server_step(
 class Psl(Rule):
     name = "psl"
 
-    def server_step(
-        self,
-        server: torch.nn.Module,
-        optimizer: torch.optim.Optimizer,
-        activations: Sequence[torch.Tensor],
-        labels: Sequence[torch.Tensor],
-    ) -> ServerStepResult:
-        return psl_server_step(server, optimizer, activations, labels)
+    def server_step(self, part: ServerPart, acts: Tensors, labels: Tensors) -> ServerStepResult:
+        return psl_server_step(part.module, part.optimizer, acts, labels)

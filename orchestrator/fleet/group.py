@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Iterable
 from typing import Any, Callable
 
 import numpy as np
@@ -21,8 +22,15 @@ from orchestrator.errors import FleetError, RunError
 from orchestrator.fleet.probe import PROBE_MIN_BATCH, PROBE_MIN_BYTES, probe
 from orchestrator.fleet.sessions import DeviceAbsent, DeviceSession
 from orchestrator.names import DeviceStatus
-from orchestrator.training.devices import ForwardOut, Weights
+from orchestrator.training.devices import Batch, ForwardOut, Weights
 from orchestrator.training.latency import DeviceProfile
+
+
+async def _reap(tasks: Iterable[asyncio.Task[Any]]) -> None:
+    """Cancel the calls still waiting and wait until every one has ended."""
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def _failure(task: asyncio.Task[Any]) -> BaseException | None:
@@ -65,11 +73,7 @@ class SessionGroup:
         self.on_event = on_event  # the run's event log
 
     async def forward(
-        self,
-        r: int,
-        batch: dict[str, int],
-        deadline_s: float | None = None,
-        min_participants: int = 1,
+        self, r: int, batch: Batch, deadline_s: float | None = None, min_participants: int = 1
     ) -> dict[str, ForwardOut]:
         """Activations of the devices in ``batch``; with a deadline, of those that arrive in time.
 
@@ -155,9 +159,7 @@ class SessionGroup:
         except TimeoutError as exc:
             raise FleetError(str(exc)) from exc
         finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await _reap(tasks)
 
     async def profile(self, act_bytes: int, batch: int) -> dict[str, DeviceProfile]:
         """Probe every device in turn (one at a time, so they do not compete for the link)."""
@@ -240,9 +242,7 @@ class SessionGroup:
         except TimeoutError as exc:
             raise FleetError(str(exc)) from exc
         finally:
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await _reap(tasks)
 
     async def set_weights(self, r: int, weights: Weights) -> None:
         frame = encode("set_weights", round=r, weights=weights)

@@ -1,7 +1,9 @@
 """The run directory: the resolved manifest, append-only JSONL records, and the summary.
 
 Every JSONL line is written whole and flushed at once, so a killed orchestrator loses nothing it
-had written; ``summary.json`` is replaced atomically (write, fsync, rename).
+had written; ``summary.json`` is replaced atomically (write, fsync, rename). Subscribers hear of
+every record once it is in its file, as a reader of the file will get it back: the live
+dashboard folds exactly what ``watch`` will read (STYLE.md, "one source of truth").
 """
 
 from __future__ import annotations
@@ -10,10 +12,15 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
 RECORD_FILES = ("metrics", "rounds", "devices", "events")
+# The event that ends a run, by the run's final status (``summary.json``'s ``status``).
+FINAL_EVENTS = {"completed": "run_completed", "failed": "run_failed", "interrupted": "interrupted"}
+
+Subscriber = Callable[[str, dict[str, Any]], None]  # (record file's name, the record)
 
 
 def _clean(value: Any) -> Any:
@@ -38,14 +45,29 @@ class RunRecords:
         self._files: dict[str, IO[str]] = {
             name: open(self.dir / f"{name}.jsonl", "a", encoding="utf-8") for name in RECORD_FILES
         }
+        self._subscribers: list[Subscriber] = []
 
     def elapsed(self) -> float:
         return time.monotonic() - self.started
 
+    def subscribe(self, fn: Subscriber) -> None:
+        """Call ``fn(name, record)`` after each record is appended to ``<name>.jsonl``.
+
+        ``record`` is the line parsed back (NaN and inf as None, tuples as lists, ...), shared
+        by all subscribers, who must not change it. A subscriber's exception propagates to the
+        writer's caller: it is a bug of ours, not something to hide.
+        """
+        self._subscribers.append(fn)
+
     def append(self, name: str, record: dict[str, Any]) -> None:
         f = self._files[name]
-        f.write(json.dumps(_clean(record), separators=(",", ":")) + "\n")
+        line = json.dumps(_clean(record), separators=(",", ":"))
+        f.write(line + "\n")
         f.flush()
+        if self._subscribers:
+            written = json.loads(line)
+            for fn in self._subscribers:
+                fn(name, written)
 
     def event(self, event: str, device: str | None = None, **fields: Any) -> dict[str, Any]:
         record: dict[str, Any] = {"t": round(self.elapsed(), 6), "event": event}

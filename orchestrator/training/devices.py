@@ -14,7 +14,9 @@ import numpy as np
 
 from orchestrator.algorithms.base import Weights
 
-__all__ = ["DeviceGroup", "ForwardOut", "Weights"]
+__all__ = ["Batch", "DeviceGroup", "ForwardOut", "Weights"]
+
+Batch = dict[str, int]  # device id -> its batch size this round
 
 
 @dataclass
@@ -33,11 +35,7 @@ class DeviceGroup(Protocol):
     ids: list[str]
 
     async def forward(
-        self,
-        r: int,
-        batch: dict[str, int],
-        deadline_s: float | None = None,
-        min_participants: int = 1,
+        self, r: int, batch: Batch, deadline_s: float | None = None, min_participants: int = 1
     ) -> dict[str, ForwardOut]: ...
 
     async def backward(

@@ -19,7 +19,7 @@ from edge_agent.compress import CompressionError, roundtrip
 from edge_agent.trainer import ClientTrainer
 from orchestrator.config.manifest import Manifest
 from orchestrator.errors import RunError
-from orchestrator.training.devices import ForwardOut, Weights
+from orchestrator.training.devices import Batch, ForwardOut, Weights
 
 
 @contextlib.contextmanager
@@ -52,11 +52,7 @@ class InProcessGroup:
                 )  # fmt: skip
 
     async def forward(
-        self,
-        r: int,
-        batch: dict[str, int],
-        deadline_s: float | None = None,
-        min_participants: int = 1,
+        self, r: int, batch: Batch, deadline_s: float | None = None, min_participants: int = 1
     ) -> dict[str, ForwardOut]:
         # No clocks to race here: every planned device answers (deadlines need a real fleet).
         out = {}

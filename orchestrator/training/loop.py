@@ -20,7 +20,7 @@ import torch
 from edge_agent.compress import wire_dtype
 from edge_agent.schedule import round_lr
 from edge_agent.weights import load_numpy_state
-from orchestrator.algorithms.base import ServerStepResult
+from orchestrator.algorithms.base import ServerPart, ServerStepResult
 from orchestrator.algorithms.dispatch import rule_for
 from orchestrator.config.manifest import Manifest
 from orchestrator.errors import RunError, RunInterrupted
@@ -45,6 +45,7 @@ class Runner:
         self.m, self.job, self.group, self.state = m, job, group, state
         self.records = state.records
         self.optimizer = job.optimizer
+        self.server_part = ServerPart(job.server, job.optimizer)
         self.rule = rule_for(m)
         self.shard_sizes = {i: len(job.shards[k]) for k, i in enumerate(group.ids)}
         self.wire_ratio = wire_dtype(m.training.compression).itemsize / 4.0  # vs float32
@@ -87,7 +88,7 @@ class Runner:
     def _server_step(
         self, acts: list[torch.Tensor], labels: list[torch.Tensor]
     ) -> ServerStepResult:
-        return self.rule.server_step(self.job.server, self.optimizer, acts, labels)
+        return self.rule.server_step(self.server_part, acts, labels)
 
     async def round(self, r: int) -> None:
         m, st, job, rule = self.m, self.state, self.job, self.rule

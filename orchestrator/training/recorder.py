@@ -1,6 +1,9 @@
-"""What each round and each evaluation leaves behind: its record in the run directory and what
-the dashboard shows of it. The round loop hands over plain results; this turns them into
-``rounds.jsonl`` / ``metrics.jsonl`` lines and into the run state's views."""
+"""What each round and each evaluation leaves behind: its records in the run directory.
+
+The round loop hands over plain results; this turns them into ``rounds.jsonl`` /
+``metrics.jsonl`` lines and the round's events. The dashboard shows nothing that is not written
+here or elsewhere in the records: it is a fold of them (``orchestrator.ui.fold``).
+"""
 
 from __future__ import annotations
 
@@ -13,19 +16,21 @@ import numpy as np
 from orchestrator.training.devices import ForwardOut
 from orchestrator.training.latency import Prediction
 from orchestrator.training.state import RunState
-from orchestrator.ui.snapshot import EvalPoint, GapslView, RoundPoint
 
-CHURN_WINDOW = 20  # rounds over which the dashboard averages the leader set's turnover
+CHURN_WINDOW = 20  # rounds over which the leader set's turnover is averaged (``churn``)
 
 
 class Recorder:
-    """Writes the records of one run's rounds and evaluations, and keeps the state's views."""
+    """Writes the records of one run's rounds and evaluations."""
 
     def __init__(self, state: RunState) -> None:
         self.state = state
         self.records = state.records
         self.last_leaders: set[str] | None = None
         self.churn: collections.deque[float] = collections.deque(maxlen=CHURN_WINDOW)
+        # Per device, the compute time per sample its last round measured (devices.jsonl shows
+        # it for a device the probe has not measured).
+        self.compute_ms: dict[str, float] = {}
 
     def profiled(self, profiles: Mapping[str, Any]) -> None:
         """The probe's measurement of every device, before the first round."""
@@ -41,36 +46,27 @@ class Recorder:
             )
             shown = ("rtt_ms", "uplink_mbps", "downlink_mbps", "compute_ms_per_sample")
             self.state.event("profiled", i, {k: v for k, v in p.record().items() if k in shown})
-        self.state.profiles = dict(profiles)
 
     def computing(self, r: int, batch: Mapping[str, int]) -> None:
-        """Round r asked these devices for their activations."""
-        for s in self.state.sessions:
-            s.status = "computing" if s.id in batch else s.status
-
-    def answered(self, r: int, fwd: Mapping[str, ForwardOut]) -> None:
-        """These devices' activations of round r arrived."""
-        for s in self.state.sessions:
-            if s.id in fwd:
-                s.status = "joined"
+        """Round r asked these devices for their activations: one ``round_started`` event for
+        the round (not one per device), which the dashboard shows as the devices computing."""
+        self.state.event("round_started", None, {"round": r, "asked": ",".join(batch)})
 
     def round(
         self, r: int, ids: list[str], round_s: float, fwd: dict[str, ForwardOut],
         losses: Mapping[str, float], loss: float, server_s: float, downlink_s: float,
         diag: dict[str, Any], predicted: Prediction | None,
     ) -> None:  # fmt: skip
-        st = self.state
+        """Round r's ``rounds.jsonl`` line: timing, the loss per device, LGI's leaders."""
         for i in ids:
-            st.device_loss[i] = losses[i]
-            st.device_rounds[i] = r
-            st.device_batch[i] = len(fwd[i].labels)
-            st.compute_ms[i] = 1000.0 * fwd[i].compute_s / max(len(fwd[i].labels), 1)
+            self.compute_ms[i] = 1000.0 * fwd[i].compute_s / max(len(fwd[i].labels), 1)
         per_device = {
             i: {
                 "batch": int(len(f.labels)),
                 "compute_s": round(f.compute_s, 6),
                 "uplink_s": round(max(f.wait_s - f.compute_s, 0.0), 6),
                 "wait_s": round(f.wait_s, 6),
+                "loss": losses.get(i),  # the server's loss on this device's batch
             }
             for i, f in fwd.items()
         }
@@ -99,31 +95,18 @@ class Recorder:
             "devices": per_device,
         }
         record.update(diag)
-        self.records.append("rounds", record)
-        slowest = max(per_device.values(), key=lambda d: d["wait_s"])
-        st.rounds.append(
-            RoundPoint(
-                round=r, round_time_s=round_s, loss=loss, compute_s=slowest["compute_s"],
-                uplink_s=slowest["uplink_s"], server_s=server_s, downlink_s=downlink_s,
-                predicted_s=predicted.total_s if predicted else None,
-            )
-        )  # fmt: skip
         if record["leaders"] is not None and "cos" in record:
-            self._leaders(record, ids)
+            record["churn"] = self._churn(record["leaders"])
+        self.records.append("rounds", record)
+        self.state.round_times.append(round_s)
 
-    def _leaders(self, record: dict[str, Any], ids: list[str]) -> None:
-        current = set(record["leaders"])
+    def _churn(self, leaders: list[str]) -> float | None:
+        """The mean share of the leader set replaced per round, over the last rounds."""
+        current = set(leaders)
         if self.last_leaders is not None:
             self.churn.append(len(current ^ self.last_leaders) / max(len(current), 1))
         self.last_leaders = current
-        self.state.gapsl = GapslView(
-            churn=float(np.mean(self.churn)) if self.churn else None,
-            leaders=tuple(record["leaders"]),
-            cosine=tuple(tuple(row) for row in record["cos"]),
-            device_ids=tuple(ids),
-            align_before=record.get("align_before"),
-            align_after=record.get("align_after"),
-        )
+        return float(np.mean(self.churn)) if self.churn else None
 
     def evaluation(
         self,
@@ -132,26 +115,19 @@ class Recorder:
         scores: Sequence[tuple[float, float]],
         spread: float | None,
     ) -> None:
-        st = self.state
+        """Every device's accuracy and loss after round r: one ``metrics.jsonl`` line."""
         accs = [a for a, _ in scores]
-        for i, acc in zip(ids, accs):
-            st.device_acc[i] = acc
-        point = EvalPoint(
-            round=r,
-            time_s=self.records.elapsed(),
-            acc_mean=float(np.mean(accs)),
-            acc_min=float(np.min(accs)),
-            acc_max=float(np.max(accs)),
-            loss=float(np.mean([loss for _, loss in scores])),
-        )
         record: dict[str, Any] = {
-            k: getattr(point, k)
-            for k in ("round", "time_s", "acc_mean", "acc_min", "acc_max", "loss")
+            "round": r,
+            "time_s": self.records.elapsed(),
+            "acc_mean": float(np.mean(accs)),
+            "acc_min": float(np.min(accs)),
+            "acc_max": float(np.max(accs)),
+            "loss": float(np.mean([loss for _, loss in scores])),
+            "acc": dict(zip(ids, accs)),
+            "client_spread": spread,
         }
-        record["acc"] = dict(zip(ids, accs))
-        record["client_spread"] = spread
         self.records.append("metrics", record)
-        st.add_eval(point)
 
     def state_dict(self) -> dict[str, Any]:
         return {

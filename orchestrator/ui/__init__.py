@@ -1,2 +1,3 @@
-"""What a person sees: the snapshot, the records' fold, the Rich render, the live dashboard,
-headless log lines, ``watch`` and ``report``."""
+"""What a person sees: the snapshot (``snapshot``), the records' fold into it (``fold``), its
+Rich render (``render``), the live dashboard (``live``), headless log lines (``log_lines``),
+``watch`` (tailing a run directory), and ``report`` with its ``plots``."""

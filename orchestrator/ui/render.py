@@ -1,28 +1,24 @@
-"""The live terminal dashboard: a pure renderer of `RunSnapshot`, its `Live` driver, and the
-one-line formatters used instead when stdout is not a terminal.
+"""The dashboard as a pure function of a `RunSnapshot`: ``render(snapshot, width, height)``.
 
-`render` is a function of the snapshot and the terminal size only, so it can be golden-tested and
-Rich's output never reads the engine's mutable state.
+`render` reads the snapshot and the terminal size only, so it can be golden-tested and Rich's
+output never reads the engine's mutable state (``live.py`` drives it, ``watch.py`` too).
 """
 
 from __future__ import annotations
 
-import asyncio
-import json
 import math
 from collections.abc import Callable, Sequence
 
 from rich import box
 from rich.cells import cell_len
 from rich.color import Color
-from rich.console import Console, Group, RenderableType
-from rich.live import Live
+from rich.console import Group, RenderableType
 from rich.panel import Panel
 from rich.style import Style
 from rich.table import Table
 from rich.text import Text
 
-from orchestrator.ui.snapshot import DeviceView, EvalPoint, EventLine, GapslView, RunSnapshot
+from orchestrator.ui.snapshot import DeviceView, EventLine, GapslView, RunSnapshot
 
 NONE = "–"
 _BLOCKS = " ▁▂▃▄▅▆▇█"
@@ -399,50 +395,3 @@ def render(snap: RunSnapshot, width: int = 120, height: int = 40) -> RenderableT
     if ev_h >= 3:
         parts.append(_events(snap.events, width, ev_h))
     return Group(*parts)
-
-
-def format_event(e: EventLine) -> str:
-    """One greppable line, e.g. `event=joined device=dev-1 t=1.23 text="..."`."""
-    line = f"event={e.event} device={e.device or '-'} t={e.t:.2f}"
-    # json quoting keeps the text on one line and unambiguous for `grep`/`awk`.
-    return line + (f" text={json.dumps(e.text, ensure_ascii=False)}" if e.text else "")
-
-
-def format_eval(p: EvalPoint, rounds: int) -> str:
-    """One greppable line per evaluation, with the same field names as `metrics.jsonl`."""
-    return (
-        f"eval round={p.round}/{rounds} acc_mean={p.acc_mean:.3f} acc_min={p.acc_min:.3f} "
-        f"acc_max={p.acc_max:.3f} loss={p.loss:.3f} time_s={p.time_s:.2f}"
-    )
-
-
-class LiveDashboard:
-    """Redraws `render(snapshot_fn())` at `refresh_hz` from the event loop, so Rich's own refresh
-    thread (disabled here) never reads state that the engine is mutating."""
-
-    def __init__(
-        self, console: Console, refresh_hz: float, snapshot_fn: Callable[[], RunSnapshot]
-    ) -> None:
-        if not refresh_hz > 0:
-            raise ValueError(f"refresh_hz must be > 0, got {refresh_hz!r}")
-        self.console = console
-        self.period_s = 1.0 / refresh_hz
-        self.snapshot_fn = snapshot_fn
-
-    def _frame(self) -> RenderableType:
-        return render(self.snapshot_fn(), self.console.width, self.console.height)
-
-    async def run(self, stop: asyncio.Event) -> None:
-        """Redraw until `stop` is set, then draw one last frame and return.
-
-        Cancelling is safe: the `Live` context restores the terminal on the way out.
-        """
-        live = Live(console=self.console, auto_refresh=False, screen=False, transient=False)
-        with live:
-            while not stop.is_set():
-                live.update(self._frame(), refresh=True)
-                try:
-                    await asyncio.wait_for(stop.wait(), timeout=self.period_s)
-                except asyncio.TimeoutError:
-                    pass
-            live.update(self._frame(), refresh=True)

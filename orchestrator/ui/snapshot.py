@@ -1,4 +1,4 @@
-"""Immutable views of a run's state, built by the engine at the dashboard's refresh rate.
+"""Immutable views of a run's state: what the fold of its records (``fold.py``) produces.
 
 The dashboard and the headless log formatter read only these frozen types, never the engine's
 mutable state, so rendering can happen anywhere without locks.
@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-DEVICE_STATUSES = ("waiting", "joined", "computing", "sending", "straggling", "lost", "done")
-PHASES = ("waiting", "training", "evaluating", "completed", "failed", "interrupted")
+from orchestrator.names import DeviceStatus, Phase
+
+DEVICE_STATUSES = tuple(DeviceStatus)
+PHASES = tuple(Phase)
 LAUNCH_KINDS = ("local", "remote")
 
 

@@ -1,15 +1,16 @@
 """``gapsl-orchestrator watch RUN_DIR``: the dashboard of a run rebuilt from its records alone.
 
 A run directory is the whole story of a run (README, "Run records"), so any terminal that can read
-it can follow the run — while it is going, or after it ended. `RunWatcher` folds each record line
-into a `RunSnapshot` once: a refresh stats the files and reads only the bytes appended since.
+it can follow the run — while it is going, or after it ended. `RunWatcher` tails the record files
+into the same `RunFold` the live dashboard uses: a refresh stats the files and reads only the
+bytes appended since.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import collections
+import dataclasses
 import json
 import math
 import os
@@ -21,29 +22,24 @@ from typing import Any, Callable
 
 from orchestrator.config.manifest import Manifest, parse_manifest
 from orchestrator.errors import ExitCode, ManifestError, RunError
-from orchestrator.records.reader import finite
-from orchestrator.ui.snapshot import (
-    DeviceView,
-    EvalPoint,
-    EventLine,
-    GapslView,
-    RoundPoint,
-    RunSnapshot,
-)
+from orchestrator.names import Phase
+from orchestrator.records.reader import RECORD_NAMES, finite
+from orchestrator.ui.fold import RunFold
+from orchestrator.ui.snapshot import RunSnapshot
 
-__all__ = ["RunWatcher", "add_parser", "run_watch", "snapshot_from_records", "watch_live"]
+__all__ = [
+    "RunWatcher",
+    "add_parser",
+    "read_records",
+    "run_watch",
+    "snapshot_from_records",
+    "watch_live",
+]
 
-FINAL_PHASES = ("completed", "failed", "interrupted")
-_TELEMETRY_KEYS = (
-    "compute_ms_per_sample", "cpu_percent", "mem_percent", "temp_c", "rtt_ms",
-    "uplink_mbps", "downlink_mbps",
-)  # fmt: skip
-# Events that say where a device stands; the others (refused, bad_frame, ...) leave it as it was.
-_STATUS_BY_EVENT = {"joined": "joined", "rejoined": "joined", "ready": "joined", "lost": "lost"}
+_READ_ORDER = ("events", "devices", "rounds", "metrics")
 
 
 def _num(value: Any) -> float:
-    """A record's number as a float; null (NaN or inf when written) reads back as NaN."""
     v = finite(value)
     return math.nan if v is None else v
 
@@ -105,144 +101,11 @@ class _Tail:
         return rec if isinstance(rec, dict) else None
 
 
-class _Fold:
-    """What the dashboard shows, accumulated one record at a time."""
-
-    def __init__(self, manifest: Manifest | None) -> None:
-        self.m = manifest
-        # Per device, the `DeviceView` fields the records tell.
-        self.dev: dict[str, dict[str, Any]] = {}
-        for d in manifest.devices if manifest is not None else ():
-            self._add(d.id, d.launch, "" if d.device == "auto" else d.device)
-        self.evals: list[EvalPoint] = []
-        self.rounds: collections.deque[RoundPoint] = collections.deque(maxlen=200)
-        self.events: collections.deque[EventLine] = collections.deque(maxlen=50)
-        self.round = 0
-        self.last_t = self.train_t0 = 0.0
-        self.listen = ""
-        self.gapsl: GapslView | None = None
-        self.on_line: Callable[[str], None] | None = None
-
-    def _add(self, dev: str, launch: str = "remote", torch_device: str = "") -> None:
-        batch = self.m.training.batch_size if self.m is not None else 0
-        self.dev[dev] = {
-            "status": "waiting", "launch": launch, "torch_device": torch_device,
-            "batch_size": batch,
-        }  # fmt: skip
-
-    def _device(self, dev: Any, admitted: bool = True) -> dict[str, Any] | None:
-        if not isinstance(dev, str):
-            return None
-        if self.m is None and admitted and dev not in self.dev:
-            self._add(dev)  # without a manifest, the fleet is whoever the records name
-        return self.dev.get(dev)
-
-    def event(self, rec: dict[str, Any]) -> None:
-        t, name, raw = _num(rec.get("t")), str(rec.get("event", "?")), rec.get("device")
-        self.last_t = max(self.last_t, t) if t == t else self.last_t
-        d = self._device(raw, admitted=name in _STATUS_BY_EVENT)
-        if name == "listening" and isinstance(rec.get("url"), str):
-            self.listen = rec["url"].split("://", 1)[-1]
-        if d is not None:
-            if name in _STATUS_BY_EVENT:
-                d["status"] = _STATUS_BY_EVENT[name]
-                d.update(
-                    {k: rec[k] for k in ("hostname", "platform") if isinstance(rec.get(k), str)}
-                )
-            elif name == "agent_exited" and rec.get("code") == 0:
-                # Other codes say nothing new: a crash mid-run also closes the link ("lost"),
-                # and agents stopped after the run's goodbye are as done as those that left.
-                d["status"] = "done"
-            elif name == "profiled":
-                self.telemetry(rec)
-            if name == "ready":
-                d["shard_size"] = int(finite(rec.get("shard_size")) or 0)
-                self.train_t0 = max(self.train_t0, t if t == t else 0.0)
-        if name == "run_completed":
-            # The orchestrator says goodbye to every connected device (engine: _say_bye).
-            for v in self.dev.values():
-                v["status"] = "done" if v["status"] == "joined" else v["status"]
-        text = " ".join(f"{k}={v}" for k, v in rec.items() if k not in ("t", "event", "device"))
-        line = EventLine(t, name, raw if isinstance(raw, str) else None, text)
-        self.events.append(line)
-        if self.on_line is not None:
-            from orchestrator.ui.render import format_event
-
-            self.on_line(format_event(line))
-
-    def metric(self, rec: dict[str, Any]) -> None:
-        r = rec.get("round")
-        if not isinstance(r, int) or isinstance(r, bool):
-            return
-        keys = ("time_s", "acc_mean", "acc_min", "acc_max", "loss")
-        point = EvalPoint(r, *(_num(rec.get(k)) for k in keys))
-        self.evals.append(point)
-        for dev, acc in (rec.get("acc") or {}).items():
-            d = self._device(dev)
-            if d is not None:
-                d["accuracy"] = _num(acc)
-        if self.on_line is not None:
-            from orchestrator.ui.render import format_eval
-
-            self.on_line(format_eval(point, self.total_rounds(r)))
-
-    def round_record(self, rec: dict[str, Any]) -> None:
-        r = rec.get("round")
-        if not isinstance(r, int) or isinstance(r, bool):
-            return
-        self.round = r
-        devs = {k: v for k, v in (rec.get("devices") or {}).items() if isinstance(v, dict)}
-        for dev, x in devs.items():
-            d = self._device(dev)
-            if d is None:
-                continue
-            if d["status"] == "waiting":  # in-process runs record no joins
-                d["status"] = "joined"
-            d["rounds_done"] = r
-            d["batch_size"] = batch = int(finite(x.get("batch")) or 0)
-            compute, loss = finite(x.get("compute_s")), finite(x.get("loss"))
-            if compute is not None:
-                d["compute_ms_per_sample"] = 1000.0 * compute / max(batch, 1)
-            if loss is not None:
-                d["last_loss"] = loss
-        slowest = max(devs.values(), key=lambda x: finite(x.get("wait_s")) or 0.0, default={})
-        self.rounds.append(
-            RoundPoint(
-                round=r, round_time_s=_num(rec.get("round_time_s")), loss=_num(rec.get("loss")),
-                predicted_s=finite(rec.get("predicted_s")),
-                compute_s=finite(slowest.get("compute_s")) or 0.0,
-                uplink_s=finite(slowest.get("uplink_s")) or 0.0,
-                server_s=finite(rec.get("server_s")) or 0.0,
-                downlink_s=finite(rec.get("downlink_s")) or 0.0,
-            )
-        )  # fmt: skip
-        leaders, cos = rec.get("leaders"), rec.get("cos")
-        if isinstance(leaders, list) and isinstance(cos, list) and cos:
-            # The cosine matrix is over the whole group, in the manifest's device order.
-            order = list(self.dev) if len(self.dev) == len(cos) else list(devs)
-            if len(order) != len(cos):
-                order = [f"#{k + 1}" for k in range(len(cos))]
-            self.gapsl = GapslView(
-                leaders=tuple(str(x) for x in leaders),
-                cosine=tuple(tuple(_num(v) for v in row) for row in cos),
-                device_ids=tuple(order),
-                align_before=finite(rec.get("align_before")),
-                align_after=finite(rec.get("align_after")),
-            )
-
-    def telemetry(self, rec: dict[str, Any]) -> None:
-        """A ``devices.jsonl`` line, or a ``profiled`` event: the measurements it carries."""
-        d = self._device(rec.get("device"))
-        if d is not None:
-            # Compute time measured in the rounds, when there are any, is what the live view shows.
-            keys = _TELEMETRY_KEYS[1:] if "rounds_done" in d else _TELEMETRY_KEYS
-            d.update({k: finite(rec[k]) for k in keys if k in rec})
-
-    def total_rounds(self, fallback: int = 0) -> int:
-        return self.m.training.rounds if self.m is not None else max(self.round, fallback)
-
-    def views(self) -> tuple[DeviceView, ...]:
-        return tuple(DeviceView(id=i, **d) for i, d in self.dev.items())
+def read_records(run_dir: Path, fold: RunFold) -> None:
+    """Fold every record already in ``run_dir`` (a resumed run's live view starts from them)."""
+    for name in RECORD_NAMES:
+        for rec in _Tail(run_dir / f"{name}.jsonl").read_new() or []:
+            fold.add(name, rec)
 
 
 class RunWatcher:
@@ -269,12 +132,11 @@ class RunWatcher:
         self._restart()
 
     def _restart(self) -> None:
-        self.fold = _Fold(self.manifest)
+        self.fold = RunFold(self.manifest, str(self.dir))
         self.fold.on_line = self.on_line
-        names = ("events", "devices", "rounds", "metrics")
-        self.tails = {n: _Tail(self.dir / f"{n}.jsonl") for n in names}
-        self.summary: dict[str, Any] = {}
-        self._summary_key: tuple[int, int] | None = None
+        # events.jsonl first: its final event is written after every other record of the run,
+        # so when a refresh reads it, the files read after it hold all that came before.
+        self.tails = {n: _Tail(self.dir / f"{n}.jsonl") for n in _READ_ORDER}
 
     @property
     def bytes_read(self) -> int:
@@ -282,11 +144,8 @@ class RunWatcher:
         return sum(t.bytes_read for t in self.tails.values())
 
     def refresh(self) -> None:
-        """Fold the records appended since the last refresh, and re-read a changed summary."""
+        """Fold the records appended since the last refresh."""
         self.fold.on_line = self.on_line
-        # The summary first: every record line was flushed before it was written, so a final
-        # status never shows with records still missing from the frame.
-        self._read_summary()
         new: dict[str, list[dict[str, Any]]] = {}
         for name, tail in self.tails.items():
             got = tail.read_new()
@@ -296,82 +155,43 @@ class RunWatcher:
                 return
             new[name] = got
         f = self.fold
-        for rec in new["devices"]:
-            f.telemetry(rec)
-        for rec in new["rounds"]:  # before events, so "run_completed" finds every participant
-            f.round_record(rec)
-        # Events and evaluations interleaved in time order, as the headless log printed them.
+        for name in ("devices", "rounds"):
+            for rec in new[name]:
+                f.add(name, rec)
+        # Events and evaluations interleaved in time order, as the headless log printed them
+        # (the fold's state does not depend on this order, only the printed lines do).
         timed = [(_num(r.get("t")), 0, r) for r in new["events"]]
         timed += [(_num(r.get("time_s")), 1, r) for r in new["metrics"]]
         timed.sort(key=lambda x: x[0] if x[0] == x[0] else math.inf)
         for _, kind, rec in timed:
-            (f.metric if kind else f.event)(rec)
-
-    def _read_summary(self) -> None:
-        path = self.dir / "summary.json"
-        try:
-            st = path.stat()
-        except FileNotFoundError:
-            self.summary, self._summary_key = {}, None
-            return
-        key = (st.st_size, st.st_mtime_ns)
-        if key == self._summary_key:
-            return
-        try:
-            summary = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return  # replaced atomically by the writer, so this is a passing state at worst
-        self.summary = summary if isinstance(summary, dict) else {}
-        self._summary_key = key
+            f.add("metrics" if kind else "events", rec)
 
     @property
     def status(self) -> str:
-        """The run's final status from ``summary.json``, or ``""`` while it has none."""
-        status = self.summary.get("status")
-        return status if status in FINAL_PHASES else ""
+        """The run's final status (its final event), or ``""`` while it has none."""
+        return str(self.fold.phase) if self.fold.phase.final else ""
 
     def snapshot(self) -> RunSnapshot:
         """Refresh, then freeze everything the dashboard shows."""
         self.refresh()
-        f, m, s = self.fold, self.manifest, self.summary
-        ready = bool(f.dev) and all("shard_size" in d for d in f.dev.values())
-        phase = self.status or ("training" if f.rounds or ready else "waiting")
-        if self.status:
-            elapsed = max(finite(s.get("wall_s")) or 0.0, f.last_t)
-        else:
-            elapsed = max(time.time() - self.started_wall, f.last_t)
-        total = f.total_rounds(int(finite(s.get("rounds")) or 0))
-        eta = None
-        if f.round > 0 and phase not in ("failed", "interrupted"):
-            eta = max(elapsed - f.train_t0, 0.0) / f.round * max(total - f.round, 0)
-        message = str(s.get("error", "")) or self.manifest_error
+        snap = self.fold.snapshot(time.time() - self.started_wall)
+        message = snap.message or self.manifest_error
         skipped = sum(t.skipped for t in self.tails.values())
         if not message and skipped:
             message = f"{skipped} damaged record line(s) skipped"
-        if m is not None:
-            d = m.data
-            alpha = d.alpha if d.partition == "dirichlet" else None
-            ident = (m.testbed.name, m.training.algorithm, m.training.dataset, d.partition)
-        else:
-            alpha, name = None, self.dir.resolve().name
-            ident = (name, str(s.get("algorithm", "?")), str(s.get("dataset", "?")), "?")
-        return RunSnapshot(
-            *ident,
-            alpha=alpha,
-            listen=f.listen or (m.testbed.listen if m is not None else ""),
-            phase=phase,
-            round=f.round,
-            rounds=total,
-            elapsed_s=elapsed,
-            eta_s=eta,
-            devices=f.views(),
-            evals=tuple(f.evals),
-            recent_rounds=tuple(f.rounds),
-            events=tuple(f.events),
-            gapsl=f.gapsl,
-            run_dir=str(self.dir),
-            message=message,
-        )
+        if self.manifest is None:  # the summary, if any, still names what ran
+            s = _summary(self.dir)
+            algorithm, dataset = (str(s.get(k, "?")) for k in ("algorithm", "dataset"))
+            snap = dataclasses.replace(snap, algorithm=algorithm, dataset=dataset)
+        return dataclasses.replace(snap, message=message)
+
+
+def _summary(run_dir: Path) -> dict[str, Any]:
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return summary if isinstance(summary, dict) else {}
 
 
 def snapshot_from_records(run_dir: Path) -> RunSnapshot:
@@ -383,18 +203,18 @@ def snapshot_from_records(run_dir: Path) -> RunSnapshot:
 
 
 async def watch_live(watcher: RunWatcher, console: Any, refresh_hz: float) -> str:
-    """Redraw the dashboard until the run's summary shows a final status; return that status.
+    """Redraw the dashboard until the records show a final status; return that status.
 
     The last frame is drawn after the status appears. Cancelling is safe (the `Live` context
     restores the terminal).
     """
-    from orchestrator.ui.render import LiveDashboard
+    from orchestrator.ui.live import LiveDashboard
 
     stop = asyncio.Event()
 
     def snap() -> RunSnapshot:
         s = watcher.snapshot()
-        if s.phase in FINAL_PHASES:
+        if Phase(s.phase).final:
             stop.set()  # LiveDashboard then draws this final frame once more and returns
         return s
 
@@ -420,7 +240,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="show the dashboard of a run directory, live while the run goes on",
         description=(
             "Show the dashboard of a run from its run directory alone, refreshed as records are "
-            "appended, until summary.json shows the run ended (or Ctrl-C). When stdout is not a "
+            "appended, until the records show the run ended (or Ctrl-C). When stdout is not a "
             "terminal, prints one log line per event and evaluation instead. Exits with the "
             "run's status: 0 completed, 1 failed, 130 interrupted (or Ctrl-C)."
         ),

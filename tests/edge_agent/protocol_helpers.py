@@ -3,6 +3,9 @@ sample of every message type (so that each is round-tripped and fuzzed)."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -221,3 +224,22 @@ JOB_MAP: dict[str, Any] = {
     "gapsl_leader": "gradient",
     "compression": "none",
 }
+
+
+def heavy_imports_of(*modules: str) -> str:
+    """Which of asyncio, websockets and torch importing ``modules`` pulls in, in a fresh
+    interpreter (comma-separated; empty when none)."""
+    code = (
+        f"import sys, {', '.join(modules)}; "
+        "print(','.join(m for m in ('asyncio', 'websockets', 'torch') if m in sys.modules))"
+    )
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    return out.stdout.strip()

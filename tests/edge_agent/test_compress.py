@@ -18,11 +18,15 @@ PROPERTY = settings(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 
-# Activation-like tensors: finite float32 of any magnitude float16 can hold, any shape.
+# Activation-like tensors: finite float32 of any magnitude float16 can hold, any shape. No
+# subnormals: a tensor of nothing but them has a scale that underflows, and int8 then sends zeros
+# by design (test_int8_of_zeros_and_of_a_constant), which no half-step bound describes.
 activations = hnp.arrays(
     np.float32,
     hnp.array_shapes(min_dims=1, max_dims=4, min_side=0, max_side=9),
-    elements=st.floats(-6e4, 6e4, width=32, allow_nan=False, allow_infinity=False),
+    elements=st.floats(
+        -6e4, 6e4, width=32, allow_nan=False, allow_infinity=False, allow_subnormal=False
+    ),
 )
 
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -23,7 +21,7 @@ from orchestrator.config.manifest import parse_manifest
 from orchestrator.training.job import build_job_spec, job_spec
 
 from .protocol_helpers import JOB_MAP as WIRE
-from .protocol_helpers import PROPERTY
+from .protocol_helpers import PROPERTY, heavy_imports_of
 
 ROOT = Path(__file__).resolve().parents[2]
 FIELDS = {f.name: f.type for f in dataclasses.fields(JobSpec)}
@@ -150,16 +148,5 @@ def test_the_pure_modules_import_no_asyncio_websockets_or_torch() -> None:
         "edge_agent.errors",
         "edge_agent.schedule",
     )
-    code = (
-        f"import sys, {', '.join(modules)}; "
-        "print(','.join(m for m in ('asyncio', 'websockets', 'torch') if m in sys.modules))"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    assert out.stdout.strip() == "", f"importing {modules} pulled in: {out.stdout.strip()}"
+    pulled = heavy_imports_of(*modules)
+    assert pulled == "", f"importing {modules} pulled in: {pulled}"

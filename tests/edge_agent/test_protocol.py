@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ from .protocol_helpers import (
     assert_same_value,
     decode_every_way,
     gradients_frame,
+    heavy_imports_of,
     raw,
     wire_arrays,
 )
@@ -213,18 +213,5 @@ def test_encode_refuses_what_the_schema_forbids(
 
 
 def test_protocol_imports_no_asyncio_websockets_or_torch() -> None:
-    code = (
-        "import sys, edge_agent.protocol; "
-        "print(','.join(m for m in ('asyncio', 'websockets', 'torch') if m in sys.modules))"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    assert out.stdout.strip() == "", (
-        f"importing edge_agent.protocol pulled in: {out.stdout.strip()}"
-    )
+    pulled = heavy_imports_of("edge_agent.protocol")
+    assert pulled == "", f"importing edge_agent.protocol pulled in: {pulled}"

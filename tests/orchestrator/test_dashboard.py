@@ -14,7 +14,9 @@ import pytest
 from rich.cells import cell_len
 from rich.console import Console
 
-from orchestrator.ui.render import LiveDashboard, format_eval, format_event, render
+from orchestrator.ui.live import LiveDashboard
+from orchestrator.ui.log_lines import format_eval, format_event
+from orchestrator.ui.render import render
 from orchestrator.ui.snapshot import (
     DEVICE_STATUSES,
     DeviceView,

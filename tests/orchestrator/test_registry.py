@@ -7,7 +7,6 @@ import ast
 import asyncio
 import dataclasses
 import json
-from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,7 @@ import torch
 
 from models import build_split
 from orchestrator.algorithms import registry
-from orchestrator.algorithms.base import Rule, ServerStepResult, psl_backward
+from orchestrator.algorithms.base import Rule, ServerPart, ServerStepResult, Tensors, psl_backward
 from orchestrator.algorithms.dispatch import rule_for
 from orchestrator.config.manifest import manifest_to_toml, parse_manifest
 from orchestrator.config.sections import TrainingConfig
@@ -44,16 +43,10 @@ class ClippedPsl(Rule):
     name = "clipped_psl"
     MAX_NORM = 0.05
 
-    def server_step(
-        self,
-        server: torch.nn.Module,
-        optimizer: torch.optim.Optimizer,
-        activations: Sequence[torch.Tensor],
-        labels: Sequence[torch.Tensor],
-    ) -> ServerStepResult:
-        result = psl_backward(server, optimizer, activations, labels)
-        norm = torch.nn.utils.clip_grad_norm_(server.parameters(), self.MAX_NORM)
-        optimizer.step()
+    def server_step(self, part: ServerPart, acts: Tensors, labels: Tensors) -> ServerStepResult:
+        result = psl_backward(part.module, part.optimizer, acts, labels)
+        norm = torch.nn.utils.clip_grad_norm_(part.module.parameters(), self.MAX_NORM)
+        part.optimizer.step()
         result.diag["server_grad_norm"] = float(norm)
         return result
 
@@ -108,7 +101,7 @@ def test_the_example_rule_clips_the_server_gradient() -> None:
     acts = [split.client(torch.randn(8, 64)) for _ in range(2)]
     labels = [torch.randint(0, 10, (8,)) for _ in range(2)]
     rule = ClippedPsl(parse_manifest(_TEXT))
-    result = rule.server_step(split.server, opt, acts, labels)
+    result = rule.server_step(ServerPart(split.server, opt), acts, labels)
     total = torch.cat([p.grad.reshape(-1) for p in split.server.parameters()]).norm()
     assert float(total) <= ClippedPsl.MAX_NORM * (1 + 1e-5)
     assert result.diag["server_grad_norm"] > ClippedPsl.MAX_NORM  # it did have to clip

@@ -1,23 +1,38 @@
-"""`watch`: the dashboard rebuilt from a run directory's records — against a real local-fleet run,
-records cut short mid-line, records appended between refreshes, and hand-written event logs."""
+"""`watch`: the dashboard rebuilt from a run directory's records — against a real run of the round
+engine, records cut short mid-line, records appended between refreshes, and records written by
+the run's own producers (state, recorder, engine) for what a short run does not do by itself.
+
+Every record a test reads was written by the real writer with the real producers' keys; the only
+hand-made bytes are the damage that a reader must survive.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import io
 import json
 import os
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
+import numpy as np
 import pytest
+import torch
 from rich.cells import cell_len
 from rich.console import Console
 
+from orchestrator.algorithms.lgi import LeaderTracker, lgi_diag
 from orchestrator.config.manifest import manifest_to_toml, parse_manifest
+from orchestrator.engine import Engine
 from orchestrator.errors import RunError
+from orchestrator.fleet.admission import reported_facts
+from orchestrator.names import Phase
+from orchestrator.training.devices import ForwardOut
+from orchestrator.training.recorder import Recorder
 from orchestrator.ui.render import render
 from orchestrator.ui.snapshot import RunSnapshot
 from orchestrator.ui.watch import RunWatcher, add_parser, snapshot_from_records, watch_live
@@ -62,20 +77,30 @@ def _jsonl(path: Path) -> list[dict[str, Any]]:
 def finished(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, RunSnapshot]:
     """One real run of the round engine with its devices in this process (the reference engine,
     so the records are written exactly as in a fleet run, minus the agents' start-up), shared by
-    the tests; returns its directory and the engine's own final snapshot."""
-    from orchestrator.engine import Engine
-
+    the tests; returns its directory and the engine's own (live) final snapshot."""
     run_dir = tmp_path_factory.mktemp("watch") / "run"
     m = parse_manifest(RUN_MANIFEST)
     engine = Engine(m, run_dir, manifest_to_toml(m), run_id="w", in_process=True)
     status = asyncio.run(asyncio.wait_for(engine.run(), 120 * SCALE))
     assert status == "completed"
-    return run_dir, engine.state.snapshot()
+    return run_dir, engine.snapshot()
+
+
+def _cut_final_event(run_dir: Path) -> bytes:
+    """Take the run's final event off ``events.jsonl`` (as if the run were still going) and
+    return that line, to be appended back later."""
+    events = run_dir / "events.jsonl"
+    data = events.read_bytes()
+    cut = data.rstrip(b"\n").rfind(b"\n") + 1
+    assert json.loads(data[cut:])["event"] == "run_completed"
+    events.write_bytes(data[:cut])
+    return data[cut:]
 
 
 def test_snapshot_of_a_finished_run(finished: tuple[Path, RunSnapshot]) -> None:
     run_dir, live = finished
     snap = snapshot_from_records(run_dir)
+    assert snap == live  # one fold: the live view is the records' view
     assert [d.id for d in snap.devices] == ["a", "b"]
     assert all(d.status == "done" for d in snap.devices)
     assert (snap.phase, snap.round, snap.rounds) == ("completed", 20, 20)
@@ -123,8 +148,7 @@ def test_truncated_last_line_then_appended_rest(
 ) -> None:
     run_dir = tmp_path / "run"
     shutil.copytree(finished[0], run_dir)
-    summary = (run_dir / "summary.json").read_text()
-    (run_dir / "summary.json").unlink()  # as if the orchestrator were still running
+    final = _cut_final_event(run_dir)  # as if the orchestrator were still running
     metrics = run_dir / "metrics.jsonl"
     data = metrics.read_bytes()
     cut = data.rstrip(b"\n").rfind(b"\n") + 1 + 40  # 40 bytes into the last line
@@ -145,94 +169,107 @@ def test_truncated_last_line_then_appended_rest(
     assert [e.round for e in again.evals] == [5, 10, 15, 20]
     # Only the appended bytes and the cut line's first part (kept back until whole) are read.
     assert watcher.bytes_read == read + len(data) - cut + 40
-    (run_dir / "summary.json").write_text(summary)
-    final = watcher.snapshot()
-    assert final.phase == "completed" and final.evals == finished[1].evals
+    with open(run_dir / "events.jsonl", "ab") as f:
+        f.write(final)
+    last = watcher.snapshot()
+    assert last.phase == "completed" and last.evals == finished[1].evals
+
+
+def _engine(tmp_path: Path) -> Engine:
+    """An engine that is never run: its state, recorder and telemetry write the records."""
+    text = RUN_MANIFEST.replace('"a"', '"x"').replace('"b"', '"y"')
+    text += '\n[[devices]]\nid = "z"\ntoken = "tok-z"\n'
+    m = parse_manifest(text)
+    return Engine(m, tmp_path / "hand", manifest_to_toml(m), run_id="h")
 
 
 def test_damaged_line_is_skipped_and_reported(tmp_path: Path) -> None:
-    run_dir = _hand_written_run(tmp_path)
-    with open(run_dir / "events.jsonl", "a") as f:
-        f.write('{"t": 1.0, "event": \x00garbage\n{"t": 2.0, "event": "joined", "device": "x"}\n')
-    snap = snapshot_from_records(run_dir)
+    engine = _engine(tmp_path)
+    with open(engine.records.dir / "events.jsonl", "a") as f:
+        f.write('{"t": 1.0, "event": \x00garbage\n')
+    engine.state.event("joined", "x", {"peer": "p"})
+    snap = snapshot_from_records(engine.records.dir)
     assert "1 damaged record line(s) skipped" in snap.message
     assert snap.events[-1].event == "joined"
 
 
-def _hand_written_run(tmp_path: Path) -> Path:
-    text = RUN_MANIFEST.replace('"a"', '"x"').replace('"b"', '"y"')
-    text += '\n[[devices]]\nid = "z"\ntoken = "tok-z"\n'
-    m = parse_manifest(text)
-    run_dir = tmp_path / "hand"
-    run_dir.mkdir()
-    (run_dir / "manifest.toml").write_text(manifest_to_toml(m))
-    return run_dir
+def _forward(batch: int, compute_s: float, wait_s: float) -> ForwardOut:
+    labels = np.zeros(batch, np.int64)
+    return ForwardOut(np.zeros((batch, 4), np.float32), labels, compute_s, wait_s)
 
 
-def _append(path: Path, *records: dict[str, Any]) -> None:
-    with open(path, "a") as f:
-        f.writelines(json.dumps(r) + "\n" for r in records)
+def _same_but_the_clock(live: RunSnapshot, watched: RunSnapshot) -> None:
+    # Mid-run each reader has its own clock (monotonic since start / wall time since the
+    # manifest was written): the time fields differ, nothing else may.
+    clock = {"elapsed_s": 0.0, "eta_s": None}
+    assert dataclasses.replace(live, **clock) == dataclasses.replace(watched, **clock)
 
 
-def test_statuses_phase_and_gapsl_view_from_hand_written_records(tmp_path: Path) -> None:
-    run_dir = _hand_written_run(tmp_path)
-    events = run_dir / "events.jsonl"
-    _append(
-        events,
-        {"t": 0.5, "event": "listening", "url": "ws://127.0.0.1:40404"},
-        {"t": 1.0, "event": "joined", "device": "x", "peer": "p", "hostname": "pi-x"},
-        {"t": 1.1, "event": "joined", "device": "y", "peer": "p"},
-        {"t": 1.2, "event": "refused", "device": "intruder", "code": 1008, "reason": "bad"},
-        {"t": 2.0, "event": "ready", "device": "x", "shard_size": 600, "load_s": 0.3},
-    )
+def test_statuses_phase_and_gapsl_view_from_the_producers_records(tmp_path: Path) -> None:
+    engine = _engine(tmp_path)
+    st, run_dir = engine.state, engine.records.dir
+    st.event("listening", None, {"url": "ws://127.0.0.1:40404"})
+    facts = reported_facts({"hostname": "pi-x", "platform": "Linux aarch64", "cpu_count": 4})
+    st.event("joined", "x", {"peer": "p", **facts})
+    st.event("joined", "y", {"peer": "p"})
+    st.event("refused", "intruder", {"code": 1008, "reason": "bad token", "peer": "p"})
+    ready = {"load_s": 0.3, "restored_round": None, **reported_facts({"torch_device": "cpu"})}
+    st.event("ready", "x", {"shard_size": 600, **ready})
     snap = snapshot_from_records(run_dir)
     assert snap.phase == "waiting" and snap.listen == "127.0.0.1:40404"
     assert {d.id: d.status for d in snap.devices} == {"x": "joined", "y": "joined", "z": "waiting"}
     assert snap.missing == ("z",)
-    assert snap.devices[0].shard_size == 600 and snap.devices[0].hostname == "pi-x"
+    x = snap.devices[0]
+    assert (x.shard_size, x.hostname, x.platform, x.cpu_count) == (600, "pi-x", "Linux aarch64", 4)
     assert snap.devices[2].launch == "remote"
     assert "fleet 2/3" in _text(snap)
 
-    _append(
-        events,
-        {"t": 3.0, "event": "lost", "device": "y", "code": 1006},
-        {"t": 3.2, "event": "rejoined", "device": "y", "peer": "p"},
-        {"t": 3.4, "event": "lost", "device": "x", "code": 1006},
-        {"t": 3.5, "event": "agent_exited", "device": "x", "code": 1},
-    )
-    cos = [[1.0, 0.2, -0.1], [0.2, 1.0, 0.05], [-0.1, 0.05, 1.0]]
-    dev = {"batch": 16, "compute_s": 0.032, "uplink_s": 0.01, "wait_s": 0.05, "loss": 1.5}
-    _append(
-        run_dir / "rounds.jsonl",
-        {"round": 1, "round_time_s": 0.2, "loss": 2.0, "devices": {"z": dev}},
-        {"round": 2, "round_time_s": 0.3, "loss": None, "leaders": ["x", "z"], "cos": cos,
-         "align_before": 0.1, "align_after": 0.4, "devices": {"z": dev}},
-    )  # fmt: skip
-    _append(
-        run_dir / "devices.jsonl",
-        {"t": 4.0, "device": "z", "cpu_percent": 55.0, "rtt_ms": 12.5, "temp_c": None},
-    )
+    st.event("ready", "y", {"shard_size": 500, **ready})
+    st.event("joined", "z", {"peer": "p"})
+    st.event("ready", "z", {"shard_size": 400, **ready})
+    st.phase = Phase.TRAINING
+    rec = Recorder(st)
+    rec.computing(1, {"z": 16})
+    assert {d.id: d.status for d in engine.snapshot().devices}["z"] == "computing"
+    rec.round(1, ["z"], 0.2, {"z": _forward(16, 0.032, 0.05)}, {"z": 1.5}, 2.0, 0.01, 0.02,
+              {}, None)  # fmt: skip
+    ids = ["x", "y", "z"]
+    tracker = LeaderTracker()
+    for r, grads in ((2, [[1.0, 0.0], [-1.0, 0.5], [1.0, 0.1]]), (3, [[0, 1.0], [1, 0], [0, 1]])):
+        rec.computing(r, {i: 16 for i in ids})
+        diag = lgi_diag(tracker(torch.tensor(grads), [16, 16, 16]), 0.4)
+        fwd = {i: _forward(16, 0.032, 0.05) for i in ids}
+        rec.round(r, ids, 0.3, fwd, dict.fromkeys(ids, 1.5), 1.8, 0.01, 0.02, diag, None)
+    st.event("lost", "y", {"code": 1006})
+    st.event("rejoined", "y", {"peer": "p"})
+    st.event("lost", "x", {"code": 1006})
+    st.event("agent_exited", "x", {"code": 1})
+    z = engine.sessions["z"]
+    z.stats = {"cpu_percent": 55.0, "mem_percent": 40.0, "temp_c": None}
+    z.ws = SimpleNamespace(latency=0.0125)  # the keepalive's ping round trip
+    engine._telemetry(z)
     snap = snapshot_from_records(run_dir)
-    assert snap.phase == "training" and snap.round == 2 and snap.rounds == 20
-    assert {d.id: d.status for d in snap.devices} == {"x": "lost", "y": "joined", "z": "joined"}
-    z = snap.devices[2]
-    assert (z.rounds_done, z.batch_size, z.last_loss, z.cpu_percent, z.rtt_ms) == (
-        2,
-        16,
-        1.5,
-        55.0,
-        12.5,
-    )
-    assert z.compute_ms_per_sample == pytest.approx(2.0) and z.temp_c is None
-    assert snap.gapsl is not None
-    assert snap.gapsl.device_ids == ("x", "y", "z") and snap.gapsl.leaders == ("x", "z")
-    assert snap.gapsl.cosine[0][2] == -0.1 and snap.gapsl.align_after == 0.4
-    assert "GAPSL cosine" in _text(snap)
+    _same_but_the_clock(engine.snapshot(), snap)
+    assert snap.phase == "training" and snap.round == 3 and snap.rounds == 20
+    assert {d.id: d.status for d in snap.devices} == {"x": "lost", "y": "joined", "z": "computing"}
+    z_view = snap.devices[2]
+    assert (z_view.rounds_done, z_view.batch_size, z_view.last_loss) == (3, 16, 1.5)
+    assert (z_view.cpu_percent, z_view.rtt_ms, z_view.shard_size) == (55.0, 12.5, 400)
+    assert z_view.compute_ms_per_sample == pytest.approx(2.0) and z_view.temp_c is None
+    rounds = [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines()]
+    g = snap.gapsl
+    assert g is not None and g.device_ids == ("x", "y", "z")
+    assert list(g.leaders) == rounds[-1]["leaders"] and g.leaders != rounds[1]["leaders"]
+    assert [list(row) for row in g.cosine] == rounds[-1]["cos"]
+    assert (g.align_after, g.churn) == (0.4, rounds[-1]["churn"]) and g.churn is not None
+    assert g.churn > 0  # the leader set changed between rounds 2 and 3
+    assert "GAPSL cosine" in _text(snap) and "churn" in _text(snap)
     assert snap.eta_s is not None and snap.eta_s > 0
 
-    (run_dir / "summary.json").write_text(json.dumps({"status": "failed", "error": "boom"}))
+    st.finish("failed", "boom", 5.0)
     snap = snapshot_from_records(run_dir)
-    assert (snap.phase, snap.message, snap.eta_s) == ("failed", "boom", None)
+    assert (snap.phase, snap.message, snap.eta_s, snap.elapsed_s) == ("failed", "boom", None, 5.0)
+    assert snap == engine.snapshot()
 
 
 def _text(snap: RunSnapshot) -> str:
@@ -272,9 +309,10 @@ def test_headless_watch_prints_lines_and_exits_with_the_run_status(
     assert sum(line.startswith("eval round=") for line in out) == 4
     assert out[-1].startswith("event=run_completed")
 
-    run_dir = _hand_written_run(tmp_path)
-    (run_dir / "summary.json").write_text(json.dumps({"status": "interrupted"}))
-    args = _args(str(run_dir))
+    engine = _engine(tmp_path)
+    engine.state.finish("interrupted", "interrupted by signal", 1.0)
+    engine.records.close()
+    args = _args(str(engine.records.dir))
     assert args.func(args) == 130
 
 
@@ -283,9 +321,7 @@ def test_live_watch_stops_after_drawing_the_final_frame(
 ) -> None:
     run_dir = tmp_path / "run"
     shutil.copytree(finished[0], run_dir)
-    summary = run_dir / "summary.json"
-    text = summary.read_text()
-    summary.unlink()
+    final = _cut_final_event(run_dir)
     watcher = RunWatcher(run_dir)
     frames: list[str] = []
     fold = watcher.snapshot
@@ -294,7 +330,8 @@ def test_live_watch_stops_after_drawing_the_final_frame(
         snap = fold()
         frames.append(snap.phase)
         if len(frames) == 2:  # the run ends while the dashboard is up
-            summary.write_text(text)
+            with open(run_dir / "events.jsonl", "ab") as f:
+                f.write(final)
         return snap
 
     watcher.snapshot = snapshot  # type: ignore[method-assign]
