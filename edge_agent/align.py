@@ -2,7 +2,8 @@
 
 ``first_order`` keeps a gradient's length and turns it toward the leader,
 ``(1 - lam) * g + lam * |g| * g_L / |g_L|``; ``pull`` moves it toward the leader vector,
-``(1 - lam) * g + lam * g_L``. Both act on the last dimension, so a batch of per-device
+``(1 - lam) * g + lam * g_L``; ``tracking`` adds ``lam * (g_L - r)``, ``r`` the device's own
+reference (:func:`track`). They act on the last dimension, so a batch of per-device
 gradients (N x D) aligns in one call. ``lam = 0`` returns ``g`` bit for bit. The flat-vector
 forms these act on come from :mod:`edge_agent.weights`.
 """
@@ -12,7 +13,7 @@ from __future__ import annotations
 import torch
 
 EPS = 1e-12
-MODES = ("exact", "first_order", "pull")
+MODES = ("exact", "first_order", "pull", "tracking")
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -30,6 +31,13 @@ def blend(mode: str, g: torch.Tensor, leader: torch.Tensor, lam: float) -> torch
     if mode == "pull":
         return (1.0 - lam) * g + lam * leader
     raise ValueError(f"blend: mode must be first_order or pull, not {mode!r}")
+
+
+def track(g: torch.Tensor, leader: torch.Tensor, ref: torch.Tensor, lam: float) -> torch.Tensor:
+    """Tracking GDA: ``g + lam * (g_L - r)``, the gradient of the linear direction-aware
+    regulariser ``lam * <g_L - r, theta>`` added to the device's own gradient ``g``. ``r``, the
+    device's reference for its own gradient, cancels its persistent bias and keeps the fresh part."""
+    return g + lam * (leader - ref)
 
 
 def alignment_penalty(g: torch.Tensor, leader: torch.Tensor) -> torch.Tensor:

@@ -49,8 +49,9 @@ class JobSpec:
     seed: int
     rank: int  # the device's position in the manifest's device list
     gapsl_space: str = ""  # "" unless the rule keeps client gradients ("client")
-    gda_mode: str = ""  # exact | first_order | pull, or "" for plain PSL
+    gda_mode: str = ""  # exact | first_order | pull | tracking, or "" for plain PSL
     gapsl_leader: str = "gradient"
+    track_beta: float = 0.0  # tracking GDA: the EMA coefficient of the device's own reference
     compression: str = "none"  # the codec of activations and their gradients
     resume_round: int = 0  # > 0 only in a resumed run: the round it resumes from
 
@@ -62,6 +63,8 @@ class JobSpec:
                 raise JobSpecError(f.name, f"expected {f.type}, got {_describe(value)}")
             if f.type == "float" and not isinstance(value, float):  # msgpack may carry 1 for 1.0
                 object.__setattr__(self, f.name, float(value))
+        if not 0.0 <= self.track_beta < 1.0:
+            raise JobSpecError("track_beta", f"must be in [0, 1), got {self.track_beta!r}")
         for name, choices in _CHOICES.items():
             if getattr(self, name) not in choices:
                 value = getattr(self, name)

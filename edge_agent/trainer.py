@@ -17,7 +17,7 @@ import torch
 
 from models import build_split, select_device
 
-from .align import alignment_penalty, blend
+from .align import alignment_penalty, blend, track
 from .errors import CheckpointError
 from .jobspec import JobSpec
 from .schedule import round_lr
@@ -121,6 +121,9 @@ class ClientTrainer:
         # GAPSL's client space compares either raw gradients or the momentum steps built from them
         self.leader_kind = job.gapsl_leader
         self._own: list[torch.Tensor] = []
+        # tracking GDA: the device's reference for its own client gradient (None until the first)
+        self._track_ref: torch.Tensor | None = None
+        self._track_beta = job.track_beta
         self._lr = job.lr
         self._decay = job.lr_decay
         self._rounds = job.rounds  # only a schedule needs it
@@ -204,6 +207,8 @@ class ClientTrainer:
             self._held = None
             self.applied_round = round_
             return time.perf_counter() - start
+        elif mode == "tracking":
+            self._track(g_l, lam)
         else:
             with torch.no_grad():
                 set_flat_grad(self._params, blend(mode, flat_grad(self._params), g_l, lam))
@@ -211,6 +216,17 @@ class ClientTrainer:
         self._held = None
         self.applied_round = round_
         return time.perf_counter() - start
+
+    @torch.no_grad()
+    def _track(self, leader: torch.Tensor, lam: float) -> None:
+        """Step direction g + lam * (g_L - r); then r follows g (an EMA of coefficient beta, so
+        beta = 0 keeps this round's gradient for the next: gradient tracking). The first round
+        has no reference yet and takes g itself, so its direction is the pull toward g_L."""
+        g = flat_grad(self._params)
+        ref = g if self._track_ref is None else self._track_ref
+        set_flat_grad(self._params, track(g, leader, ref, lam))
+        b = self._track_beta
+        self._track_ref = g.clone() if b == 0 else b * ref + (1.0 - b) * g
 
     def _prepare(self, round_: int) -> None:
         """What comes before every step: the anchor's pull on .grad and the round's rate."""
@@ -305,6 +321,7 @@ class ClientTrainer:
             "optimizer": self.optimizer.state_dict(),
             "sampler": self.sampler.state(),
             "applied_round": self.applied_round,
+            "track_ref": None if self._track_ref is None else self._track_ref.detach().cpu(),
         }
 
     def restore(self, state: Mapping[str, Any]) -> None:
@@ -314,6 +331,8 @@ class ClientTrainer:
             self.optimizer.load_state_dict(state["optimizer"])
             self.sampler.restore(state["sampler"])
             self.applied_round = int(state["applied_round"])
+            ref = state.get("track_ref")  # absent from checkpoints of before tracking GDA
+            self._track_ref = None if ref is None else ref.to(self.device)
         except (RuntimeError, KeyError, ValueError, TypeError) as exc:
             raise CheckpointError(f"{type(exc).__name__}: {exc}") from exc
         self._pending = None

@@ -81,6 +81,7 @@ class DeviceRole:
     space: str = ""  # "client": keep the client gradient, upload it, and wait for the leader
     gda_mode: str = ""  # how a device blends its gradient with the leader it receives
     leader: str = "gradient"  # what the leader is made of: the devices' gradients or updates
+    track_beta: float = 0.0  # tracking GDA: the EMA coefficient of each device's own reference
 
 
 @dataclass(frozen=True)

@@ -117,7 +117,8 @@ class Gapsl(Rule):
         self.holds_client_grads = g.space == "client"
 
     def device_role(self) -> DeviceRole:
-        return DeviceRole(space=self.cfg.space, gda_mode=self.cfg.gda_mode, leader=self.cfg.leader)
+        g = self.cfg
+        return DeviceRole(g.space, g.gda_mode, g.leader, g.track_beta)
 
     def server_step(self, part: ServerPart, acts: Tensors, labels: Tensors) -> ServerStepResult:
         if self.holds_client_grads:  # the client space aligns on the devices, after backward

@@ -148,7 +148,7 @@ class GapslConfig:
     """LGI and GDA knobs (see DESIGN.md: an explicit reconstruction of the method)."""
 
     space: str = _opt("client", choices=("server", "client", "cut"))
-    gda_mode: str = _opt("first_order", choices=("exact", "first_order", "pull"))
+    gda_mode: str = _opt("first_order", choices=("exact", "first_order", "pull", "tracking"))
     gda_lambda: float = _opt(1.0, check=_non_negative)
     tau: float = _opt(
         0.0, check=_rule(lambda v: -1 <= v <= 1, "in [-1, 1]")
@@ -158,6 +158,9 @@ class GapslConfig:
     # client space: LGI and GDA act on the raw gradients ("gradient") or on the momentum steps
     # the devices' optimizers would take ("update"; each device's momentum keeps its own)
     leader: str = _opt("gradient", choices=("gradient", "update"))
+    # tracking GDA: r_i, each device's reference for its own gradient, is an EMA of it with this
+    # coefficient; 0 keeps the previous round's gradient (gradient tracking)
+    track_beta: float = _opt(0.0, check=_unit_open_hi)
 
 
 @dataclass(frozen=True)

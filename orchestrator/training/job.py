@@ -113,6 +113,7 @@ def build_job_spec(m: Manifest, job: Job, rank: int, resume_round: int = 0) -> J
         gapsl_space=role.space,
         gda_mode=role.gda_mode,
         gapsl_leader=role.leader,
+        track_beta=role.track_beta,
         compression=t.compression,
         resume_round=resume_round,
     )

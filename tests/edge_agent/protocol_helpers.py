@@ -222,6 +222,7 @@ JOB_MAP: dict[str, Any] = {
     "gapsl_space": "",
     "gda_mode": "",
     "gapsl_leader": "gradient",
+    "track_beta": 0.0,
     "compression": "none",
 }
 

@@ -34,13 +34,18 @@ _BY_KIND = {
     "float": _floats | st.integers(-(2**53), 2**53),  # ints a float holds exactly
 }
 _CHOSEN = {"lr_decay": LR_DECAYS, "gapsl_leader": LEADER_KINDS, "compression": COMPRESSIONS}
+_RANGED = {"track_beta": st.floats(0.0, 1.0, exclude_max=True)}  # an EMA coefficient
 
 
 @st.composite
 def wire_maps(draw: st.DrawFn) -> dict[str, Any]:
     """Job maps as a peer may send them: any value of each key's kind (ints for floats too)."""
     job = {
-        name: draw(st.sampled_from(_CHOSEN[name]) if name in _CHOSEN else _BY_KIND[str(kind)])
+        name: draw(
+            st.sampled_from(_CHOSEN[name])
+            if name in _CHOSEN
+            else _RANGED.get(name, _BY_KIND[str(kind)])
+        )
         for name, kind in FIELDS.items()
     }
     if draw(st.booleans()):
@@ -110,6 +115,12 @@ def test_a_mistyped_value_is_refused_by_name(key: str, value: Any) -> None:
 def test_a_value_the_trainer_cannot_use_is_refused_by_name(key: str) -> None:
     with pytest.raises(JobSpecError, match=rf"^job\.{key}: 'bogus' is not one of "):
         JobSpec.from_wire({**WIRE, key: "bogus"})
+
+
+@pytest.mark.parametrize("beta", [-0.1, 1.0, 2.5])
+def test_a_tracking_coefficient_outside_its_range_is_refused_by_name(beta: float) -> None:
+    with pytest.raises(JobSpecError, match=r"^job\.track_beta: must be in \[0, 1\)"):
+        JobSpec.from_wire({**WIRE, "track_beta": beta})
 
 
 def test_a_hand_written_map_may_leave_out_what_has_a_default() -> None:

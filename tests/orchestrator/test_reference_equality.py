@@ -46,6 +46,11 @@ CASES: dict[str, list[str]] = {
         "gapsl.gda_mode=first_order",
     ],
     "sfl": ["training.algorithm=sfl", "sfl.avg_every=3"],
+    "gapsl-tracking": [
+        "training.algorithm=gapsl",
+        "gapsl.space=client",
+        "gapsl.gda_mode=tracking",
+    ],
 }
 
 _DEVICES = "".join("\n" + local_device_toml(f"dev{i}", f"tok-{i}") for i in range(3))

@@ -1,0 +1,141 @@
+"""Tracking GDA (``gapsl.gda_mode = "tracking"``): device i steps with g_i + lam (g_L - r_i), r_i an
+EMA of its own client gradient. lam = 0 is PSL bit for bit; the reference survives a restart."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from edge_agent.data import load_dataset
+from edge_agent.trainer import ClientTrainer
+from edge_agent.weights import flat_grad, state_to_numpy
+from models import build_split
+from orchestrator.algorithms.psl import psl_server_step
+from orchestrator.config.manifest import ManifestError, manifest_to_toml, parse_manifest
+from orchestrator.engine import Engine
+
+_TEXT = """
+[testbed]
+name = "tracking"
+listen = "127.0.0.1:0"
+[training]
+dataset = "digits"
+model = "digits_mlp"
+cut = "fc2"
+rounds = 6
+eval_every = 3
+[data]
+partition = "dirichlet"
+alpha = 0.1
+""" + "".join(f'[[devices]]\nid = "d{i}"\ntoken = "t"\ndevice = "cpu"\n' for i in range(3))
+
+
+def _simulate(tmp_path: Path, name: str, overrides: list[str]) -> tuple[list[Any], list[Any]]:
+    m = parse_manifest(_TEXT, overrides=overrides)
+    out = tmp_path / name
+    engine = Engine(m, out, manifest_to_toml(m), run_id=name, in_process=True)
+    assert asyncio.run(engine.run()) == "completed"
+    read = lambda f: [json.loads(x) for x in (out / f).read_text().splitlines()]  # noqa: E731
+    return read("metrics.jsonl"), read("rounds.jsonl")
+
+
+def test_lambda_zero_is_psl_bit_for_bit(tmp_path: Path) -> None:
+    psl_metrics, psl_rounds = _simulate(tmp_path, "psl", ["training.algorithm=psl"])
+    zero_metrics, zero_rounds = _simulate(
+        tmp_path,
+        "tracking-0",
+        ["training.algorithm=gapsl", "gapsl.gda_mode=tracking", "gapsl.gda_lambda=0"],
+    )
+    keys = ("acc_mean", "acc_min", "acc_max", "loss", "client_spread")
+    assert [[r[k] for k in keys] for r in psl_metrics] == [
+        [r[k] for k in keys] for r in zero_metrics
+    ]
+    assert [r["loss"] for r in psl_rounds] == [r["loss"] for r in zero_rounds]
+
+
+def test_tracking_moves_the_run_and_records_its_leader(tmp_path: Path) -> None:
+    plain, _ = _simulate(tmp_path, "psl", ["training.algorithm=psl"])
+    tracked, rounds = _simulate(
+        tmp_path, "tracking", ["training.algorithm=gapsl", "gapsl.gda_mode=tracking"]
+    )
+    assert [r["acc_mean"] for r in plain] != [r["acc_mean"] for r in tracked]
+    assert all(r["leaders"] for r in rounds)  # LGI ran every round
+
+
+def _job(beta: float) -> dict[str, Any]:
+    return {
+        "model": "digits_mlp", "cut": "fc2", "num_classes": 10, "lr": 0.1, "momentum": 0.0,
+        "weight_decay": 0.0, "seed": 3, "rank": 0, "gapsl_space": "client",
+        "gda_mode": "tracking", "track_beta": beta,
+    }  # fmt: skip
+
+
+def _trainer(beta: float) -> ClientTrainer:
+    d = load_dataset("digits")
+    torch.manual_seed(0)
+    weights = state_to_numpy(build_split("digits_mlp", "fc2").client)
+    shard = np.flatnonzero(d.y_train < 3)
+    return ClientTrainer(_job(beta), shard, weights, d.x_train, d.y_train, d.normalize, "cpu")
+
+
+def _held_round(t: ClientTrainer, server: torch.nn.Module, r: int) -> np.ndarray:
+    acts, y, _ = t.forward(r, 16)
+    opt = torch.optim.SGD(server.parameters(), lr=0.0)  # the server stays where it is
+    step = psl_server_step(server, opt, [torch.from_numpy(acts)], [torch.from_numpy(y)])
+    flat, _ = t.backward(r, step.grads[0].numpy(), hold=True)
+    assert flat is not None
+    return flat
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5])
+def test_each_step_is_the_gradient_plus_lambda_times_leader_minus_reference(beta: float) -> None:
+    torch.manual_seed(1)
+    server = build_split("digits_mlp", "fc2").server
+    t, lam = _trainer(beta), 0.7
+    gen = torch.Generator().manual_seed(5)
+    ref = None
+    for r in range(1, 4):
+        g = torch.from_numpy(_held_round(t, server, r).copy())
+        leader = torch.randn(g.shape, generator=gen)
+        before = torch.cat([p.detach().reshape(-1) for p in t.model.parameters()])
+        t.align(r, leader.numpy(), "tracking", lam)
+        after = torch.cat([p.detach().reshape(-1) for p in t.model.parameters()])
+        r_i = g if ref is None else ref  # the first round's reference is its own gradient
+        torch.testing.assert_close(after, before - 0.1 * (g + lam * (leader - r_i)))
+        torch.testing.assert_close(flat_grad(list(t.model.parameters())), g + lam * (leader - r_i))
+        ref = g if ref is None or beta == 0 else beta * ref + (1 - beta) * g
+
+
+def test_the_reference_survives_a_checkpoint() -> None:
+    torch.manual_seed(1)
+    server = build_split("digits_mlp", "fc2").server
+    going, leader = _trainer(0.5), None
+    for r in (1, 2):
+        flat = _held_round(going, server, r)
+        leader = np.ones_like(flat)
+        going.align(r, leader, "tracking", 1.0)
+    restarted = _trainer(0.5)
+    restarted.restore(going.checkpoint())
+    assert leader is not None
+    for t in (going, restarted):
+        _held_round(t, server, 3)
+        t.align(3, leader, "tracking", 1.0)
+    for p, q in zip(going.model.parameters(), restarted.model.parameters()):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [["gapsl.space=server"], ["gapsl.space=cut"], ["gapsl.leader=update"]],
+)
+def test_tracking_outside_the_client_space_names_the_key(overrides: list[str]) -> None:
+    with pytest.raises(ManifestError, match=r"\[gapsl\]\.gda_mode: \"tracking\""):
+        parse_manifest(
+            _TEXT, overrides=["training.algorithm=gapsl", "gapsl.gda_mode=tracking", *overrides]
+        )
