@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+DIVERGED_BELOW = 1.5 * 0.1  # a run ending below 1.5x chance (10 classes everywhere) diverged
 OUT = ROOT / "bench" / "results" / "accuracy"
 
 
@@ -72,7 +73,26 @@ VARIANTS: dict[str, list[str]] = {
     "gapsl-client-fo-upd": [*_gapsl("client", "first_order", 1.0), "gapsl.leader=update"],
     "gapsl-client-fo-upd-lr01": [*_gapsl("client", "first_order", 1.0), "gapsl.leader=update",
                                  "training.client_lr_scale=0.1"],
+    # the ceiling with its client layers frozen: the gate of a setup, pooled
+    "central-frozen": ["training.algorithm=central", "training.client_lr_scale=0"],
+    # tracking GDA: g_i + lam (g_L - r_i), r_i the EMA (track_beta) of the device's own gradient
+    "gapsl-track": _gapsl("client", "tracking", 1.0),
+    "gapsl-track-l05": _gapsl("client", "tracking", 0.5),
+    "gapsl-track-b05": [*_gapsl("client", "tracking", 1.0), "gapsl.track_beta=0.5"],
+    "gapsl-track-b09": [*_gapsl("client", "tracking", 1.0), "gapsl.track_beta=0.9"],
+    # tracking against the plain mean of this round's gradients: LGI's selection and EMA off
+    "abl-track-lgi-off": _gapsl("client", "tracking", 1.0, beta=0.0, rho=1.0),
 }  # fmt: skip
+# Setups where the client layers are worth learning: SFL beats the frozen control by >= 10 points
+GATED = ["psl", "sfl", "epsl", "central", "central-frozen", "psl-frozen", "client-fedsgd",
+         "gapsl-client-fo", "gapsl-track", "gapsl-track-l05", "gapsl-track-b05",
+         "abl-track-lgi-off"]  # fmt: skip
+PRESETS = {
+    # name: (dataset, model, cut); the devices hold most of the weights
+    "digits-mlp": ("digits", "digits_mlp", "fc2"),
+    "fmnist-mlp": ("fashion_mnist", "fmnist_mlp", "fc2"),
+    "fmnist-cnn-fc1": ("fashion_mnist", "fmnist_cnn", "fc1"),  # convolutional: conv1-2 + fc1
+}
 MAIN = [
     "psl",
     "sfl",
@@ -123,28 +143,31 @@ def _manifest(dataset: str, alpha: float, seed: int, devices: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_dir(dataset: str, alpha: float, seed: int, variant: str, cut: str = "default") -> Path:
-    suffix = "" if cut == "default" else f"-cut-{cut}"
+def run_dir(
+    dataset: str, alpha: float, seed: int, variant: str, cut: str = "default", model: str = "auto"
+) -> Path:
+    suffix = ("" if cut == "default" else f"-cut-{cut}") + ("" if model == "auto" else f"-{model}")
     return OUT / "runs" / f"{dataset}-a{alpha}-s{seed}-{variant}{suffix}"
 
 
 def run_one(
-    dataset: str, alpha: float, seed: int, variant: str, cut: str = "default", devices: int = 8
-) -> dict[str, Any]:
+    dataset: str, alpha: float, seed: int, variant: str, cut: str = "default", model: str = "auto",
+    devices: int = 8,
+) -> dict[str, Any]:  # fmt: skip
     """One simulate run; returns its summary, metrics and LGI diagnostics (cached on disk)."""
     import torch
 
     from orchestrator.config.manifest import manifest_to_toml, parse_manifest
     from orchestrator.engine import Engine
 
-    out = run_dir(dataset, alpha, seed, variant, cut)
+    out = run_dir(dataset, alpha, seed, variant, cut, model)
     cached = out / "result.json"
     if cached.exists():
         return json.loads(cached.read_text())
     torch.set_num_threads(1)  # two runs share the two cores
     m = parse_manifest(
         _manifest(dataset, alpha, seed, devices),
-        overrides=[*VARIANTS[variant], f"training.cut={cut}"],
+        overrides=[*VARIANTS[variant], f"training.cut={cut}", f"training.model={model}"],
     )
     start = time.perf_counter()
     status = asyncio.run(
@@ -225,8 +248,8 @@ def table(results: list[dict[str, Any]], variants: list[str]) -> tuple[str, dict
         rows = [r for r in results if r["alpha"] == alpha]
         psl = {r["seed"]: r for r in rows if r["variant"] == "psl"}
         lines += [f"\n**α = {alpha}** ({len(psl)} seeds, paired)\n",
-                  "| variant | final mean acc % | worst device % | Δ vs PSL (paired) | rounds to PSL final (× PSL) | bytes/round/device | leader churn | mean cos | client spread |",
-                  "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+                  "| variant | final mean acc % | worst device % | Δ vs PSL (paired) | rounds to PSL final (× PSL) | bytes/round/device | leader churn | mean cos | client spread | diverged |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for v in variants:
             vr = [r for r in rows if r["variant"] == v]
             if not vr:
@@ -256,7 +279,8 @@ def table(results: list[dict[str, Any]], variants: list[str]) -> tuple[str, dict
                 f"| {v} | {_fmt([r['final_mean'] for r in vr])} | {_fmt([r['final_min'] for r in vr])} "
                 f"| {_fmt(deltas)} | {ratio} | {vr[0]['bytes_per_round_per_device']:,.0f} "
                 f"| {_fmt(churn, pct=False) if churn else '–'} | {_fmt(cos, pct=False) if cos else '–'} "
-                f"| {_fmt(spread, pct=False) if spread else '–'} |"
+                f"| {_fmt(spread, pct=False) if spread else '–'} "
+                f"| {sum(r['final_mean'] < DIVERGED_BELOW for r in vr)}/{len(vr)} |"
             )
             headline[f"{v}@{alpha}"] = round(statistics.fmean(r["final_mean"] for r in vr), 4)
     return "\n".join(lines) + "\n", headline
@@ -296,7 +320,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m bench.accuracy", description=__doc__.split("\n\n")[0]
     )
-    p.add_argument("table", choices=["main", "ablation", "explore"])
+    p.add_argument("table", choices=["main", "ablation", "gated", "explore"])
+    p.add_argument(
+        "--preset", default="", choices=["", *PRESETS], help="a gated setup: dataset, model, cut"
+    )
+    p.add_argument("--model", default="auto", help="training.model (default: the dataset's own)")
     p.add_argument("--dataset", default="fashion_mnist", choices=sorted(SETTINGS))
     p.add_argument("--alphas", default="0.1,0.5")
     p.add_argument("--seeds", default="0,1,2")
@@ -308,7 +336,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--cached-only", action="store_true", help="tabulate finished runs, start none")
     args = p.parse_args(argv)
-    variants = {"main": MAIN, "ablation": ABLATION}.get(args.table) or []
+    if args.preset:
+        args.dataset, args.model, args.cut = PRESETS[args.preset]
+    variants = {"main": MAIN, "ablation": ABLATION, "gated": GATED}.get(args.table) or []
     if args.variants:
         variants = args.variants.split(",")
     alphas = [float(a) for a in args.alphas.split(",")]
@@ -316,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
         alphas = [0.1]
     seeds = [int(s) for s in args.seeds.split(",")]
     jobs = [
-        (args.dataset, a, s, v, args.cut)
+        (args.dataset, a, s, v, args.cut, args.model)
         for a in alphas
         for s in seeds
         for v in variants
@@ -336,8 +366,8 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
     md, headline = table(results, variants)
-    name = args.name or f"{args.table}-{args.dataset}" + (
-        "" if args.cut == "default" else f"-{args.cut}"
+    name = args.name or f"{args.table}-{args.preset or args.dataset}" + (
+        "" if args.cut == "default" or args.preset else f"-{args.cut}"
     )
     (OUT / f"{name}.md").write_text(md)
     plot(results, OUT / f"{name}.png")

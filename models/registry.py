@@ -22,7 +22,7 @@ from models.cnn import (
     fmnist_cnn_stages,
 )
 from models.errors import UnknownChoiceError
-from models.mlp import DIGITS_MLP, digits_mlp_stages
+from models.mlp import DIGITS_MLP, FMNIST_MLP, digits_mlp_stages, fmnist_mlp_stages
 from models.resnet import RESNET18, resnet18_stages
 
 _REGISTRY: dict[str, tuple[ModelInfo, StageBuilder]] = {
@@ -31,6 +31,7 @@ _REGISTRY: dict[str, tuple[ModelInfo, StageBuilder]] = {
         (DIGITS_MLP, digits_mlp_stages),
         (DIGITS_CNN, digits_cnn_stages),
         (FMNIST_CNN, fmnist_cnn_stages),
+        (FMNIST_MLP, fmnist_mlp_stages),
         (CIFAR_CNN, cifar_cnn_stages),
         (RESNET18, resnet18_stages),
     )

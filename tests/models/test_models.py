@@ -144,7 +144,11 @@ def test_no_batchnorm_in_client_partitions(name: str, cut: str) -> None:
         assert not batchnorms
 
 
-@pytest.mark.parametrize("name", SMALL_MODELS)
+# Models of the gated accuracy study, whose devices hold most of the weights by design.
+STUDY_MODELS = ("fmnist_mlp",)
+
+
+@pytest.mark.parametrize("name", [n for n in SMALL_MODELS if n not in STUDY_MODELS])
 def test_default_client_partitions_are_small(name: str) -> None:
     # The client-space GAPSL variant uploads the whole client gradient every round.
     assert 100 <= build_split(name).client_numel() <= 10_000
