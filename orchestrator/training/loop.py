@@ -28,6 +28,7 @@ from orchestrator.names import Phase
 from orchestrator.records import checkpoint
 from orchestrator.training.devices import DeviceGroup, Weights
 from orchestrator.training.evaluation import client_spread, evaluate
+from orchestrator.training.guard import StabilityGuard
 from orchestrator.training.recorder import Recorder
 from orchestrator.training.scheduler import Planner
 from orchestrator.training.state import RunState
@@ -51,6 +52,7 @@ class Runner:
         self.wire_ratio = wire_dtype(m.training.compression).itemsize / 4.0  # vs float32
         self.planner = Planner(m, self.rule.pooled, self.wire_ratio)
         self.recorder = Recorder(state)
+        self.guard = StabilityGuard(job.dataset.num_classes)
         self.checkpoint_dir: Path | None = None  # where checkpoint.pt goes; None = none
         self.run_id = ""
         self.start_round = 1
@@ -113,6 +115,9 @@ class Runner:
         server_s = time.perf_counter() - t_server
         grads = dict(zip(ids, to_host(result.grads)))
         losses = dict(zip(ids, result.losses))
+        norms = {i: float(np.linalg.norm(grads[i])) for i in ids}
+        for dev, fields in self.guard.check(r, losses, norms):
+            st.event("unstable", dev, fields)
         t_down = time.perf_counter()
         hold = rule.holds_client_grads
         client_grads = await self.group.backward(r, grads, losses, hold)
@@ -211,6 +216,7 @@ class Runner:
                 i: checkpoint.weights_to_tensors(w) for i, w in self.client_weights.items()
             },
             "rule": self.rule.state_dict(),
+            "guard": self.guard.state_dict(),
             "torch_rng": torch.get_rng_state(),
             **self.planner.state_dict(),
             **self.recorder.state_dict(),
@@ -225,6 +231,8 @@ class Runner:
         self.rule.load_state_dict(rule_state, self.job.server_device)
         self.planner.load_state_dict(state)
         self.recorder.load_state_dict(state)
+        if "guard" in state:  # checkpoints of before the guard start it afresh
+            self.guard.load_state_dict(state["guard"])
         torch.set_rng_state(state["torch_rng"])
         self.client_weights = {
             i: checkpoint.tensors_to_weights(w) for i, w in state["clients"].items()

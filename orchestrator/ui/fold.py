@@ -75,6 +75,7 @@ class _Device:
     rounds_done: int = 0
     last_loss: float | None = None
     accuracy: float | None = None
+    warning: str = ""
 
     def view(self, device_id: str) -> DeviceView:
         f = self.facts
@@ -93,6 +94,7 @@ class _Device:
             rounds_done=self.rounds_done,
             last_loss=self.last_loss,
             accuracy=self.accuracy,
+            warning=self.warning,
             cpu_percent=self.link.get("cpu_percent"),
             mem_percent=self.link.get("mem_percent"),
             temp_c=self.link.get("temp_c"),
@@ -206,6 +208,8 @@ class RunFold:
                 d.shard_size = _int(rec.get("shard_size"))
         elif name == "lost":
             d.status = DeviceStatus.LOST
+        elif name == "unstable":
+            d.warning = str(rec.get("why", "unstable"))
         elif name == "straggler" and d.status in _AT_WORK:
             d.status = DeviceStatus.STRAGGLING
         elif name == "agent_exited" and rec.get("code") == 0:

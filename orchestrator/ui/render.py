@@ -31,7 +31,9 @@ PHASE_STYLES = {
     "waiting": "bold yellow", "training": "bold green", "evaluating": "bold cyan",
     "completed": "bold green", "failed": "bold red", "interrupted": "bold yellow",
 }  # fmt: skip
-EVENT_STYLES = {"joined": "green", "lost": "red", "refused": "red", "straggler": "yellow"}
+EVENT_STYLES = {
+    "joined": "green", "lost": "red", "refused": "red", "straggler": "yellow", "unstable": "red",
+}  # fmt: skip
 _LABEL_W = 15  # chart label column: "accuracy 0.912 "
 
 
@@ -111,7 +113,7 @@ def _updown(d: DeviceView) -> str:
 
 # (key, header, right-justified, cell) in display order; `_FLEET_PRIORITY` decides what is kept.
 _FLEET_COLUMNS: list[tuple[str, str, bool, Callable[[DeviceView], str]]] = [
-    ("device", "device", False, lambda d: d.id),
+    ("device", "device", False, lambda d: d.id + (" ⚠" if d.warning else "")),
     ("status", "status", False, lambda d: d.status),
     ("host", "host", False, _host),
     ("cpu", "cpu%", True, lambda d: _num(d.cpu_percent, 0)),

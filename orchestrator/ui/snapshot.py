@@ -39,6 +39,7 @@ class DeviceView:
     rounds_done: int = 0
     last_loss: float | None = None
     accuracy: float | None = None
+    warning: str = ""  # the last `unstable` event's reason: its training runs away
 
 
 @dataclass(frozen=True)
