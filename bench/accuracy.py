@@ -80,6 +80,10 @@ VARIANTS: dict[str, list[str]] = {
     "gapsl-track-l05": _gapsl("client", "tracking", 0.5),
     "gapsl-track-b05": [*_gapsl("client", "tracking", 1.0), "gapsl.track_beta=0.5"],
     "gapsl-track-b09": [*_gapsl("client", "tracking", 1.0), "gapsl.track_beta=0.9"],
+    # label-prior-corrected activation gradients, alone (no GDA) and with tracking
+    "gapsl-prior": [*_gapsl("client", "first_order", 0.0), "gapsl.prior_tau=1"],
+    "gapsl-track-prior": [*_gapsl("client", "tracking", 1.0), "gapsl.prior_tau=1"],
+    "gapsl-track-prior05": [*_gapsl("client", "tracking", 1.0), "gapsl.prior_tau=0.5"],
     # tracking against the plain mean of this round's gradients: LGI's selection and EMA off
     "abl-track-lgi-off": _gapsl("client", "tracking", 1.0, beta=0.0, rho=1.0),
 }  # fmt: skip

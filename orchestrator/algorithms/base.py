@@ -115,6 +115,13 @@ class Rule:
     def device_role(self) -> DeviceRole:
         return DeviceRole()
 
+    def setup(self, job: Any, ids: Sequence[str]) -> None:
+        """Once, before the first round: the run's job (data, shards) and its device ids, in
+        shard order (``ids[k]`` holds ``job.shards[k]``)."""
+
+    def begin_round(self, r: int, ids: Sequence[str]) -> None:
+        """Round r's participants, in the order of the activations the server step receives."""
+
     def server_step(self, part: ServerPart, acts: Tensors, labels: Tensors) -> ServerStepResult:
         """One server update on the devices' activations; returns their activation gradients."""
         raise NotImplementedError

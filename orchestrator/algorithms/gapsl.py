@@ -11,6 +11,7 @@ blend). Every function here is tensor code without I/O.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,7 @@ from orchestrator.algorithms.base import (
     psl_backward,
 )
 from orchestrator.algorithms.lgi import LeaderTracker, client_alignment, lgi_diag
+from orchestrator.algorithms.prior import log_priors, prior_corrected_grads
 from orchestrator.algorithms.psl import psl_server_step
 from orchestrator.config.manifest import Manifest
 
@@ -115,6 +117,18 @@ class Gapsl(Rule):
         g = self.cfg = m.gapsl
         self.tracker = LeaderTracker(tau=g.tau, rho=g.rho, beta=g.ema_beta)
         self.holds_client_grads = g.space == "client"
+        self.priors: torch.Tensor | None = None  # log label priors per device (prior_tau > 0)
+        self.rank: dict[str, int] = {}
+        self.round_ids: list[str] = []
+
+    def setup(self, job: Any, ids: Sequence[str]) -> None:
+        if self.cfg.prior_tau > 0:
+            y = job.dataset.y_train
+            self.priors = log_priors([y[s] for s in job.shards], job.dataset.num_classes)
+            self.rank = {i: k for k, i in enumerate(ids)}
+
+    def begin_round(self, r: int, ids: Sequence[str]) -> None:
+        self.round_ids = list(ids)
 
     def device_role(self) -> DeviceRole:
         g = self.cfg
@@ -122,7 +136,16 @@ class Gapsl(Rule):
 
     def server_step(self, part: ServerPart, acts: Tensors, labels: Tensors) -> ServerStepResult:
         if self.holds_client_grads:  # the client space aligns on the devices, after backward
-            return psl_server_step(part.module, part.optimizer, acts, labels)
+            if self.priors is None:
+                return psl_server_step(part.module, part.optimizer, acts, labels)
+            # the server learns from the plain loss; the devices get the prior-corrected one
+            result = psl_backward(part.module, part.optimizer, acts, labels)
+            priors = self.priors[[self.rank[i] for i in self.round_ids]]
+            tau = self.cfg.prior_tau
+            result.grads = prior_corrected_grads(part.module, acts, labels, priors, tau)
+            part.optimizer.step()
+            result.diag["prior_tau"] = tau
+            return result
         g = self.cfg
         return gapsl_server_step(
             part.module,

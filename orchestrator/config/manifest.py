@@ -246,6 +246,11 @@ def _validate(raw: dict[str, Any], ctx: _Context, base_dir: Path) -> Manifest:
             f'"client" and leader "gradient", got space {toml_value(g.space)} and leader '
             f"{toml_value(g.leader)}",
         )
+    if g.prior_tau > 0 and g.space != "client":
+        raise ctx.error(
+            "gapsl.prior_tau",
+            f'the prior correction needs gapsl.space = "client", got {toml_value(g.space)}',
+        )
     return Manifest(**sections, devices=devices, source=ctx.source, base_dir=base_dir)
 
 

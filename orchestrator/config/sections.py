@@ -161,6 +161,9 @@ class GapslConfig:
     # tracking GDA: r_i, each device's reference for its own gradient, is an EMA of it with this
     # coefficient; 0 keeps the previous round's gradient (gradient tracking)
     track_beta: float = _opt(0.0, check=_unit_open_hi)
+    # client space: the devices get the gradient of CE(z + prior_tau * log pi_i, y), pi_i their
+    # label prior; the server's own update stays PSL's. 0 = off (PSL's gradients)
+    prior_tau: float = _opt(0.0, check=_non_negative)
 
 
 @dataclass(frozen=True)

@@ -53,6 +53,7 @@ class Runner:
         self.planner = Planner(m, self.rule.pooled, self.wire_ratio)
         self.recorder = Recorder(state)
         self.guard = StabilityGuard(job.dataset.num_classes)
+        self.rule.setup(job, group.ids)
         self.checkpoint_dir: Path | None = None  # where checkpoint.pt goes; None = none
         self.run_id = ""
         self.start_round = 1
@@ -106,6 +107,7 @@ class Runner:
         dev = job.server_device
         acts = to_device([fwd[i].acts for i in ids], dev)  # pinned + non-blocking on CUDA
         labels = to_device([fwd[i].labels for i in ids], dev)
+        rule.begin_round(r, ids)
         t_server = time.perf_counter()
         if m.training.lr_decay != "none":
             lr = round_lr(m.training.lr, m.training.lr_decay, r, m.training.rounds)
@@ -127,7 +129,7 @@ class Runner:
             held = [i for i in ids if i in client_grads]
             g_list = [torch.from_numpy(np.array(client_grads[i])) for i in held]
             aligned = rule.align(g_list, [len(fwd[i].labels) for i in held])
-            diag = dict(aligned.diag)
+            diag.update(aligned.diag)
             await self.group.align(r, held, aligned.leader, aligned.mode, aligned.lam)
         downlink_s = time.perf_counter() - t_down
         if rule.averages(r):

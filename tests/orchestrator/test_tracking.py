@@ -139,3 +139,50 @@ def test_tracking_outside_the_client_space_names_the_key(overrides: list[str]) -
         parse_manifest(
             _TEXT, overrides=["training.algorithm=gapsl", "gapsl.gda_mode=tracking", *overrides]
         )
+
+
+# --- label-prior-corrected activation gradients (gapsl.prior_tau) ------------------------------
+
+
+def test_a_zero_prior_correction_is_psl_bit_for_bit(tmp_path: Path) -> None:
+    psl_metrics, psl_rounds = _simulate(tmp_path, "psl", ["training.algorithm=psl"])
+    zero, zero_rounds = _simulate(
+        tmp_path,
+        "prior-0",
+        ["training.algorithm=gapsl", "gapsl.gda_lambda=0", "gapsl.prior_tau=0"],
+    )
+    assert [r["acc_mean"] for r in psl_metrics] == [r["acc_mean"] for r in zero]
+    assert [r["loss"] for r in psl_rounds] == [r["loss"] for r in zero_rounds]
+    corrected, rounds = _simulate(
+        tmp_path, "prior-1", ["training.algorithm=gapsl", "gapsl.gda_lambda=0", "gapsl.prior_tau=1"]
+    )
+    assert [r["acc_mean"] for r in corrected] != [r["acc_mean"] for r in psl_metrics]
+    assert all(r["prior_tau"] == 1.0 for r in rounds)
+    # the server's own update is PSL's: its loss on the first round's batches is the same
+    assert rounds[0]["loss"] == psl_rounds[0]["loss"]
+
+
+def test_the_corrected_gradient_is_that_of_the_logit_adjusted_loss() -> None:
+    from orchestrator.algorithms.prior import log_priors, prior_corrected_grads
+
+    torch.manual_seed(0)
+    server = build_split("digits_mlp", "fc2").server
+    gen = torch.Generator().manual_seed(1)
+    acts = [torch.randn(6, 32, generator=gen), torch.randn(4, 32, generator=gen)]
+    labels = [torch.tensor([0, 0, 1, 0, 2, 0]), torch.tensor([3, 3, 3, 4])]
+    priors = log_priors([np.array([0, 0, 0, 1, 2]), np.array([3, 3, 4])], 10)
+    assert torch.allclose(priors.exp().sum(dim=1), torch.ones(2, dtype=priors.dtype))
+    got = prior_corrected_grads(server, acts, labels, priors, 0.8)
+    for i, (a, y) in enumerate(zip(acts, labels)):
+        leaf = a.clone().requires_grad_(True)
+        z = server(leaf) + 0.8 * priors[i].float()
+        (want,) = torch.autograd.grad(torch.nn.functional.cross_entropy(z, y), leaf)
+        torch.testing.assert_close(got[i], want)
+    assert all(p.grad is None for p in server.parameters())  # the server's update is not touched
+
+
+def test_the_prior_correction_outside_the_client_space_names_the_key() -> None:
+    with pytest.raises(ManifestError, match=r"\[gapsl\]\.prior_tau"):
+        parse_manifest(
+            _TEXT, overrides=["training.algorithm=gapsl", "gapsl.space=server", "gapsl.prior_tau=1"]
+        )
