@@ -187,7 +187,8 @@ def run_one(
             if prev is not None:
                 churn.append(len(cur ^ prev) / max(len(cur), 1))
             prev = cur
-            cos.append(r["mean_cos"])
+            if r["mean_cos"] is not None:  # a diverged run has NaN gradients: no cosine
+                cos.append(r["mean_cos"])
     result = {
         "dataset": dataset, "alpha": alpha, "seed": seed, "variant": variant, "status": status,
         "final_mean": metrics[-1]["acc_mean"], "final_min": metrics[-1]["acc_min"],
