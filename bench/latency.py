@@ -23,8 +23,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from bench.scheduling import FLEET
-from orchestrator.config.manifest import local_device_toml
+from bench.scheduling import FLEET, fleet_toml
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "bench" / "results"
@@ -44,11 +43,7 @@ def manifest(rounds: int, seed: int, fleet: list[Any]) -> str:
         f"eval_every = 10\nseed = {seed}\n"
         '[data]\npartition = "dirichlet"\nalpha = 0.1\n'
     )
-    for i, slow, up, down, rtt in fleet:
-        text += local_device_toml(
-            i, f"t-{i}", compute_slowdown=slow, uplink_mbps=up, downlink_mbps=down, rtt_ms=rtt
-        )
-    return text
+    return text + fleet_toml(fleet)
 
 
 def run_method(name: str, rounds: int, seed: int, fleet: list[Any], work: Path) -> dict[str, Any]:

@@ -52,11 +52,17 @@ def manifest(
         f"[training]\nrounds = {rounds}\nbatch_size = 32\neval_every = 10\nseed = {seed}\n"
         '[data]\npartition = "iid"\n'
     )
-    for i, slow, up, down, rtt in fleet:
-        text += local_device_toml(
+    return text + fleet_toml(fleet)
+
+
+def fleet_toml(fleet: list[tuple[str, float, float, float, float]]) -> str:
+    """The ``[[devices]]`` tables of an emulated local fleet (id, slowdown, up, down, RTT)."""
+    return "".join(
+        local_device_toml(
             i, f"t-{i}", compute_slowdown=slow, uplink_mbps=up, downlink_mbps=down, rtt_ms=rtt
         )
-    return text
+        for i, slow, up, down, rtt in fleet
+    )
 
 
 def run_policy(
