@@ -97,7 +97,7 @@ class Runner:
         m, st, job, rule = self.m, self.state, self.job, self.rule
         start = time.perf_counter()
         planned, batch, predicted = self.planner.plan(r, list(self.group.ids))
-        self.recorder.computing(r, batch)
+        self.recorder.round_started(r, batch)
         deadline = self.planner.deadline_s(r, predicted)
         fwd = await self.group.forward(r, batch, deadline, m.scheduler.min_participants)
         ids = [i for i in planned if i in fwd]

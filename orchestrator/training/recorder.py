@@ -47,7 +47,7 @@ class Recorder:
             shown = ("rtt_ms", "uplink_mbps", "downlink_mbps", "compute_ms_per_sample")
             self.state.event("profiled", i, {k: v for k, v in p.record().items() if k in shown})
 
-    def computing(self, r: int, batch: Mapping[str, int]) -> None:
+    def round_started(self, r: int, batch: Mapping[str, int]) -> None:
         """Round r asked these devices for their activations: one ``round_started`` event for
         the round (not one per device), which the dashboard shows as the devices computing."""
         self.state.event("round_started", None, {"round": r, "asked": ",".join(batch)})

@@ -135,8 +135,10 @@ class RunFold:
         self.rounds: collections.deque[RoundPoint] = collections.deque(maxlen=200)
         self.events: collections.deque[EventLine] = collections.deque(maxlen=50)
         self.gapsl: GapslView | None = None
-        self._add = {"events": self._event, "devices": self._telemetry}
-        self._add.update(rounds=self._round, metrics=self._metric)
+        self._add = {
+            "events": self._event, "devices": self._telemetry,
+            "rounds": self._round, "metrics": self._metric,
+        }  # fmt: skip
 
     def add(self, name: str, record: dict[str, Any]) -> None:
         """Fold one record of ``<name>.jsonl`` (a `RunRecords` subscriber); others are ignored."""

@@ -229,14 +229,14 @@ def test_statuses_phase_and_gapsl_view_from_the_producers_records(tmp_path: Path
     st.event("ready", "z", {"shard_size": 400, **ready})
     st.phase = Phase.TRAINING
     rec = Recorder(st)
-    rec.computing(1, {"z": 16})
+    rec.round_started(1, {"z": 16})
     assert {d.id: d.status for d in engine.snapshot().devices}["z"] == "computing"
     rec.round(1, ["z"], 0.2, {"z": _forward(16, 0.032, 0.05)}, {"z": 1.5}, 2.0, 0.01, 0.02,
               {}, None)  # fmt: skip
     ids = ["x", "y", "z"]
     tracker = LeaderTracker()
     for r, grads in ((2, [[1.0, 0.0], [-1.0, 0.5], [1.0, 0.1]]), (3, [[0, 1.0], [1, 0], [0, 1]])):
-        rec.computing(r, {i: 16 for i in ids})
+        rec.round_started(r, {i: 16 for i in ids})
         diag = lgi_diag(tracker(torch.tensor(grads), [16, 16, 16]), 0.4)
         fwd = {i: _forward(16, 0.032, 0.05) for i in ids}
         rec.round(r, ids, 0.3, fwd, dict.fromkeys(ids, 1.5), 1.8, 0.01, 0.02, diag, None)
