@@ -67,10 +67,11 @@ def _mismatches(probes: dict[str, dict]) -> list[str]:
 
 
 def test_measured_matches_emulated(tmp_path: Path) -> None:
-    # Timing on a shared machine can be thrown off by another job: one re-measurement is
-    # allowed, and both attempts' misses are reported if the second one misses too.
+    # Timing on a 2-core machine can be thrown off by another job or by the scheduler (seen
+    # here: 2 of 4 quiet runs missed once, 1 of them twice): two re-measurements are allowed, and
+    # every attempt's misses are reported if the last one misses too.
     misses: list[list[str]] = []
-    for attempt in range(2):
+    for attempt in range(3):
         probes, rounds = _measure(tmp_path / f"run{attempt}")
         assert set(probes) == set(EMULATED) | {"base"}
         misses.append(_mismatches(probes))
