@@ -86,6 +86,15 @@ VARIANTS: dict[str, list[str]] = {
     "gapsl-track-prior05": [*_gapsl("client", "tracking", 1.0), "gapsl.prior_tau=0.5"],
     # tracking against the plain mean of this round's gradients: LGI's selection and EMA off
     "abl-track-lgi-off": _gapsl("client", "tracking", 1.0, beta=0.0, rho=1.0),
+    # the leader-trajectory anchor: mu/2 |theta_i - theta_bar|^2, theta_bar the replayed leaders
+    "gapsl-anchor": _gapsl("client", "anchor", 1.0),
+    "gapsl-anchor-m01": _gapsl("client", "anchor", 0.1),
+    "gapsl-anchor-m3": _gapsl("client", "anchor", 3.0),
+    "gapsl-anchor-prior": [*_gapsl("client", "anchor", 1.0), "gapsl.prior_tau=1"],
+    "abl-track-prior-lgi-off": [*_gapsl("client", "tracking", 1.0, beta=0.0, rho=1.0),
+                                "gapsl.prior_tau=1"],
+    "abl-anchor-prior-lgi-off": [*_gapsl("client", "anchor", 1.0, beta=0.0, rho=1.0),
+                                 "gapsl.prior_tau=1"],
 }  # fmt: skip
 # Setups where the client layers are worth learning: SFL beats the frozen control by >= 10 points
 GATED = ["psl", "sfl", "epsl", "central", "central-frozen", "psl-frozen", "client-fedsgd",
@@ -96,6 +105,7 @@ PRESETS = {
     "digits-mlp": ("digits", "digits_mlp", "fc2"),
     "fmnist-mlp": ("fashion_mnist", "fmnist_mlp", "fc2"),
     "fmnist-cnn-fc1": ("fashion_mnist", "fmnist_cnn", "fc1"),  # convolutional: conv1-2 + fc1
+    "digits-cnn-fc1": ("digits", "digits_cnn_fc", "fc1"),  # convolutional: conv1-2 + fc32
 }
 MAIN = [
     "psl",

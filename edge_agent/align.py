@@ -3,7 +3,8 @@
 ``first_order`` keeps a gradient's length and turns it toward the leader,
 ``(1 - lam) * g + lam * |g| * g_L / |g_L|``; ``pull`` moves it toward the leader vector,
 ``(1 - lam) * g + lam * g_L``; ``tracking`` adds ``lam * (g_L - r)``, ``r`` the device's own
-reference (:func:`track`). They act on the last dimension, so a batch of per-device
+reference (:func:`track`); ``anchor`` pulls the device's weights toward the leaders' trajectory
+(:class:`~edge_agent.trainer.ClientTrainer`, which holds that trajectory). They act on the last dimension, so a batch of per-device
 gradients (N x D) aligns in one call. ``lam = 0`` returns ``g`` bit for bit. The flat-vector
 forms these act on come from :mod:`edge_agent.weights`.
 """
@@ -13,7 +14,7 @@ from __future__ import annotations
 import torch
 
 EPS = 1e-12
-MODES = ("exact", "first_order", "pull", "tracking")
+MODES = ("exact", "first_order", "pull", "tracking", "anchor")
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

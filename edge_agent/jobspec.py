@@ -49,7 +49,7 @@ class JobSpec:
     seed: int
     rank: int  # the device's position in the manifest's device list
     gapsl_space: str = ""  # "" unless the rule keeps client gradients ("client")
-    gda_mode: str = ""  # exact | first_order | pull | tracking, or "" for plain PSL
+    gda_mode: str = ""  # exact | first_order | pull | tracking | anchor, or "" for plain PSL
     gapsl_leader: str = "gradient"
     track_beta: float = 0.0  # tracking GDA: the EMA coefficient of the device's own reference
     compression: str = "none"  # the codec of activations and their gradients

@@ -124,6 +124,16 @@ class ClientTrainer:
         # tracking GDA: the device's reference for its own client gradient (None until the first)
         self._track_ref: torch.Tensor | None = None
         self._track_beta = job.track_beta
+        # leader-trajectory anchor: theta_bar, the shared initial weights moved by every leader
+        # this device receives, with an optimizer of this device's own kind (so every device
+        # that receives the same leaders holds the same theta_bar)
+        self._bar: list[torch.Tensor] = []
+        self._bar_opt: torch.optim.SGD | None = None
+        if job.gda_mode == "anchor":
+            self._bar = [p.detach().clone() for p in self._params]
+            self._bar_opt = torch.optim.SGD(
+                self._bar, lr=job.lr, momentum=job.momentum, weight_decay=job.weight_decay
+            )
         self._lr = job.lr
         self._decay = job.lr_decay
         self._rounds = job.rounds  # only a schedule needs it
@@ -209,10 +219,14 @@ class ClientTrainer:
             return time.perf_counter() - start
         elif mode == "tracking":
             self._track(g_l, lam)
+        elif mode == "anchor":
+            self._anchor_pull(lam)
         else:
             with torch.no_grad():
                 set_flat_grad(self._params, blend(mode, flat_grad(self._params), g_l, lam))
         self._step(round_)
+        if mode == "anchor":
+            self._replay(g_l)
         self._held = None
         self.applied_round = round_
         return time.perf_counter() - start
@@ -227,6 +241,24 @@ class ClientTrainer:
         set_flat_grad(self._params, track(g, leader, ref, lam))
         b = self._track_beta
         self._track_ref = g.clone() if b == 0 else b * ref + (1.0 - b) * g
+
+    @torch.no_grad()
+    def _anchor_pull(self, mu: float) -> None:
+        """Add mu * (theta - theta_bar) to the client gradient: the gradient of
+        mu/2 |theta - theta_bar|^2, theta_bar as it stands before this round's leader."""
+        if mu == 0:  # PSL bit for bit
+            return
+        for p, b in zip(self._params, self._bar):
+            if p.grad is not None:
+                p.grad.add_(p - b, alpha=mu)
+
+    def _replay(self, leader: torch.Tensor) -> None:
+        """Move theta_bar by the leader, as this device's optimizer would at this round's rate."""
+        assert self._bar_opt is not None
+        set_flat_grad(self._bar, leader.to(self._bar[0].dtype))
+        for group in self._bar_opt.param_groups:
+            group["lr"] = self.optimizer.param_groups[0]["lr"]
+        self._bar_opt.step()
 
     def _prepare(self, round_: int) -> None:
         """What comes before every step: the anchor's pull on .grad and the round's rate."""
@@ -322,6 +354,12 @@ class ClientTrainer:
             "sampler": self.sampler.state(),
             "applied_round": self.applied_round,
             "track_ref": None if self._track_ref is None else self._track_ref.detach().cpu(),
+            "anchor": None
+            if self._bar_opt is None
+            else {
+                "bar": [b.detach().cpu().clone() for b in self._bar],
+                "optimizer": self._bar_opt.state_dict(),
+            },
         }
 
     def restore(self, state: Mapping[str, Any]) -> None:
@@ -333,6 +371,12 @@ class ClientTrainer:
             self.applied_round = int(state["applied_round"])
             ref = state.get("track_ref")  # absent from checkpoints of before tracking GDA
             self._track_ref = None if ref is None else ref.to(self.device)
+            anchor = state.get("anchor")  # absent from checkpoints of before the anchor
+            if self._bar_opt is not None and anchor is not None:
+                with torch.no_grad():
+                    for b, saved in zip(self._bar, anchor["bar"], strict=True):
+                        b.copy_(saved)
+                self._bar_opt.load_state_dict(anchor["optimizer"])
         except (RuntimeError, KeyError, ValueError, TypeError) as exc:
             raise CheckpointError(f"{type(exc).__name__}: {exc}") from exc
         self._pending = None

@@ -65,7 +65,7 @@ def flat_grad(params: Iterable[torch.nn.Parameter]) -> torch.Tensor:
     return flatten(p.grad if p.grad is not None else torch.zeros_like(p) for p in params)
 
 
-def set_flat_grad(params: Iterable[torch.nn.Parameter], flat: torch.Tensor) -> None:
+def set_flat_grad(params: Iterable[torch.Tensor], flat: torch.Tensor) -> None:
     """Write a vector back into the parameters' ``.grad`` (the inverse of :func:`flat_grad`)."""
     params = list(params)
     # unflatten checks the length first: a mismatch must not leave half the grads written

@@ -16,8 +16,10 @@ from models.base import ModelInfo, SplitModel, StageBuilder
 from models.cnn import (
     CIFAR_CNN,
     DIGITS_CNN,
+    DIGITS_CNN_FC,
     FMNIST_CNN,
     cifar_cnn_stages,
+    digits_cnn_fc_stages,
     digits_cnn_stages,
     fmnist_cnn_stages,
 )
@@ -30,6 +32,7 @@ _REGISTRY: dict[str, tuple[ModelInfo, StageBuilder]] = {
     for info, builder in (
         (DIGITS_MLP, digits_mlp_stages),
         (DIGITS_CNN, digits_cnn_stages),
+        (DIGITS_CNN_FC, digits_cnn_fc_stages),
         (FMNIST_CNN, fmnist_cnn_stages),
         (FMNIST_MLP, fmnist_mlp_stages),
         (CIFAR_CNN, cifar_cnn_stages),

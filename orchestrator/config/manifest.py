@@ -239,12 +239,12 @@ def _validate(raw: dict[str, Any], ctx: _Context, base_dir: Path) -> Manifest:
             '"update" needs gapsl.space = "client" and gda_mode first_order or pull, got '
             f"space {toml_value(g.space)} and gda_mode {toml_value(g.gda_mode)}",
         )
-    if g.gda_mode == "tracking" and (g.space != "client" or g.leader != "gradient"):
+    if g.gda_mode in ("tracking", "anchor") and (g.space != "client" or g.leader != "gradient"):
         raise ctx.error(
             "gapsl.gda_mode",
-            '"tracking" corrects each device\'s own client gradient: it needs gapsl.space = '
-            f'"client" and leader "gradient", got space {toml_value(g.space)} and leader '
-            f"{toml_value(g.leader)}",
+            f"{toml_value(g.gda_mode)} acts on each device's own client partition: it needs "
+            f'gapsl.space = "client" and leader "gradient", got space {toml_value(g.space)} and '
+            f"leader {toml_value(g.leader)}",
         )
     if g.prior_tau > 0 and g.space != "client":
         raise ctx.error(

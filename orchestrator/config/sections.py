@@ -148,7 +148,9 @@ class GapslConfig:
     """LGI and GDA knobs (see DESIGN.md: an explicit reconstruction of the method)."""
 
     space: str = _opt("client", choices=("server", "client", "cut"))
-    gda_mode: str = _opt("first_order", choices=("exact", "first_order", "pull", "tracking"))
+    gda_mode: str = _opt(
+        "first_order", choices=("exact", "first_order", "pull", "tracking", "anchor")
+    )
     gda_lambda: float = _opt(1.0, check=_non_negative)
     tau: float = _opt(
         0.0, check=_rule(lambda v: -1 <= v <= 1, "in [-1, 1]")

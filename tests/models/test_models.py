@@ -145,7 +145,7 @@ def test_no_batchnorm_in_client_partitions(name: str, cut: str) -> None:
 
 
 # Models of the gated accuracy study, whose devices hold most of the weights by design.
-STUDY_MODELS = ("fmnist_mlp",)
+STUDY_MODELS = ("fmnist_mlp", "digits_cnn_fc")
 
 
 @pytest.mark.parametrize("name", [n for n in SMALL_MODELS if n not in STUDY_MODELS])

@@ -51,6 +51,12 @@ CASES: dict[str, list[str]] = {
         "gapsl.space=client",
         "gapsl.gda_mode=tracking",
     ],
+    "gapsl-anchor": [
+        "training.algorithm=gapsl",
+        "gapsl.space=client",
+        "gapsl.gda_mode=anchor",
+        "gapsl.prior_tau=1",
+    ],
 }
 
 _DEVICES = "".join("\n" + local_device_toml(f"dev{i}", f"tok-{i}") for i in range(3))

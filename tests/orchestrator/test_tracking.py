@@ -68,20 +68,24 @@ def test_tracking_moves_the_run_and_records_its_leader(tmp_path: Path) -> None:
     assert all(r["leaders"] for r in rounds)  # LGI ran every round
 
 
-def _job(beta: float) -> dict[str, Any]:
+def _job(beta: float, mode: str, momentum: float) -> dict[str, Any]:
     return {
-        "model": "digits_mlp", "cut": "fc2", "num_classes": 10, "lr": 0.1, "momentum": 0.0,
+        "model": "digits_mlp", "cut": "fc2", "num_classes": 10, "lr": 0.1, "momentum": momentum,
         "weight_decay": 0.0, "seed": 3, "rank": 0, "gapsl_space": "client",
-        "gda_mode": "tracking", "track_beta": beta,
+        "gda_mode": mode, "track_beta": beta,
     }  # fmt: skip
 
 
-def _trainer(beta: float) -> ClientTrainer:
+def _trainer(
+    beta: float, mode: str = "tracking", momentum: float = 0.0, labels: int = 3
+) -> ClientTrainer:
+    """A device holding the digits below ``labels`` (or from it up, if negative)."""
     d = load_dataset("digits")
     torch.manual_seed(0)
     weights = state_to_numpy(build_split("digits_mlp", "fc2").client)
-    shard = np.flatnonzero(d.y_train < 3)
-    return ClientTrainer(_job(beta), shard, weights, d.x_train, d.y_train, d.normalize, "cpu")
+    shard = np.flatnonzero(d.y_train < labels if labels > 0 else d.y_train >= -labels)
+    job = _job(beta, mode, momentum)
+    return ClientTrainer(job, shard, weights, d.x_train, d.y_train, d.normalize, "cpu")
 
 
 def _held_round(t: ClientTrainer, server: torch.nn.Module, r: int) -> np.ndarray:
