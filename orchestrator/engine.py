@@ -27,6 +27,7 @@ from orchestrator.fleet.group import SessionGroup
 from orchestrator.fleet.launcher import LocalFleet
 from orchestrator.fleet.sessions import DeviceSession, wait_ready
 from orchestrator.fleet.tls import server_ssl_context
+from orchestrator.names import DeviceStatus
 from orchestrator.records import checkpoint
 from orchestrator.records.writer import RunRecords
 from orchestrator.training.job import Job, job_message, prepare_job
@@ -202,8 +203,16 @@ class Engine:
             self._background.add(task)
             task.add_done_callback(self._background.discard)
             return
-        tail = self.fleet.log_tail(device_id, 3) if self.fleet else ""
-        session.fail(f"local agent exited with code {code}: {tail}")
+        if fatal:
+            tail = self.fleet.log_tail(device_id, 3) if self.fleet else ""
+            session.fail(f"local agent exited with code {code}: {tail}")
+            return
+        # Out of respawns (or respawn_local = 0): the device is now like a remote one whose link
+        # dropped. Whoever starts its agent again (a lab script, a supervisor, a person) brings
+        # it back; until then testbed.patience_s and the lost-device rules decide the run.
+        session.status = DeviceStatus.LOST
+        fields = {"code": code, "respawns": used, "patience_s": self.m.testbed.patience_s}
+        self.state.event("awaiting_return", device_id, fields)
 
     async def _train_in_process(self) -> None:
         from orchestrator.training.inprocess import InProcessGroup

@@ -102,6 +102,15 @@ class LocalFleet:
             self._commands[device.id] = cmd
             await self._launch(device.id)
 
+    def command(self, device_id: str) -> list[str]:
+        """The command line this fleet starts ``device_id``'s agent with, with :attr:`env`."""
+        return list(self._commands[device_id])
+
+    @property
+    def env(self) -> dict[str, str]:
+        """The environment the local agents are started with."""
+        return dict(self._env)
+
     async def _launch(self, device_id: str) -> None:
         log = open(self.log_dir / f"{device_id}.log", "ab")
         self._logs.append(log)
