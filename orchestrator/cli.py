@@ -112,7 +112,7 @@ async def _run_async(
     engine = Engine(
         m,
         run_dir,
-        manifest_to_toml(m, absolute_paths=True),
+        manifest_to_toml(m, absolute_paths=True, redact_tokens=True),
         run_id=resume.run_id if resume else uuid.uuid4().hex[:12],
         in_process=in_process,
         resume=resume.checkpoint if resume else None,

@@ -20,6 +20,7 @@ from edge_agent.agent import AgentExit
 from edge_agent.protocol import encode
 from orchestrator.algorithms.base import POOLED_ID
 from orchestrator.algorithms.dispatch import rule_class
+from orchestrator.config import secrets
 from orchestrator.config.manifest import Manifest
 from orchestrator.errors import GapslError, RunError, RunInterrupted
 from orchestrator.fleet.admission import Admission
@@ -92,6 +93,9 @@ class Engine:
             kind = "in-process" if self.in_process else "fleet"  # the dashboard names it
             fields = {"dataset": m.training.dataset, "devices": len(m.devices), "engine": kind}
             st.event("preparing", None, fields)
+            exposed = None if self.in_process else secrets.exposed_warning(m)
+            if exposed is not None:  # once per run: the records and the dashboard both say it
+                st.event("tokens_exposed", None, {"why": exposed})
             # A bad certificate or key fails the run before the data is loaded.
             tls = None if self.in_process else m.tls_files()
             ssl_context = server_ssl_context(tls.cert, tls.key) if tls is not None else None
