@@ -17,6 +17,9 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
+from orchestrator.cli import main
 from orchestrator.config.manifest import load_manifest, local_device_toml
 from orchestrator.config.secrets import exposed_warning
 
@@ -80,10 +83,14 @@ def test_tokens_stay_out_of_command_lines_records_and_logs(tmp_path: Path) -> No
     assert b"tokens_exposed" in out  # the headless log line says it too
 
 
-def test_a_private_manifest_is_not_warned_about(tmp_path: Path) -> None:
+def test_a_private_manifest_is_not_warned_about(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     manifest = tmp_path / "testbed.toml"
     manifest.write_text(MANIFEST)
     manifest.chmod(0o600)
     assert exposed_warning(load_manifest(manifest)) is None
+    assert main(["check", str(manifest)]) == 0 and "warning" not in capsys.readouterr().err
     manifest.chmod(0o640)
     assert "chmod 600" in (exposed_warning(load_manifest(manifest)) or "")
+    assert main(["check", str(manifest)]) == 0 and "chmod 600" in capsys.readouterr().err
