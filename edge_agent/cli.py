@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -19,6 +20,8 @@ from .emulation import EmulationProfile
 from .errors import TlsConfigError
 from .tlsctx import client_ssl_context
 
+# The token's environment variable: like --token-file, it keeps the token out of ``ps``.
+TOKEN_ENV = "GAPSL_TOKEN"
 # The defaults of the flags below are the config's own, so they exist once.
 _DEFAULTS = AgentConfig(url="", device_id="", token="")
 
@@ -32,8 +35,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--orchestrator", required=True, help="ws://HOST:PORT or wss://HOST:PORT")
     p.add_argument("--id", required=True, dest="device_id", help="this device's id in the manifest")
-    token = p.add_mutually_exclusive_group(required=True)
-    token.add_argument("--token", help="this device's token in the manifest")
+    token = p.add_mutually_exclusive_group()
+    token.add_argument(
+        "--token", help=f"this device's token in the manifest (visible in ps; or ${TOKEN_ENV})"
+    )
     token.add_argument(
         "--token-file", type=Path, help="read the token from this file (keeps it out of ps)"
     )
@@ -85,6 +90,28 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _token(args: argparse.Namespace) -> str | None:
+    """The token from --token, --token-file or $GAPSL_TOKEN; None (after saying why) if none."""
+    if args.token is not None:
+        return str(args.token)
+    if args.token_file is not None:
+        try:
+            token = args.token_file.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            print(f"gapsl-agent: cannot read --token-file: {exc}", file=sys.stderr)
+            return None
+        if args.token_file.stat().st_mode & 0o077:
+            logging.getLogger(__name__).warning(
+                "%s can be read by other users of this host: chmod 600 it", args.token_file
+            )
+        return token
+    token = os.environ.get(TOKEN_ENV, "").strip()
+    if not token:
+        print(f"gapsl-agent: give --token, --token-file or ${TOKEN_ENV}", file=sys.stderr)
+        return None
+    return token
+
+
 def _doctor(argv: list[str]) -> int:
     from .doctor import run_doctor
 
@@ -123,12 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     except TlsConfigError as exc:
         print(f"gapsl-agent: {exc}", file=sys.stderr)
         return AgentExit.USAGE
-    if args.token_file is not None:
-        try:
-            args.token = args.token_file.read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            print(f"gapsl-agent: cannot read --token-file: {exc}", file=sys.stderr)
-            return AgentExit.USAGE
+    token = _token(args)
+    if token is None:
+        return AgentExit.USAGE
     if args.threads > 0:
         import torch
 
@@ -136,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = AgentConfig(
         url=args.orchestrator,
         device_id=args.device_id,
-        token=args.token,
+        token=token,
         data_dir=args.data_dir,
         download=args.download,
         device=args.device,

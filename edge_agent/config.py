@@ -27,7 +27,7 @@ class AgentConfig:
 
     url: str
     device_id: str
-    token: str
+    token: str = field(repr=False)  # a secret: kept out of any log of the config
     data_dir: Path | None = None
     download: bool = False
     device: str = "auto"

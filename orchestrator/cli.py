@@ -16,6 +16,7 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from orchestrator.config import secrets
 from orchestrator.config.manifest import Manifest, load_manifest, manifest_to_toml
 from orchestrator.errors import ExitCode, GapslError, exit_code_help
 from orchestrator.names import Phase
@@ -96,6 +97,9 @@ def default_run_dir(m: Manifest) -> Path:
 
 def _check(args: argparse.Namespace) -> int:
     m = load_manifest(args.manifest, args.set)
+    exposed = secrets.exposed_warning(m)
+    if exposed is not None:  # valid all the same: a warning, not an error
+        print(f"warning: {exposed}", file=sys.stderr)
     local = sum(d.launch == "local" for d in m.devices)
     print(
         f"{args.manifest}: ok — {m.training.algorithm} on {m.training.dataset}, "
@@ -112,7 +116,7 @@ async def _run_async(
     engine = Engine(
         m,
         run_dir,
-        manifest_to_toml(m, absolute_paths=True),
+        manifest_to_toml(m, absolute_paths=True, redact_tokens=True),
         run_id=resume.run_id if resume else uuid.uuid4().hex[:12],
         in_process=in_process,
         resume=resume.checkpoint if resume else None,

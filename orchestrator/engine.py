@@ -20,6 +20,7 @@ from edge_agent.agent import AgentExit
 from edge_agent.protocol import encode
 from orchestrator.algorithms.base import POOLED_ID
 from orchestrator.algorithms.dispatch import rule_class
+from orchestrator.config import secrets
 from orchestrator.config.manifest import Manifest
 from orchestrator.errors import GapslError, RunError, RunInterrupted
 from orchestrator.fleet.admission import Admission
@@ -27,6 +28,7 @@ from orchestrator.fleet.group import SessionGroup
 from orchestrator.fleet.launcher import LocalFleet
 from orchestrator.fleet.sessions import DeviceSession, wait_ready
 from orchestrator.fleet.tls import server_ssl_context
+from orchestrator.names import DeviceStatus
 from orchestrator.records import checkpoint
 from orchestrator.records.writer import RunRecords
 from orchestrator.training.job import Job, job_message, prepare_job
@@ -91,6 +93,9 @@ class Engine:
             kind = "in-process" if self.in_process else "fleet"  # the dashboard names it
             fields = {"dataset": m.training.dataset, "devices": len(m.devices), "engine": kind}
             st.event("preparing", None, fields)
+            exposed = None if self.in_process else secrets.exposed_warning(m)
+            if exposed is not None:  # once per run: the records and the dashboard both say it
+                st.event("tokens_exposed", None, {"why": exposed})
             # A bad certificate or key fails the run before the data is loaded.
             tls = None if self.in_process else m.tls_files()
             ssl_context = server_ssl_context(tls.cert, tls.key) if tls is not None else None
@@ -202,8 +207,16 @@ class Engine:
             self._background.add(task)
             task.add_done_callback(self._background.discard)
             return
-        tail = self.fleet.log_tail(device_id, 3) if self.fleet else ""
-        session.fail(f"local agent exited with code {code}: {tail}")
+        if fatal:
+            tail = self.fleet.log_tail(device_id, 3) if self.fleet else ""
+            session.fail(f"local agent exited with code {code}: {tail}")
+            return
+        # Out of respawns (or respawn_local = 0): the device is now like a remote one whose link
+        # dropped. Whoever starts its agent again (a lab script, a supervisor, a person) brings
+        # it back; until then testbed.patience_s and the lost-device rules decide the run.
+        session.status = DeviceStatus.LOST
+        fields = {"code": code, "respawns": used, "patience_s": self.m.testbed.patience_s}
+        self.state.event("awaiting_return", device_id, fields)
 
     async def _train_in_process(self) -> None:
         from orchestrator.training.inprocess import InProcessGroup

@@ -22,6 +22,8 @@ import pytest
 
 from orchestrator.config.manifest import local_device_toml
 
+from .local_agents import agents_of
+
 ROOT = Path(__file__).resolve().parent.parent
 SCALE = float(os.environ.get("GAPSL_TEST_TIMEOUT_SCALE", "1"))
 
@@ -105,7 +107,7 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path: Path) -> 
     stopped = summary["checkpoint_round"]
     assert 13 <= stopped < 40 and summary["rounds"] == stopped
     assert (run / "checkpoint.pt").exists()
-    assert not any(p.status() != psutil.STATUS_ZOMBIE for p in _agents(run)), "agents left over"
+    assert not any(p.status() != psutil.STATUS_ZOMBIE for p in agents_of(run)), "agents left over"
 
     done = subprocess.run(
         _cli("run", "--resume", str(run)),
@@ -138,23 +140,13 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path: Path) -> 
         assert resumed[key] == pytest.approx(uninterrupted[key], abs=1e-6), key
 
 
-def _agents(run: Path) -> list[psutil.Process]:
-    """Agent processes started for this run directory (their checkpoint dir names it)."""
-    found = []
-    for p in psutil.process_iter(["cmdline"]):
-        cmd = p.info["cmdline"] or []
-        if "edge_agent" in cmd and any(str(run) in c for c in cmd):
-            found.append(p)
-    return found
-
-
 def test_killed_agent_is_started_again_and_the_run_completes(tmp_path: Path) -> None:
     manifest = tmp_path / "testbed.toml"
     manifest.write_text(MANIFEST.replace("rounds = 40", "rounds = 60") + DEVICES)
     run = tmp_path / "run"
     proc = _start(manifest, run)
     _wait_for(proc, lambda: _last_round(run) >= 12, "round 12", 180)
-    victim = next(p for p in _agents(run) if "d1" in p.info["cmdline"])
+    victim = next(p for p in agents_of(run) if "d1" in p.info["cmdline"])
     victim.send_signal(signal.SIGKILL)
     out, err = proc.communicate(timeout=300 * SCALE)
     assert proc.returncode == 0, err.decode()

@@ -15,7 +15,7 @@ import importlib
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import MISSING, fields, is_dataclass
+from dataclasses import MISSING, fields, is_dataclass, replace
 from functools import cache
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -367,5 +367,6 @@ def load_manifest(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -
         text = Path(source).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ManifestError(source, "", f"cannot read the manifest: {exc}") from exc
-    base_dir = Path(source).expanduser().resolve().parent
-    return parse_manifest(text, source=source, base_dir=base_dir, overrides=overrides)
+    resolved = Path(source).expanduser().resolve()
+    m = parse_manifest(text, source=source, base_dir=resolved.parent, overrides=overrides)
+    return replace(m, tokens_from=str(resolved))

@@ -262,6 +262,8 @@ class Manifest:
     dashboard: DashboardConfig = field(default_factory=DashboardConfig)
     devices: tuple[DeviceConfig, ...] = ()
     source: str = field(default="<string>", compare=False)
+    # The file the device tokens were read from (absolute; "" when not from a file).
+    tokens_from: str = field(default="", compare=False)
     base_dir: Path = field(default_factory=Path.cwd, compare=False)
 
     def listen_host_port(self) -> tuple[str, int]:

@@ -7,20 +7,28 @@ from __future__ import annotations
 
 from dataclasses import fields, is_dataclass, replace
 
+from orchestrator.config import secrets
 from orchestrator.config.sections import SECTIONS, Manifest
 from orchestrator.config.values import toml_str, toml_value
 
 
-def manifest_to_toml(m: Manifest, *, absolute_paths: bool = False) -> str:
+def manifest_to_toml(
+    m: Manifest, *, absolute_paths: bool = False, redact_tokens: bool = False
+) -> str:
     """The manifest as TOML text that ``parse_manifest`` reads back to an equal ``Manifest``.
 
     With ``absolute_paths``, a relative ``data.dir`` is written resolved, so the text keeps
     pointing at the same data when it is stored away from the original manifest's folder.
+    With ``redact_tokens`` (the run directory's copy), tokens are left out and a line names
+    the file they come from (``orchestrator.config.secrets``).
     """
     lines = [
         "# Resolved testbed manifest: every key, defaults and --set overrides included.",
         f"# Read from {toml_str(m.source)}.",
     ]
+    if redact_tokens:
+        lines.append(secrets.origin_line(m))
+        m = secrets.redacted(m)
     data = m.data
     if absolute_paths and m.data_dir() is not None:
         data = replace(data, dir=str(m.data_dir()))

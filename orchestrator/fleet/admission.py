@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import time
 from typing import Any, Callable
 
 from edge_agent import protocol
@@ -138,6 +139,8 @@ class Admission:
                 ws, session.id, peer, protocol.CLOSE_INVALID_PAYLOAD, reason, event="bad_frame"
             )
             return None
+        if session.admitted_once and session.away_since is not None:
+            session.returning_since = session.away_since  # cleared by the "returned" event
         old = session.attach(ws)  # a request in flight on the old link is asked again
         if old is not None:
             await close_within(
@@ -163,7 +166,17 @@ class Admission:
         ):
             await send_within(ws, session.last_gradient[1])
         session.mark_connected()
+        if rejoin:
+            self._returned(session, {})  # it kept the job: back at work now
         return session
+
+    def _returned(self, session: DeviceSession, fields: dict[str, Any]) -> None:
+        """A device that had been away holds the job again: say how long it was gone."""
+        since, session.returning_since = session.returning_since, None
+        if since is not None:
+            self.on_event(
+                "returned", session.id, {"away_s": round(time.monotonic() - since, 3), **fields}
+            )
 
     def _dispatch(self, session: DeviceSession, msg: Message) -> None:
         kind = msg.type
@@ -193,6 +206,7 @@ class Admission:
                     **reported_facts({"torch_device": msg["torch_device"]}),
                 },
             )
+            self._returned(session, {"restored_round": msg.get("restored_round")})
         elif kind == "telemetry":
             session.stats = dict(msg["stats"])
             self.on_telemetry(session)

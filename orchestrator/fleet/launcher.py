@@ -3,6 +3,8 @@
 Every agent is stopped when the run ends, fails or is interrupted; on Linux each one also asks the
 kernel to send it SIGTERM if the orchestrator dies (PR_SET_PDEATHSIG), so even a SIGKILLed
 orchestrator leaves no orphans. Agent output goes to ``agents/<id>.log`` in the run directory.
+Tokens reach the agents in files of mode 0600 in a private folder outside the run directory
+(``--token-file``), never on a command line, and the folder is removed when the fleet stops.
 """
 
 from __future__ import annotations
@@ -10,8 +12,11 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import os
+import shlex
+import shutil
 import signal
 import sys
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import IO, Any, Callable
@@ -40,13 +45,16 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
 def agent_command(
     device: DeviceConfig,
     url: str,
+    token_file: Path,
     data_dir: Path | None,
     download: bool,
     ca_file: Path | None = None,
 ) -> list[str]:
-    """The command line that starts one local agent (also shown to users for remote ones)."""
+    """The command line that starts one local agent. The token stays in ``token_file``: a
+    command line is readable by every user of the host (``ps``, ``/proc/PID/cmdline``)."""
     cmd = [sys.executable, "-m", "edge_agent", "--orchestrator", url, "--id", device.id]
-    cmd += ["--token", device.token, "--device", device.device, "--give-up-s", str(AGENT_GIVE_UP_S)]
+    cmd += ["--token-file", str(token_file), "--device", device.device]
+    cmd += ["--give-up-s", str(AGENT_GIVE_UP_S)]
     if data_dir is not None:
         cmd += ["--data-dir", str(data_dir)]
     if download:
@@ -65,6 +73,22 @@ def agent_command(
     return cmd
 
 
+def private_dir() -> Path:
+    """A new folder only this user can enter (0700), for secrets the agents read: in
+    ``$XDG_RUNTIME_DIR`` (a per-user tmpfs) when there is one, else in the temp folder."""
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    parent = runtime if runtime and os.path.isdir(runtime) else None
+    return Path(tempfile.mkdtemp(prefix="gapsl-tokens-", dir=parent))
+
+
+def write_secret(path: Path, secret: str) -> Path:
+    """Write ``secret`` to a new file of mode 0600 (never widened by the umask in between)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(secret + "\n")
+    return path
+
+
 class LocalFleet:
     """Starts and always stops the local agents of a run."""
 
@@ -76,6 +100,7 @@ class LocalFleet:
         self._watchers: list[asyncio.Task[None]] = []
         self._commands: dict[str, list[str]] = {}
         self._env: dict[str, str] = {}
+        self.token_dir: Path | None = None  # the agents' token files, private to this user
         self.stopping = False
 
     async def start(
@@ -96,15 +121,30 @@ class LocalFleet:
             p for p in (project_root, env.get("PYTHONPATH", "")) if p
         )
         self._env = env
+        self.token_dir = private_dir()
         for device in devices:
-            cmd = agent_command(device, url, data_dir, download, ca_file) + ["--threads", "1"]
-            cmd += ["--checkpoint-dir", str(self.log_dir / "checkpoints")]
+            token_file = write_secret(self.token_dir / f"{device.id}.token", device.token)
+            cmd = agent_command(device, url, token_file, data_dir, download, ca_file)
+            cmd += ["--threads", "1", "--checkpoint-dir", str(self.log_dir / "checkpoints")]
             self._commands[device.id] = cmd
             await self._launch(device.id)
+
+    def command(self, device_id: str) -> list[str]:
+        """The command line this fleet starts ``device_id``'s agent with (valid while the run
+        lasts: the token file it names is removed by :meth:`stop`), with :attr:`env`."""
+        return list(self._commands[device_id])
+
+    @property
+    def env(self) -> dict[str, str]:
+        """The environment the local agents are started with."""
+        return dict(self._env)
 
     async def _launch(self, device_id: str) -> None:
         log = open(self.log_dir / f"{device_id}.log", "ab")
         self._logs.append(log)
+        # The log says how its agent was started, so that it can be started again by hand.
+        log.write(f"# started: {shlex.join(self._commands[device_id])}\n".encode())
+        log.flush()
         kwargs: dict[str, Any] = {
             "stdout": log,
             "stderr": log,
@@ -145,6 +185,15 @@ class LocalFleet:
         agents still alive to PR_SET_PDEATHSIG (SIGTERM when this process exits, on Linux).
         """
         self.stopping = True
+        try:
+            await self._end_agents(grace_s)
+        finally:  # even when cancelled: the tokens must not outlive the run
+            for log in self._logs:
+                log.close()
+            if self.token_dir is not None:
+                shutil.rmtree(self.token_dir, ignore_errors=True)
+
+    async def _end_agents(self, grace_s: float) -> None:
         await _wait_exits(self.procs.values(), grace_s)
         for sig in (signal.SIGTERM, signal.SIGKILL):
             alive = [p for p in self.procs.values() if p.returncode is None]
@@ -159,8 +208,6 @@ class LocalFleet:
         for w in self._watchers:
             w.cancel()
         await asyncio.gather(*self._watchers, return_exceptions=True)
-        for log in self._logs:
-            log.close()
 
 
 async def _wait_exits(procs: Iterable[asyncio.subprocess.Process], timeout_s: float) -> None:

@@ -115,6 +115,10 @@ class DeviceSession:
         # reply type -> (the field tying a reply to its request, values recently asked for)
         self.expected: dict[str, tuple[str, collections.deque[int]]] = {}
         self.awaiting_ready = False  # a job went out on this session and no ready came back yet
+        self.admitted_once = False  # admitted at least once by this orchestrator
+        # A device back after a time away: when it went away, until it can work again (the
+        # ``returned`` event says how long that took).
+        self.returning_since: float | None = None
 
     async def send(self, frame: bytes) -> bool:
         """Send on the current connection; False when there is none (the device is away) or the
@@ -203,6 +207,7 @@ class DeviceSession:
         """The attached connection is admitted: requests may go out on it."""
         self.status = DeviceStatus.JOINED
         self.away_since = None
+        self.admitted_once = True
         self.connected.set()
 
     def detach(self, ws: Any) -> bool:

@@ -208,7 +208,7 @@ class RunFold:
             d.facts.update({k: rec[k] for k in facts if isinstance(rec.get(k), (str, int))})
             if name == "ready":
                 d.shard_size = _int(rec.get("shard_size"))
-        elif name == "lost":
+        elif name in ("lost", "awaiting_return"):  # the exit may be heard before the close
             d.status = DeviceStatus.LOST
         elif name == "unstable":
             d.warning = str(rec.get("why", "unstable"))

@@ -33,6 +33,7 @@ PHASE_STYLES = {
 }  # fmt: skip
 EVENT_STYLES = {
     "joined": "green", "lost": "red", "refused": "red", "straggler": "yellow", "unstable": "red",
+    "awaiting_return": "yellow", "returned": "green",
 }  # fmt: skip
 _LABEL_W = 15  # chart label column: "accuracy 0.912 "
 

@@ -1,4 +1,4 @@
-"""Run an engine to its end while one of its local agents is SIGSTOPped partway through."""
+"""Run an engine to its end while one of its local agents is SIGSTOPped (or killed) partway."""
 
 from __future__ import annotations
 
@@ -11,14 +11,17 @@ from orchestrator.engine import Engine
 SCALE = float(os.environ.get("GAPSL_TEST_TIMEOUT_SCALE", "1"))
 
 
-def run_with_stopped_agent(engine: Engine, device: str, at_round: int, limit_s: float) -> str:
-    """The run's final status; ``device`` stops (SIGSTOP) once the run reaches ``at_round``."""
+def run_with_stopped_agent(
+    engine: Engine, device: str, at_round: int, limit_s: float, sig: int = signal.SIGSTOP
+) -> str:
+    """The run's final status; ``device`` gets ``sig`` (by default it stops) once the run
+    reaches ``at_round``."""
 
     async def stop() -> None:
         while engine.state.round < at_round:  # the run's own progress, bounded by the limit
             await asyncio.sleep(0.05)
         assert engine.fleet is not None
-        os.kill(engine.fleet.procs[device].pid, signal.SIGSTOP)
+        os.kill(engine.fleet.procs[device].pid, sig)
 
     async def scenario() -> str:
         async with asyncio.timeout(limit_s * SCALE):

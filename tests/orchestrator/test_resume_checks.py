@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.cli import main
-from orchestrator.config.manifest import manifest_to_toml, parse_manifest
+from orchestrator.config.manifest import load_manifest, manifest_to_toml, parse_manifest
 from orchestrator.errors import GapslError
 from orchestrator.records import checkpoint
 from orchestrator.records.resume import prepare_resume
@@ -76,3 +76,21 @@ def test_changed_devices_and_a_finished_checkpoint_are_refused(tmp_path: Path) -
     with pytest.raises(GapslError, match="training.rounds"):
         prepare_resume(run)
     assert prepare_resume(run, ["training.rounds=30"]).manifest.training.rounds == 30
+
+
+def test_tokens_are_read_again_from_the_manifest_they_came_from(tmp_path: Path) -> None:
+    source = tmp_path / "lab.toml"
+    source.write_text(MANIFEST)
+    stored = manifest_to_toml(load_manifest(source), redact_tokens=True)
+    assert '"ta"' not in stored and '"tb"' not in stored
+    summary = {"status": "interrupted", "run_id": "abc", "wall_s": 7.5}
+    run = _run_dir(tmp_path, summary, 10)
+    (run / "manifest.toml").write_text(stored)
+    m = prepare_resume(run).manifest
+    assert [d.token for d in m.devices] == ["ta", "tb"] and m.tokens_from == str(source)
+    # A token given again on the command line wins; without the source, every one must be.
+    source.unlink()
+    with pytest.raises(GapslError, match=r"--set devices\.a\.token"):
+        prepare_resume(run)
+    given = ["devices.a.token=ta2", "devices.b.token=tb2"]
+    assert [d.token for d in prepare_resume(run, given).manifest.devices] == ["ta2", "tb2"]
