@@ -93,6 +93,9 @@ VARIANTS: dict[str, list[str]] = {
     "gapsl-anchor-prior": [*_gapsl("client", "anchor", 1.0), "gapsl.prior_tau=1"],
     "abl-track-prior-lgi-off": [*_gapsl("client", "tracking", 1.0, beta=0.0, rho=1.0),
                                 "gapsl.prior_tau=1"],
+    # which half of LGI costs: its selection (rho 0.5, no EMA) or its smoothing (everyone, EMA)
+    "abl-track-prior-no-ema": [*_gapsl("client", "tracking", 1.0, beta=0.0), "gapsl.prior_tau=1"],
+    "abl-track-prior-all": [*_gapsl("client", "tracking", 1.0, rho=1.0), "gapsl.prior_tau=1"],
     "abl-anchor-prior-lgi-off": [*_gapsl("client", "anchor", 1.0, beta=0.0, rho=1.0),
                                  "gapsl.prior_tau=1"],
 }  # fmt: skip

@@ -23,4 +23,7 @@ if ! .venv/bin/python -c "import orchestrator, rich, sklearn, pytest, hypothesis
     "${pip[@]}" install --quiet -e ".[orchestrator,dev]"
     touch .venv/.gapsl-installed
 fi
+# The default manifest holds its example devices' tokens: readable by this user only, as `run`
+# asks of any manifest holding tokens (git keeps no mode but the executable bit, so no diff).
+chmod 600 testbed.toml
 echo "setup: ready (.venv)" >&2
