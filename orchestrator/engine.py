@@ -35,6 +35,7 @@ from orchestrator.training.job import Job, job_message, prepare_job
 from orchestrator.training.loop import Runner
 from orchestrator.training.state import RunState
 from orchestrator.ui.fold import STOP_MESSAGE, RunFold
+from orchestrator.ui.prometheus import MetricsServer, require_metrics, start_metrics
 from orchestrator.ui.snapshot import RunSnapshot
 from orchestrator.ui.watch import read_records
 
@@ -62,6 +63,7 @@ class Engine:
         self.elapsed_before = elapsed_s  # wall time of the run before it was interrupted
         self.in_process = in_process  # the reference engine: devices in this process, no network
         self.run_id = run_id
+        require_metrics(m)  # before the run directory exists: a manifest error, exit 2
         self.records = RunRecords(run_dir, manifest_toml)
         self.records.started -= elapsed_s  # a resumed run's record times carry on
         host, port = m.listen_host_port()
@@ -78,6 +80,7 @@ class Engine:
         self._respawns: dict[str, int] = {}
         self.runner: Runner | None = None
         self._background: set[asyncio.Task[None]] = set()
+        self.metrics: MetricsServer | None = None  # testbed.metrics_listen's endpoint
 
     # --- the run ------------------------------------------------------------------------------
 
@@ -93,6 +96,7 @@ class Engine:
             kind = "in-process" if self.in_process else "fleet"  # the dashboard names it
             fields = {"dataset": m.training.dataset, "devices": len(m.devices), "engine": kind}
             st.event("preparing", None, fields)
+            self.metrics = start_metrics(m, self.records)
             exposed = None if self.in_process else secrets.exposed_warning(m)
             if exposed is not None:  # once per run: the records and the dashboard both say it
                 st.event("tokens_exposed", None, {"why": exposed})
@@ -177,6 +181,8 @@ class Engine:
             wall_s = self.elapsed_before + time.monotonic() - started
             st.finish(status, error, wall_s)
             self._write_summary(status, error, wall_s)
+            if self.metrics is not None:
+                self.metrics.close()
             self.records.close()
         return status
 

@@ -48,6 +48,10 @@ def _listen(v: str) -> str | None:
     return None
 
 
+def _listen_or_off(v: str) -> str | None:
+    return None if v == "" else _listen(v)
+
+
 def _opt(default: Any, *, choices: Sequence[str] = (), check: Check | None = None) -> Any:
     return field(default=default, metadata={"choices": tuple(choices), "check": check})
 
@@ -90,6 +94,8 @@ class TestbedConfig:
     lost_timeout_s: float = _opt(300.0, check=_positive)
     # Local agents that die (killed, crashed) are started again, at most this many times each.
     respawn_local: int = _opt(3, check=_non_negative)
+    # Prometheus metrics of the run at http://HOST:PORT/metrics (the [metrics] extra); "" = off.
+    metrics_listen: str = _opt("", check=_listen_or_off)
 
 
 @dataclass(frozen=True)

@@ -66,6 +66,8 @@ class Recorder:
                 "compute_s": round(f.compute_s, 6),
                 "uplink_s": round(max(f.wait_s - f.compute_s, 0.0), 6),
                 "wait_s": round(f.wait_s, 6),
+                # activations and labels as framed; None in-process, where nothing travels
+                "uplink_bytes": int(f.nbytes) or None,
                 "loss": losses.get(i),  # the server's loss on this device's batch
             }
             for i, f in fwd.items()
@@ -89,6 +91,7 @@ class Recorder:
             "participants": ids,
             "server_s": round(server_s, 6),
             "downlink_s": round(downlink_s, 6),
+            "uplink_bytes": sum(int(f.nbytes) for f in fwd.values()) or None,
             "loss": loss,
             "leaders": diag.pop("leaders", None),
             "mean_cos": diag.pop("mean_cos", None),

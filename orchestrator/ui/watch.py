@@ -18,7 +18,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 from orchestrator.config.manifest import Manifest, parse_manifest
 from orchestrator.errors import ExitCode, ManifestError, RunError
@@ -101,8 +101,13 @@ class _Tail:
         return rec if isinstance(rec, dict) else None
 
 
-def read_records(run_dir: Path, fold: RunFold) -> None:
-    """Fold every record already in ``run_dir`` (a resumed run's live view starts from them)."""
+class _Folds(Protocol):
+    def add(self, name: str, record: dict[str, Any]) -> None: ...
+
+
+def read_records(run_dir: Path, fold: _Folds) -> None:
+    """Fold every record already in ``run_dir`` (a resumed run's live view starts from them;
+    so do its metrics, ``prometheus.py``)."""
     for name in RECORD_NAMES:
         for rec in _Tail(run_dir / f"{name}.jsonl").read_new() or []:
             fold.add(name, rec)
