@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from edge_agent.align import alignment_penalty, blend, cosine
+from edge_agent.align import alignment_penalty
 from orchestrator.algorithms.base import (
     Alignment,
     DeviceRole,
@@ -26,7 +26,7 @@ from orchestrator.algorithms.base import (
     Tensors,
     psl_backward,
 )
-from orchestrator.algorithms.lgi import LeaderTracker, client_alignment, lgi_diag
+from orchestrator.algorithms.lgi import LeaderTracker, aligned, client_alignment, lgi_diag
 from orchestrator.algorithms.prior import log_priors, prior_corrected_grads
 from orchestrator.algorithms.psl import psl_server_step
 from orchestrator.config.manifest import Manifest
@@ -85,9 +85,8 @@ def gapsl_server_step(
     else:
         with torch.no_grad():
             stacked = torch.stack([f.detach() for f in flats])
-            aligned = blend(mode, stacked, res.leader[None, :], lam)
-            after = float(cosine(aligned, res.leader[None, :]).mean())
-            delta = aligned - stacked  # exactly zero when lam = 0
+            blended, after = aligned(mode, stacked, res.leader, lam)
+            delta = blended - stacked  # exactly zero when lam = 0
             if space == "server":
                 shift = (torch.tensor(weights, dtype=delta.dtype)[:, None] * delta).sum(dim=0)
                 offset = 0
@@ -159,7 +158,8 @@ class Gapsl(Rule):
         )
 
     def align(self, client_grads: Sequence[torch.Tensor], sizes: Sequence[int]) -> Alignment:
-        leader, diag = client_alignment(self.tracker, client_grads, sizes)
+        g = self.cfg
+        leader, diag = client_alignment(self.tracker, client_grads, sizes, g.gda_mode, g.gda_lambda)
         return Alignment(leader.numpy(), self.cfg.gda_mode, self.cfg.gda_lambda, diag)
 
     def state_dict(self) -> dict[str, object]:

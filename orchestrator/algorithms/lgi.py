@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from edge_agent.align import cosine
+from edge_agent.align import blend, cosine
 
 
 @dataclass
@@ -71,9 +71,33 @@ def lgi_diag(res: LgiResult, after: float | None) -> dict[str, object]:
     }
 
 
+BLENDS = ("first_order", "pull")  # the GDA modes whose aligned gradient is g and g_L alone
+
+
+@torch.no_grad()
+def aligned(
+    mode: str, grads: torch.Tensor, leader: torch.Tensor, lam: float
+) -> tuple[torch.Tensor, float]:
+    """The blended gradients (N x D) and their mean cosine to the leader after GDA."""
+    out = blend(mode, grads, leader[None, :], lam)
+    return out, float(cosine(out, leader[None, :]).mean())
+
+
 def client_alignment(
-    tracker: LeaderTracker, client_grads: Sequence[torch.Tensor], sizes: Sequence[int]
+    tracker: LeaderTracker,
+    client_grads: Sequence[torch.Tensor],
+    sizes: Sequence[int],
+    mode: str,
+    lam: float,
 ) -> tuple[torch.Tensor, dict[str, object]]:
-    """LGI over the devices' uploaded client-partition gradients; the leader goes back down."""
-    res = tracker(torch.stack([g.reshape(-1) for g in client_grads]), sizes)
-    return res.leader, lgi_diag(res, None)
+    """LGI over the devices' uploaded client-partition gradients; the leader goes back down.
+
+    The devices apply GDA, but for the blend modes what they step by follows from what they
+    uploaded and the leader, so ``align_after`` is computed here as in the server space. The
+    exact, tracking and anchor modes use state only the device holds (the graph, its reference,
+    its anchor): their ``align_after`` stays None rather than a guess.
+    """
+    grads = torch.stack([g.reshape(-1) for g in client_grads])
+    res = tracker(grads, sizes)
+    after = aligned(mode, grads, res.leader, lam)[1] if mode in BLENDS else None
+    return res.leader, lgi_diag(res, after)

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from edge_agent.align import alignment_penalty, cosine
+from edge_agent.align import alignment_penalty, blend, cosine
 from edge_agent.data import load_dataset
 from edge_agent.trainer import ClientTrainer
 from edge_agent.weights import state_to_numpy
@@ -160,9 +160,21 @@ def test_lgi_with_one_device_leads_with_its_gradient() -> None:
 def test_client_alignment_runs_lgi_on_flattened_client_gradients() -> None:
     g = _consensus_grads()
     shaped = [row.reshape(5, 8) for row in g]
-    leader, diag = client_alignment(LeaderTracker(tau=0.0, rho=0.5), shaped, SIZES)
-    assert diag["leaders"] == ALIGNED and diag["align_after"] is None
+    leader, diag = client_alignment(LeaderTracker(tau=0.0, rho=0.5), shaped, SIZES, "exact", 1.0)
+    assert diag["leaders"] == ALIGNED and diag["align_after"] is None  # the device's to know
     torch.testing.assert_close(leader, LeaderTracker(tau=0.0, rho=0.5)(g, SIZES).leader)
+
+
+@pytest.mark.parametrize("mode", ["first_order", "pull"])
+def test_client_alignment_reports_the_alignment_the_devices_step_by(mode: str) -> None:
+    g = _consensus_grads()
+    leader, diag = client_alignment(LeaderTracker(tau=0.0, rho=0.5), list(g), SIZES, mode, 0.5)
+    after = diag["align_after"]
+    # What each device does with its upload and the leader (edge_agent.trainer.align).
+    stepped = torch.stack([blend(mode, row, leader, 0.5) for row in g])
+    assert isinstance(after, float) and isinstance(diag["align_before"], float)
+    assert after == pytest.approx(float(cosine(stepped, leader[None, :]).mean()), abs=1e-6)
+    assert after > diag["align_before"]
 
 
 # --- GDA ---------------------------------------------------------------------------------------
