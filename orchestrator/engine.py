@@ -254,6 +254,8 @@ class Engine:
                 last_tick[0] = now
                 st.event("waiting", None, {"missing": ",".join(missing)})
 
+        # The dashboard counts down to the join timeout from this event's time.
+        st.event("joining", None, {"timeout_s": m.testbed.join_timeout_s})
         await wait_ready(sessions, m.testbed.join_timeout_s, tick)
         assert self.job is not None
         group = SessionGroup(

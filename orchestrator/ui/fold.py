@@ -20,7 +20,7 @@ from orchestrator.config.manifest import Manifest
 from orchestrator.names import DeviceStatus, Phase
 from orchestrator.records.reader import finite
 from orchestrator.records.writer import FINAL_EVENTS
-from orchestrator.ui.log_lines import format_eval, format_event
+from orchestrator.ui.log_lines import describe, format_eval, format_event
 from orchestrator.ui.snapshot import (
     DeviceView,
     EvalPoint,
@@ -30,11 +30,14 @@ from orchestrator.ui.snapshot import (
     RunSnapshot,
 )
 
-__all__ = ["HIDDEN_EVENTS", "STOP_MESSAGE", "RunFold"]
+__all__ = ["HIDDEN_EVENTS", "ROUTINE_EVENTS", "STOP_MESSAGE", "RunFold"]
 
 # The run's progress, which the header shows (phase, round counter): kept out of the event log
 # and the headless lines, where one line per round would bury joins, losses and stragglers.
 HIDDEN_EVENTS = frozenset({"round_started", "phase"})
+# Lines that come back all run long: each run of them is one log line, the latest, with a count,
+# so a long run's log keeps its joins and losses (the headless lines still print every one).
+ROUTINE_EVENTS = frozenset({"checkpoint", "waiting"})
 STOP_MESSAGE = "stopping after this round (again to stop at once)"
 _ENDS = {event: Phase(status) for status, event in FINAL_EVENTS.items()}
 _JOINED = {"joined", "rejoined", "ready"}
@@ -134,6 +137,8 @@ class RunFold:
         self.evals: list[EvalPoint] = []
         self.rounds: collections.deque[RoundPoint] = collections.deque(maxlen=200)
         self.events: collections.deque[EventLine] = collections.deque(maxlen=50)
+        self.repeats = 0  # how many routine lines the log's last line stands for
+        self.join_deadline_s: float | None = None  # when the wait for the fleet times out
         self.gapsl: GapslView | None = None
         self._add = {
             "events": self._event, "devices": self._telemetry,
@@ -167,10 +172,14 @@ class RunFold:
             self._device_event(d, name, rec)
         if name == "preparing":  # a run (or a resumed run) starts: everyone is to join again
             self.phase, self.message, self.wall_s = Phase.WAITING, "", None
+            self.join_deadline_s = None
             for v in self.dev.values():
                 v.status = DeviceStatus.WAITING
             if rec.get("engine") == "in-process":
                 self.listen = "in-process"
+        elif name == "joining":
+            timeout = finite(rec.get("timeout_s"))
+            self.join_deadline_s = None if timeout is None or t != t else t + timeout
         elif name == "listening" and isinstance(rec.get("url"), str):
             self.listen = rec["url"].split("://", 1)[-1]
         elif name == "round_started":
@@ -194,11 +203,17 @@ class RunFold:
                     v.status = DeviceStatus.DONE
         if name in HIDDEN_EVENTS:
             return
-        text = " ".join(f"{k}={v}" for k, v in rec.items() if k not in ("t", "event", "device"))
+        text = describe({k: v for k, v in rec.items() if k not in ("t", "event", "device")})
         line = EventLine(t, name, raw if isinstance(raw, str) else None, text)
-        self.events.append(line)
         if self.on_line is not None:
             self.on_line(format_event(line))
+        last = self.events[-1] if self.events else None
+        if name in ROUTINE_EVENTS and last is not None and last.event == name:
+            self.repeats += 1
+            self.events[-1] = EventLine(t, name, line.device, f"{text} ({self.repeats}×)")
+            return
+        self.repeats = 1
+        self.events.append(line)
 
     def _device_event(self, d: _Device, name: str, rec: dict[str, Any]) -> None:
         if name in _JOINED:
@@ -329,6 +344,7 @@ class RunFold:
             recent_rounds=tuple(self.rounds),
             events=tuple(self.events),
             gapsl=self.gapsl,
+            join_deadline_s=self.join_deadline_s,
             run_dir=self.run_dir,
             message=self.message,
         )

@@ -7,7 +7,7 @@ output never reads the engine's mutable state (``live.py`` drives it, ``watch.py
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 from rich import box
 from rich.cells import cell_len
@@ -18,11 +18,14 @@ from rich.style import Style
 from rich.table import Table
 from rich.text import Text
 
-from orchestrator.ui.snapshot import DeviceView, EventLine, GapslView, RunSnapshot
+from orchestrator.ui.cells import NONE, elide, fmt_duration
+from orchestrator.ui.cells import fit as _fit
+from orchestrator.ui.charts import charts
+from orchestrator.ui.event_log import events_panel, log_entries, log_size
+from orchestrator.ui.snapshot import DeviceView, GapslView, RunSnapshot
 
-NONE = "–"
-_BLOCKS = " ▁▂▃▄▅▆▇█"
 _SHADES = "·░▒▓█"
+EVENT_SHARE = 0.28  # of the lines below the header, the most the event log takes from trends
 STATUS_STYLES = {
     "waiting": "dim", "joined": "cyan", "computing": "green", "sending": "blue",
     "straggling": "bold yellow", "lost": "bold red", "done": "bold green",
@@ -31,11 +34,6 @@ PHASE_STYLES = {
     "waiting": "bold yellow", "training": "bold green", "evaluating": "bold cyan",
     "completed": "bold green", "failed": "bold red", "interrupted": "bold yellow",
 }  # fmt: skip
-EVENT_STYLES = {
-    "joined": "green", "lost": "red", "refused": "red", "straggler": "yellow", "unstable": "red",
-    "awaiting_return": "yellow", "returned": "green",
-}  # fmt: skip
-_LABEL_W = 15  # chart label column: "accuracy 0.912 "
 
 
 def _num(v: float | None, digits: int = 1) -> str:
@@ -47,24 +45,6 @@ def _auto(v: float | None) -> str:
     if v is None:
         return NONE
     return f"{v:.0f}" if abs(v) >= 100 else f"{v:.1f}" if abs(v) >= 10 else f"{v:.2f}"
-
-
-def fmt_duration(s: float | None) -> str:
-    """`42s`, `12m05s`, `3h07m`; `None` renders as a dash."""
-    if s is None or s != s or s < 0:
-        return NONE
-    s = int(round(s))
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    return f"{s // 3600}h{s % 3600 // 60:02d}m"
-
-
-def _fit(text: Text, width: int) -> Text:
-    text.no_wrap = True
-    text.truncate(max(width, 1), overflow="ellipsis")
-    return text
 
 
 def _header(snap: RunSnapshot, cw: int) -> list[Text]:
@@ -100,11 +80,26 @@ def _header(snap: RunSnapshot, cw: int) -> list[Text]:
     return [_fit(t, cw) for t in lines]
 
 
+_HOST_MAX_W = 24  # the host column: enough to tell machines apart, never the table's bulk
+_HOST_NAME_W = 12  # of which the host name keeps this much before the facts give way
+
+
 def _host(d: DeviceView) -> str:
-    parts = [d.hostname or d.launch, d.platform, d.torch_device]
-    if d.cpu_count:
-        parts.append(f"{d.cpu_count}c/{d.memory_gib:.1f}G")
-    return " ".join(p for p in parts if p)
+    """``raspberrypi-01 aarch64 4c/4G`` in at most 24 characters: the machine (not the OS: a lab
+    runs Linux), an accelerator, cores and memory, dropped from the front until the name reads."""
+    facts = [
+        d.platform.split()[-1] if d.platform else "",
+        d.torch_device if d.torch_device not in ("", "cpu") else "",
+        f"{d.cpu_count}c/{d.memory_gib:.0f}G" if d.cpu_count else "",
+    ]
+    facts = [f for f in facts if f]
+    name = d.hostname or d.launch
+    want = min(len(name), _HOST_NAME_W)
+    while facts and _HOST_MAX_W - len(" ".join(facts)) - 1 < want:
+        facts.pop(0)
+    tail = " ".join(facts)
+    room = _HOST_MAX_W - len(tail) - 1 if tail else _HOST_MAX_W
+    return f"{elide(name, room)} {tail}".strip()
 
 
 def _updown(d: DeviceView) -> str:
@@ -150,6 +145,7 @@ def _fleet(snap: RunSnapshot, width: int, height: int) -> Panel:
         cells["device"].append(f"+{hidden} more")
     heads = {k: h for k, h, _, _ in _FLEET_COLUMNS}
     widths = {k: max([cell_len(heads[k])] + [cell_len(c) for c in cells[k]]) for k in cells}
+    widths["host"] = max(min(widths["host"], _HOST_MAX_W), _HOST_MIN_W)
     widths["device"] = min(widths["device"], _ID_MAX_W)
     keep: set[str] = set()
     used = -2  # n columns take n-1 gaps of two cells
@@ -158,18 +154,18 @@ def _fleet(snap: RunSnapshot, width: int, height: int) -> Panel:
         if used + 2 + need <= cw or len(keep) < 2:
             keep.add(key)
             used += 2 + need
-    table = Table(box=None, pad_edge=False, show_edge=False, expand=True, header_style="bold")
+    # The host column alone gives way (down to 12 cells) to the columns kept before it.
+    widths["host"] = min(widths["host"], _HOST_MIN_W + max(cw - used, 0))
+    table = Table(box=None, pad_edge=False, show_edge=False, header_style="bold")
     cols = [(k, right) for k, _, right, _ in _FLEET_COLUMNS if k in keep]
     for key, right in cols:
-        flexible = key == "host"
         table.add_column(
             heads[key],
             justify="right" if right else "left",
             no_wrap=True,
             overflow="ellipsis",
-            min_width=_HOST_MIN_W if flexible else widths[key],
-            max_width=None if flexible else widths[key],
-            ratio=1 if flexible else None,
+            min_width=widths[key],
+            max_width=widths[key],
         )
     for i in range(len(cells["device"])):
         row: list[Text] = []
@@ -181,67 +177,6 @@ def _fleet(snap: RunSnapshot, width: int, height: int) -> Panel:
     joined = sum(d.status not in ("waiting", "lost") for d in snap.devices)
     title = Text(f"fleet {joined}/{len(snap.devices)} connected")
     return Panel(table, title=title, title_align="left", height=height, box=box.ROUNDED)
-
-
-def chart_rows(values: Sequence[float], width: int, rows: int) -> list[str]:
-    """A block chart of the last `width` values, `rows` tall (top row first); the smallest
-    value still shows as a sliver so a flat series is visibly a line, not a gap."""
-    vals = [v for v in values if v == v][-max(width, 0) :] if width > 0 else []
-    if not vals:
-        return [""] * rows
-    # A short history is stretched (up to 3 cells a point) so a few evaluations still read.
-    stretch = min(max(width // len(vals), 1), 3)
-    vals = [v for v in vals for _ in range(stretch)]
-    lo, hi = min(vals), max(vals)
-    top = rows * 8
-    levels = [top // 2 if hi == lo else 1 + round((v - lo) / (hi - lo) * (top - 1)) for v in vals]
-    return [
-        "".join(_BLOCKS[min(max(lv - r * 8, 0), 8)] for lv in levels)
-        for r in range(rows - 1, -1, -1)
-    ]
-
-
-def _chart_block(
-    name: str, values: Sequence[float], fmt: Callable[[float], str], rows: int, cw: int, note: str
-) -> list[Text]:
-    if not values:
-        empty = Text(f"{name:<{_LABEL_W}}") + Text("no data yet", style="dim")
-        return [_fit(empty, cw)] + [Text("") for _ in range(rows - 1)]
-    labels = [f"{name} {fmt(values[-1])}"]
-    if rows >= 2:
-        span = values[-(cw - _LABEL_W) :]
-        labels.append(note or f"{fmt(min(span))}–{fmt(max(span))}")
-    labels += [""] * (rows - len(labels))
-    out: list[Text] = []
-    for label, bars in zip(labels, chart_rows(values, cw - _LABEL_W, rows)):
-        line = Text(f"{label[: _LABEL_W - 1]:<{_LABEL_W}}", style="bold" if out == [] else "dim")
-        line.append(bars, style="cyan")
-        out.append(_fit(line, cw))
-    return out
-
-
-def _charts(snap: RunSnapshot, width: int, height: int) -> Panel:
-    cw, lines = width - 4, max(height - 2, 1)
-    caps, rows = [6, 4, 3], [0, 0, 0]
-    # Accuracy gets the most height: it is what a run is judged by (DESIGN.md, accuracy).
-    for i in [0, 1, 2, 0, 1, 0, 2, 0, 1, 0, 2, 1, 0] * 2:
-        if sum(rows) < lines and rows[i] < caps[i]:
-            rows[i] += 1
-    accs = [p.acc_mean for p in snap.evals]
-    losses = [r.loss for r in snap.recent_rounds]
-    times = [r.round_time_s for r in snap.recent_rounds]
-    pred = snap.recent_rounds[-1].predicted_s if snap.recent_rounds else None
-    note = "" if pred is None else f"pred {pred:.2f}s"
-    blocks = [
-        ("accuracy", accs, lambda v: f"{v:.3f}", rows[0], ""),
-        ("loss", losses, lambda v: f"{v:.3f}", rows[1], ""),
-        ("round", times, lambda v: f"{v:.2f}s", rows[2], note),
-    ]
-    body: list[Text] = []
-    for name, vals, fmt, n, nt in blocks:
-        if n:
-            body += _chart_block(name, vals, fmt, n, cw, nt)
-    return Panel(Group(*body), title="trends", title_align="left", height=height)
 
 
 def _cos_style(v: float) -> Style:
@@ -319,29 +254,18 @@ def _waiting(snap: RunSnapshot, width: int, height: int) -> Panel:
             body.append(Text("(use this machine's address in place of the wildcard host)"))
     elif missing:
         body.append(Text("local agents are being started by the orchestrator", style="dim"))
-    return Panel(Group(*body), title="waiting for devices", title_align="left", height=height)
+    title = "waiting for devices"
+    if snap.join_deadline_s is not None:
+        # testbed.join_timeout_s counting down: when the run gives up on the missing ones.
+        left = max(snap.join_deadline_s - snap.elapsed_s, 0.0)
+        title += f" · {fmt_duration(left)} left of the join timeout"
+    return Panel(Group(*body), title=_fit(Text(title), cw), title_align="left", height=height)
 
 
 def _waiting_height(snap: RunSnapshot, cw: int) -> int:
     remote = [d for d in snap.devices if d.status == "waiting" and d.launch != "local"]
     cmds = sum(math.ceil(cell_len(agent_command(snap.listen, d.id)) / cw) for d in remote)
     return 2 + 1 + (2 + cmds if remote else 1)
-
-
-def _events(events: Sequence[EventLine], width: int, height: int) -> Panel:
-    cw, lines = width - 4, max(height - 2, 1)
-    tail = list(events)[-lines:]
-    ew = min(max((len(e.event) for e in tail), default=0), 12)
-    dw = min(max((len(e.device or "") for e in tail), default=0), _ID_MAX_W)
-    body = []
-    for e in tail:
-        line = Text(f"{e.t:8.1f}s ", style="dim")
-        line.append(f"{e.event:<{ew}}", style=EVENT_STYLES.get(e.event, "bold"))
-        line.append(f" {(e.device or '')[:dw]:<{dw}} {' '.join(e.text.split())}")
-        body.append(_fit(line, cw))
-    if not body:
-        body.append(Text("no events yet", style="dim"))
-    return Panel(Group(*body), title="events", title_align="left", height=height)
 
 
 def render(snap: RunSnapshot, width: int = 120, height: int = 40) -> RenderableType:
@@ -369,15 +293,17 @@ def render(snap: RunSnapshot, width: int = 120, height: int = 40) -> RenderableT
         g_base = 0 if g is None else _gapsl_height(g, compact)
         # Stacked below the charts, the heat map only takes space nothing else needs.
         mid_base = max(5, g_base) if side else 5
-        mid_full = max(15, g_base + 1) if side else 15 + g_base + 1
-    ev_min = 3
+        # A tall terminal gives the trends half of what is left: a long run's history reads.
+        mid_full = max(15, left // 2, g_base + 1) if side else max(15, left // 2) + g_base + 1
+    # The log's fixed share of the height: however long the run, it never grows into the
+    # trends (at 80x24 they keep at least 3 rows); only what the trends cannot use is its too.
+    ev_want = min(2 + max(log_size(snap), 1), max(3, int(left * EVENT_SHARE)))
     # A large fleet gets at most 3/5 of the space so charts and events stay on screen.
     fleet_h = min(
-        3 + max(len(snap.devices), 1), max(4, min(left - mid_base - ev_min, left * 3 // 5))
+        3 + max(len(snap.devices), 1), max(4, min(left - mid_base - ev_want, left * 3 // 5))
     )
-    mid_h = max(min(mid_base, left - fleet_h - ev_min), 0)
-    ev_h = min(2 + max(len(snap.events), 1), left - fleet_h - mid_h)
-    mid_h += max(min(mid_full - mid_h, left - fleet_h - mid_h - ev_h), 0)
+    mid_h = max(min(mid_full, left - fleet_h - ev_want), 0)
+    ev_h = min(2 + max(log_size(snap), 1), left - fleet_h - mid_h)
 
     parts: list[RenderableType] = [header, _fleet(snap, width, fleet_h)]
     if waiting and mid_h >= 3:
@@ -388,13 +314,13 @@ def render(snap: RunSnapshot, width: int = 120, height: int = 40) -> RenderableT
             grid = Table.grid(expand=True)
             grid.add_column(ratio=1)
             grid.add_column(width=gw)
-            grid.add_row(_charts(snap, width - gw, mid_h), _gapsl(g, gw, mid_h, compact))
+            grid.add_row(charts(snap, width - gw, mid_h), _gapsl(g, gw, mid_h, compact))
             parts.append(grid)
         elif g is not None and mid_h >= 8:
             g_h = min(_gapsl_height(g, compact) + 1, mid_h - 5)
-            parts += [_charts(snap, width, mid_h - g_h), _gapsl(g, width, g_h, compact)]
+            parts += [charts(snap, width, mid_h - g_h), _gapsl(g, width, g_h, compact)]
         else:
-            parts.append(_charts(snap, width, mid_h))
+            parts.append(charts(snap, width, mid_h))
     if ev_h >= 3:
-        parts.append(_events(snap.events, width, ev_h))
+        parts.append(events_panel(log_entries(snap, ev_h - 2), width, ev_h))
     return Group(*parts)

@@ -110,6 +110,7 @@ class RunSnapshot:
     recent_rounds: tuple[RoundPoint, ...]  # the last <= 200 rounds
     events: tuple[EventLine, ...]  # the last <= 50 events
     gapsl: GapslView | None = None  # None for baselines with nothing to show
+    join_deadline_s: float | None = None  # elapsed_s at which the wait for the fleet times out
     run_dir: str = ""
     message: str = ""  # e.g. a failure reason
 

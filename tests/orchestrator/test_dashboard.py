@@ -177,7 +177,7 @@ def _print(snap: RunSnapshot, width: int, height: int) -> str:
     return out
 
 
-@pytest.mark.parametrize("width,height", [(120, 40), (80, 24)])
+@pytest.mark.parametrize("width,height", [(120, 40), (80, 24), (160, 48)])
 def test_golden_render(width: int, height: int) -> None:
     out = _print(_snapshot(), width, height)
     path = GOLDEN / f"dashboard_{width}x{height}.txt"
