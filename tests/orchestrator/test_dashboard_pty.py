@@ -14,6 +14,7 @@ import subprocess
 import sys
 import termios
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -55,12 +56,19 @@ WATCH = (
 
 
 class _Term:
-    """A process on the slave side of a fresh 40x120 pty, and the screen its output draws."""
+    """A process on the slave side of a fresh pty (40x120 unless told), and the screen its
+    output draws."""
 
-    def __init__(self, argv: list[str]) -> None:
+    def __init__(
+        self,
+        argv: list[str],
+        rows: int = ROWS,
+        cols: int = COLS,
+        devices: tuple[str, ...] = DEVICES,
+    ) -> None:
         master, slave = os.openpty()
-        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", ROWS, COLS, 0, 0))
-        env = dict(os.environ, TERM="xterm-256color", COLUMNS=str(COLS), LINES=str(ROWS))
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+        env = dict(os.environ, TERM="xterm-256color", COLUMNS=str(cols), LINES=str(rows))
         # One torch thread in the orchestrator: on two cores shared with three agents, more
         # threads only contend (the agents already run with one each).
         env["OMP_NUM_THREADS"] = "1"
@@ -73,10 +81,13 @@ class _Term:
             os.close(slave)  # the child holds its own copy; EIO on the master means it is gone
         os.set_blocking(master, False)
         self.master = master
-        self.screen = pyte.Screen(COLS, ROWS)
+        self.screen = pyte.Screen(cols, rows)
         self.stream = pyte.ByteStream(self.screen)
         self.open = True
+        self.devices = devices
         self.rounds_seen: list[int] = []  # the round counter whenever the whole fleet shows
+        self.statuses: set[str] = set()  # every status the fleet table has shown
+        self.evals_seen: set[int] = set()  # every evaluation the event log has shown
 
     def pump(self) -> None:
         """Feed what the process wrote to the screen, and note the round counter."""
@@ -91,9 +102,12 @@ class _Term:
             return
         self.stream.feed(data)
         text = self.text
-        found = re.search(r"round (\d+)/60", text)
-        if found and all(d in text for d in DEVICES):
+        found = re.search(r"round (\d+)/\d+", text)
+        if found and all(d in text for d in self.devices):
             self.rounds_seen.append(int(found.group(1)))
+        for d in self.devices:
+            self.statuses.update(re.findall(rf"│ {re.escape(d)}\s+(\w+)", text))
+        self.evals_seen.update(int(r) for r in re.findall(r"eval\s+round (\d+) acc", text))
 
     @property
     def text(self) -> str:
@@ -110,6 +124,31 @@ class _Term:
         os.close(self.master)
 
 
+def run_to_end(
+    terms: list[_Term], limit_s: float, tick: Callable[[], None] = lambda: None
+) -> list[int]:
+    """Pump every terminal until all their processes have exited; their exit codes. ``tick``
+    runs before each wait (it may add terminals)."""
+    deadline = time.monotonic() + limit_s
+    try:
+        while any(t.open for t in terms) and time.monotonic() < deadline:
+            tick()
+            live = [t for t in terms if t.open]
+            ready, _, _ = select.select([t.master for t in live], [], [], 0.5)
+            for t in live:
+                if t.master in ready:
+                    t.pump()
+                elif t.proc.poll() is not None:
+                    t.pump()  # nothing was pending: drain whatever is left, then stop
+        if any(t.open for t in terms):
+            screens = "\n\n".join(t.text for t in terms)
+            pytest.fail(f"still running after {limit_s:.0f}s; screens:\n{screens}")
+        return [t.proc.wait(30 * SCALE) for t in terms]
+    finally:
+        for t in terms:
+            t.close()
+
+
 def _advanced(term: _Term) -> bool:
     seen = sorted(set(term.rounds_seen))
     return len(seen) >= 2 and seen[0] < seen[-1]
@@ -121,27 +160,13 @@ def test_live_dashboard_and_watch_on_a_pty(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     argv = [sys.executable, "-m", "orchestrator", "run", str(manifest), "--run-dir", str(run_dir)]
     terms = [_Term(argv)]
-    limit_s = 120 * SCALE
-    deadline = time.monotonic() + limit_s
-    try:
-        while any(t.open for t in terms) and time.monotonic() < deadline:
-            # A second terminal follows the same run from its records once they exist.
-            if len(terms) == 1 and (run_dir / "manifest.toml").exists():
-                terms.append(_Term([sys.executable, "-c", WATCH, "watch", str(run_dir)]))
-            live = [t for t in terms if t.open]
-            ready, _, _ = select.select([t.master for t in live], [], [], 0.5)
-            for t in live:
-                if t.master in ready:
-                    t.pump()
-                elif t.proc.poll() is not None:
-                    t.pump()  # nothing was pending: drain whatever is left, then stop
-        if any(t.open for t in terms):
-            screens = "\n\n".join(t.text for t in terms)
-            pytest.fail(f"still running after {limit_s:.0f}s; screens:\n{screens}")
-        codes = [t.proc.wait(30 * SCALE) for t in terms]
-    finally:
-        for t in terms:
-            t.close()
+
+    def follow() -> None:
+        # A second terminal follows the same run from its records once they exist.
+        if len(terms) == 1 and (run_dir / "manifest.toml").exists():
+            terms.append(_Term([sys.executable, "-c", WATCH, "watch", str(run_dir)]))
+
+    codes = run_to_end(terms, 120 * SCALE, follow)
     run, watch = terms[0], terms[1] if len(terms) > 1 else None
     assert codes[0] == 0, run.text
     assert _advanced(run), (run.rounds_seen, run.text)
