@@ -184,10 +184,14 @@ class RunFold:
             self.listen = rec["url"].split("://", 1)[-1]
         elif name == "round_started":
             self.round = _int(rec.get("round"))
-            asked = str(rec.get("asked", "")).split(",")
-            for v in (self.dev[i] for i in asked if i in self.dev):
-                if v.status in _AT_WORK:
+            asked = set(str(rec.get("asked", "")).split(","))
+            # Computing from the work request on; one left out of this round (participation,
+            # a deadline) is idle again, not still computing an earlier round's batch.
+            for i, v in self.dev.items():
+                if i in asked and v.status in _AT_WORK:
                     v.status = DeviceStatus.COMPUTING
+                elif v.status == DeviceStatus.COMPUTING:
+                    v.status = DeviceStatus.JOINED
         elif name == "phase" and (phase := _phase_of(rec.get("phase"))) is not None:
             self._phase(phase, t, _int(rec.get("round")))
         elif name == "resumed":

@@ -60,8 +60,10 @@ def test_fields_read_for_people() -> None:
     assert text == "uplink 5.9 Gbit/s, rtt 0.94 ms, load 6.6 s, memory 24 GiB, round 4, wall 2m04s"
 
 
-def _fold(tmp_path: Path) -> tuple[RunRecords, RunFold]:
-    m = parse_manifest('[testbed]\nlisten = "127.0.0.1:0"\n' + local_device_toml("d", "tok-d"))
+def _fold(tmp_path: Path, ids: tuple[str, ...] = ("d",)) -> tuple[RunRecords, RunFold]:
+    """A fold subscribed to the real records writer, as the engine's is."""
+    devices = "".join(local_device_toml(i, f"tok-{i}") for i in ids)
+    m = parse_manifest('[testbed]\nlisten = "127.0.0.1:0"\n' + devices)
     records = RunRecords(tmp_path / "run", "")
     fold = RunFold(m)
     records.subscribe(fold.add)
@@ -83,6 +85,22 @@ def test_routine_lines_fold_into_one(tmp_path: Path) -> None:
         ("lost", ""),
         ("checkpoint", "round 40"),
     ]
+
+
+def test_a_device_computes_from_its_work_request_to_the_round_after(tmp_path: Path) -> None:
+    records, fold = _fold(tmp_path, ("d", "e"))
+
+    def statuses() -> list[str]:
+        return [d.status for d in fold.snapshot(0.0).devices]
+
+    for d in ("d", "e"):
+        records.event("ready", d, shard_size=10)
+    assert statuses() == ["joined", "joined"]
+    records.event("round_started", None, round=1, asked="d,e")
+    assert statuses() == ["computing", "computing"]
+    records.event("round_started", None, round=2, asked="e")  # d sits this round out
+    assert statuses() == ["joined", "computing"]
+    records.close()
 
 
 def test_waiting_counts_down_the_join_timeout(tmp_path: Path) -> None:
