@@ -20,11 +20,10 @@ _ORDER = (0, 1, 2, 3, 0, 1, 0, 2, 0, 1, 3, 0, 2, 1, 0)
 
 
 def _caps(lines: int, pred: bool) -> list[int]:
-    """Rows per chart at most: 6, 4, 3, 2 in 15 lines, and shares of a taller panel."""
-    return [
-        max(6, lines * 2 // 5), max(4, lines // 4), max(3, lines // 5),
-        (2 if lines < 20 else 3) if pred else 0,
-    ]  # fmt: skip
+    """Rows per chart at most: 6, 4, 3, 2 in 15 lines; a taller panel's extra rows go mostly
+    to accuracy."""
+    loss, rnd, p = max(4, lines // 4), max(3, lines // 5), 2 if pred else 0
+    return [max(6, lines - loss - rnd - p), loss, rnd, p]
 
 
 def chart_rows(
