@@ -17,6 +17,7 @@ import torch
 
 from edge_agent import protocol
 from edge_agent.agent import AgentExit
+from edge_agent.data import Dataset
 from edge_agent.protocol import encode
 from orchestrator.algorithms.base import POOLED_ID
 from orchestrator.algorithms.dispatch import rule_class
@@ -54,16 +55,17 @@ class Engine:
         in_process: bool = False,
         resume: dict[str, Any] | None = None,
         elapsed_s: float = 0.0,
+        dataset: Dataset | None = None,
     ) -> None:
         self.m = m
+        self.dataset = dataset  # loaded by the preflights already, or None: load it here
         self.resume = resume  # the checkpoint a resumed run continues from
         self.elapsed_before = elapsed_s  # wall time of the run before it was interrupted
         self.in_process = in_process  # the reference engine: devices in this process, no network
         self.run_id = run_id
         self.records = RunRecords(run_dir, manifest_toml)
         self.records.started -= elapsed_s  # a resumed run's record times carry on
-        host, port = m.listen_host_port()
-        self.state = RunState(self.records, f"{host}:{port}")
+        self.state = RunState(self.records, "")  # the address is known once it is bound
         # What the dashboard shows: the fold of the records, those already there (a resumed
         # run's) and each one written from now on, exactly as `watch` folds the files.
         self.fold = RunFold(m, str(self.records.dir))
@@ -98,7 +100,7 @@ class Engine:
             threads = m.server.threads or (1 if any(d.launch == "local" for d in m.devices) else 0)
             if threads:  # the same in simulate, so both engines sum in the same order
                 torch.set_num_threads(threads)
-            self.job = await asyncio.to_thread(prepare_job, m)
+            self.job = await asyncio.to_thread(prepare_job, m, self.dataset)
             if self.in_process:
                 await self._train_in_process()
                 status = "completed"
