@@ -57,6 +57,7 @@ class ExitCode(IntEnum):
     OK = 0
     FAILED = 1
     USAGE = 2
+    INCOMPLETE = 3  # watch --once: the run has no final status (still going, or was killed)
     INTERRUPTED = 130  # 128 + SIGINT, the shell convention for a Ctrl-C'd process
 
 
@@ -64,6 +65,7 @@ _MEANINGS = {
     ExitCode.OK: "the command finished",
     ExitCode.FAILED: "the run failed (devices missing, training or records failed)",
     ExitCode.USAGE: "bad manifest or bad command-line usage; the message names the key",
+    ExitCode.INCOMPLETE: "watch --once: the run has not ended (still going, or was killed)",
     ExitCode.INTERRUPTED: "interrupted (Ctrl-C or SIGTERM); the run is marked interrupted",
 }
 
