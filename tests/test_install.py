@@ -164,3 +164,14 @@ def test_simulate_watch_and_report_work_without_matplotlib_and_cryptography(
     report = _without(hidden, "report", str(run), cwd=tmp_path)
     assert report.returncode == 0 and (run / "report" / "summary.md").is_file()
     assert "gapsl-testbed[report]" in report.stderr  # says how to get the plots
+
+
+def test_the_readme_never_says_a_bare_pip_install_torch() -> None:
+    # On x86 Linux a bare `pip install torch` pulls a multi-gigabyte CUDA build, GPU or not.
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    commands = re.findall(r"pip install [^\n`|]*torch\b[^\n`|]*", readme)
+    assert commands, "the README gives no torch install command"
+    for command in commands:
+        assert "--index-url" in command, command
+    for platform in ("Raspberry Pi", "Jetson", "CPU only", "NVIDIA GPU"):
+        assert platform in readme
