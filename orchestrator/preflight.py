@@ -1,11 +1,11 @@
 """The preflights: what a user can get wrong that would otherwise show only once a run started.
 
 ``check`` and ``run``/``simulate`` call the same functions, so ``check`` passing means ``run``
-starts: the data is there, loads and fingerprints as the devices will check it; the model builds
-at its cut and runs forward on a batch of the dataset's images; the listen address can be bound
-(and is released again at once); the TLS files load. Each failure is one ``ManifestError``
-naming the key to fix (exit 2); a run directory that already holds files is a
-``PreflightError`` naming it (exit 2).
+starts: the compute devices asked for exist here; the data is there, loads and fingerprints as
+the devices will check it; the model builds at its cut and runs forward on a batch of the
+dataset's images; the listen address can be bound (and is released again at once); the TLS
+files load. Each failure is one ``ManifestError`` naming the key to fix (exit 2); a run
+directory that already holds files is a ``PreflightError`` naming it (exit 2).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch
 
 from edge_agent.data import Dataset, labels_fingerprint, load_dataset
 from edge_agent.errors import DataError
-from models import available_models, build_split, default_model, model_info
+from models import available_models, build_split, default_model, model_info, select_device
 from models.errors import ModelError
 from orchestrator.config.manifest import Manifest
 from orchestrator.errors import PreflightError
@@ -28,6 +28,7 @@ from orchestrator.fleet.tls import TlsError, server_ssl_context
 
 __all__ = [
     "Preflight",
+    "check_devices",
     "check_listen",
     "check_model",
     "check_run_dir",
@@ -54,9 +55,22 @@ def preflight(m: Manifest, network: bool = True) -> Preflight:
     if network:
         check_tls(m)
         check_listen(m)
+    check_devices(m)
     ds = load_data(m)
     model, cut = check_model(m, ds)
     return Preflight(ds, model, cut, labels_fingerprint(ds.y_train))
+
+
+def check_devices(m: Manifest) -> None:
+    """The compute devices this machine must provide: the server partition's, and those of
+    the local agents (a remote device's is its own machine's business, checked by its agent)."""
+    wanted = [("server.device", m.server.device)]
+    wanted += [(f"devices.{d.id}.device", d.device) for d in m.devices if d.launch == "local"]
+    for key, device in wanted:
+        try:
+            select_device(device)
+        except ModelError as exc:  # DeviceUnavailable: e.g. "cuda" on a machine without one
+            raise m.error(key, str(exc)) from exc
 
 
 def load_data(m: Manifest) -> Dataset:

@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 from orchestrator.cli import main
 from orchestrator.errors import ExitCode
@@ -106,6 +107,16 @@ CASES: list[tuple[str, Case, list[str]]] = [
         "TLS files unreadable",
         lambda t, p: (_garbage(t), [], "b"),
         ["[testbed].tls_cert", "not a usable PEM certificate and key"],
+    ),
+    (
+        "compute device missing",
+        # whichever of the two this machine lacks (no machine has both)
+        lambda t, p: (
+            [f"devices.b.device={'mps' if torch.cuda.is_available() else 'cuda'}"],
+            [],
+            "b",
+        ),
+        ["[devices.b].device", "requested but", "not available"],
     ),
     (
         "device id twice",
