@@ -8,6 +8,7 @@ update the shared server partition once, and send each device its activation gra
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -28,6 +29,7 @@ from orchestrator.fleet.group import SessionGroup
 from orchestrator.fleet.launcher import LocalFleet
 from orchestrator.fleet.sessions import DeviceSession, wait_ready
 from orchestrator.fleet.tls import server_ssl_context
+from orchestrator.preflight import bind_problem
 from orchestrator.records import checkpoint
 from orchestrator.records.writer import RunRecords
 from orchestrator.training.job import Job, job_message, prepare_job
@@ -126,7 +128,7 @@ class Engine:
                 self.sessions, self.run_id, lambda s: self._frames[s.id], st.event, self._telemetry
             )
             host, port = m.listen_host_port()
-            async with serve(
+            listener = serve(
                 admission.handler,
                 host,
                 port,
@@ -137,7 +139,12 @@ class Engine:
                 open_timeout=HANDSHAKE_TIMEOUT_S,
                 close_timeout=CLOSE_TIMEOUT_S,
                 ssl=ssl_context,  # with TLS on, a plain ws:// client fails its handshake
-            ) as server:
+            )
+            async with contextlib.AsyncExitStack() as stack:
+                try:
+                    server = await stack.enter_async_context(listener)
+                except OSError as exc:  # taken since the preflight bound it: a failed run, named
+                    raise m.error("testbed.listen", bind_problem(exc, host, port)) from exc
                 port = server.sockets[0].getsockname()[1]
                 st.listen = f"{host}:{port}"
                 st.event("listening", None, {"url": f"{scheme}://{st.listen}"})

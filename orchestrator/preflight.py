@@ -28,6 +28,7 @@ from orchestrator.fleet.tls import TlsError, server_ssl_context
 
 __all__ = [
     "Preflight",
+    "bind_problem",
     "check_devices",
     "check_listen",
     "check_model",
@@ -131,7 +132,9 @@ def check_model(m: Manifest, ds: Dataset) -> tuple[str, str]:
     return name, split.cut
 
 
-def _bind_problem(exc: OSError, host: str, port: int) -> str:
+def bind_problem(exc: OSError, host: str, port: int) -> str:
+    """What to tell the user when ``host:port`` cannot be bound (also the engine's, should
+    another process take the port between the preflight and the run's own bind)."""
     where = f"{host}:{port}"
     if exc.errno == errno.EADDRINUSE:
         return (
@@ -164,7 +167,7 @@ def check_listen(m: Manifest) -> None:
             try:
                 sock.bind(addr)
             except OSError as exc:
-                raise m.error("testbed.listen", _bind_problem(exc, host, port)) from exc
+                raise m.error("testbed.listen", bind_problem(exc, host, port)) from exc
 
 
 def _readable(m: Manifest, key: str, path: Path) -> None:

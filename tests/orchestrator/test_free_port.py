@@ -4,17 +4,20 @@ names the address only once it is bound, with the real port."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 from rich.console import Console
 
-from orchestrator.config.manifest import parse_manifest
+from orchestrator.config.manifest import manifest_to_toml, parse_manifest
+from orchestrator.engine import Engine
 from orchestrator.ui.fold import RunFold
 from orchestrator.ui.render import render
 from orchestrator.ui.watch import snapshot_from_records
@@ -70,3 +73,16 @@ def test_the_header_shows_no_address_before_one_is_bound() -> None:
     assert after.listen == "127.0.0.1:40123"
     assert "serving ws://127.0.0.1:40123" in _text(after)
     assert "serving" not in _text(dataclasses.replace(after, listen="in-process"))
+
+
+def test_a_port_taken_after_the_preflight_fails_the_run_naming_the_key(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        taken = busy.getsockname()[1]
+        text = f'[testbed]\nlisten = "127.0.0.1:{taken}"\n[[devices]]\nid = "a"\ntoken = "t"\n'
+        m = parse_manifest(text, source="m.toml")
+        engine = Engine(m, tmp_path / "run", manifest_to_toml(m), run_id="taken")
+        assert asyncio.run(asyncio.wait_for(engine.run(), 60 * SCALE)) == "failed"
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["error"].startswith(f"m.toml: [testbed].listen: 127.0.0.1:{taken} is already")
