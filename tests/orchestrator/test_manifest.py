@@ -210,8 +210,9 @@ def test_error_tree_and_exit_codes() -> None:
     assert (err.source, err.key, err.problem) == ("testbed.toml", "devices.pi-03.token", "missing")
     assert str(pickle.loads(pickle.dumps(err))) == str(err)
     assert str(ManifestError("--set", "devices", "missing")) == "--set: devices: missing"
-    assert [int(c) for c in ExitCode] == [0, 1, 2, 130]
+    assert [int(c) for c in ExitCode] == [0, 1, 2, 3, 130]  # 3: watch --once, run not ended
     assert "130" in exit_code_help() and "usage" in exit_code_help()
+    assert "incomplete" in exit_code_help()
 
 
 # --- --set overrides ---------------------------------------------------------------------------
