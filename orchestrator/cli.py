@@ -22,26 +22,54 @@ from orchestrator.errors import ExitCode, GapslError, exit_code_help
 from orchestrator.names import Phase
 
 if TYPE_CHECKING:
+    from edge_agent.data import Dataset
     from orchestrator.records.resume import Resume
 
 DEFAULT_MANIFEST = "testbed.toml"
 
 
+# What each command's --help shows first in its epilog: a command line to copy.
+EXAMPLES = {
+    "run": "gapsl-orchestrator run testbed.toml --set training.rounds=50 --no-dashboard",
+    "simulate": "gapsl-orchestrator simulate testbed.toml --set training.algorithm=gapsl",
+    "check": "gapsl-orchestrator check testbed.toml --set data.dir=/srv/datasets/fashion_mnist",
+    "report": "gapsl-orchestrator report runs/digits-local-psl-s0-* --out report",
+    "watch": "gapsl-orchestrator watch runs/digits-local-psl-s0-20261124-101500 --once",
+    "tls-init": "gapsl-orchestrator tls-init ~/gapsl-tls --host lab-server --host 192.168.1.20",
+}
+
+
 class _HelpFormatter(argparse.HelpFormatter):
     """argparse's default, except that text with line breaks (the exit-code table) is kept as
-    written instead of being re-flowed into one paragraph."""
+    written instead of being re-flowed into one paragraph, and every option with a real default
+    says it (as ``ArgumentDefaultsHelpFormatter`` would, less its "(default: None)" noise)."""
 
     def _fill_text(self, text: str, width: int, indent: str) -> str:
         if "\n" not in text:
             return super()._fill_text(text, width, indent)
         return "".join(indent + line for line in text.splitlines(keepends=True))
 
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if "default" in text or default in (None, False, [], argparse.SUPPRESS):
+            return text
+        return f"{text} (default: %(default)s)"
 
-def _with_exit_codes(parser: argparse.ArgumentParser) -> None:
-    """Put the exit-code table (from ``ExitCode``) at the end of ``parser``'s help."""
-    table = exit_code_help()
-    parser.epilog = f"{parser.epilog}\n\n{table}" if parser.epilog else table
+
+def _finish_help(parser: argparse.ArgumentParser, name: str | None) -> None:
+    """End ``parser``'s help with an example (if it has one), then the exit-code table."""
+    parts = [parser.epilog] if parser.epilog else []
+    if name in EXAMPLES:
+        parts.append(f"example:\n  {EXAMPLES[name]}")
+    parts.append(exit_code_help())
+    parser.epilog = "\n\n".join(parts)
     parser.formatter_class = _HelpFormatter
+    debug = "on a failure, show its traceback instead of one line"
+    if name is None:
+        parser.add_argument("--debug", action="store_true", help=debug)
+    else:  # also after the command; SUPPRESS keeps a --debug given before it
+        parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -54,8 +82,8 @@ def _parser() -> argparse.ArgumentParser:
         ("run", "run a manifest on its fleet"),
         ("simulate", "run a manifest with every device in this process (the reference engine)"),
     ):
-        run = sub.add_parser(name, help=text)
-        run.add_argument("manifest", nargs="?", default=DEFAULT_MANIFEST)
+        run = sub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
+        run.add_argument("manifest", nargs="?", default=DEFAULT_MANIFEST, help="the manifest")
         run.add_argument("--no-dashboard", action="store_true", help="log lines, no live view")
         run.add_argument(
             "--run-dir", type=Path, default=None, help="default: under testbed.runs_dir"
@@ -71,9 +99,20 @@ def _parser() -> argparse.ArgumentParser:
                 metavar="RUN_DIR",
                 help="continue an interrupted run in place, from its last checkpoint",
             )
-    check = sub.add_parser("check", help="validate a manifest and exit")
-    check.add_argument("manifest", nargs="?", default=DEFAULT_MANIFEST)
-    check.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    check = sub.add_parser(
+        "check",
+        help="validate a manifest and run the preflights of run, then exit",
+        description="Validate a manifest and run the preflights that run does: the data is "
+        "there and loads, the model builds at its cut and runs on a batch of the data, the "
+        "listen port is free, the TLS files load. Exit 0 means run starts.",
+    )
+    check.add_argument("manifest", nargs="?", default=DEFAULT_MANIFEST, help="the manifest")
+    check.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a key"
+    )
+    check.add_argument(
+        "--run-dir", type=Path, default=None, help="also check that run could write here"
+    )
     from orchestrator.ui.report import add_parser as add_report
 
     add_report(sub)
@@ -84,8 +123,9 @@ def _parser() -> argparse.ArgumentParser:
 
     add_watch(sub)
     # Every command, also those other modules register, shows the same table in its --help.
-    for parser in (p, *sub.choices.values()):
-        _with_exit_codes(parser)
+    _finish_help(p, None)
+    for name, parser in sub.choices.items():
+        _finish_help(parser, name)
     return p
 
 
@@ -96,20 +136,34 @@ def default_run_dir(m: Manifest) -> Path:
 
 
 def _check(args: argparse.Namespace) -> int:
+    from orchestrator.preflight import check_run_dir, preflight
+
     m = load_manifest(args.manifest, args.set)
+    pre = preflight(m)  # the same preflights as run: check ok means run starts
+    if args.run_dir is not None:
+        check_run_dir(args.run_dir)
     exposed = secrets.exposed_warning(m)
     if exposed is not None:  # valid all the same: a warning, not an error
         print(f"warning: {exposed}", file=sys.stderr)
     local = sum(d.launch == "local" for d in m.devices)
+    host, port = m.listen_host_port()
+    listen = f"{host}:{port}" if port else f"{host}, a free port"
     print(
-        f"{args.manifest}: ok — {m.training.algorithm} on {m.training.dataset}, "
-        f"{len(m.devices)} devices ({local} local), {m.training.rounds} rounds"
+        f"{args.manifest}: ok — {m.training.algorithm} on {m.training.dataset} "
+        f"({len(pre.dataset.y_train)} training samples), {pre.model} cut at {pre.cut}, "
+        f"{len(m.devices)} devices ({local} local), {m.training.rounds} rounds, "
+        f"listening on {listen}"
     )
     return ExitCode.OK
 
 
 async def _run_async(
-    m: Manifest, run_dir: Path, dashboard: bool, in_process: bool, resume: Resume | None = None
+    m: Manifest,
+    run_dir: Path,
+    dashboard: bool,
+    in_process: bool,
+    resume: Resume | None = None,
+    dataset: Dataset | None = None,
 ) -> str:
     from orchestrator.engine import Engine
 
@@ -121,6 +175,7 @@ async def _run_async(
         in_process=in_process,
         resume=resume.checkpoint if resume else None,
         elapsed_s=resume.wall_s if resume else 0.0,
+        dataset=dataset,
     )
     loop = asyncio.get_running_loop()
     main = asyncio.current_task()
@@ -159,19 +214,29 @@ async def _run_async(
 
 
 def _run(args: argparse.Namespace) -> int:
+    from orchestrator.preflight import claim_run_dir, preflight
+
     resume = None
+    in_process = args.command == "simulate"
     if getattr(args, "resume", None) is not None:
         from orchestrator.records.resume import prepare_resume
 
         resume = prepare_resume(args.resume, args.set, args.run_dir)
         m, run_dir = resume.manifest, args.resume
+        pre = preflight(m, network=not in_process)
     else:
         m = load_manifest(args.manifest, args.set)
-        run_dir = args.run_dir or default_run_dir(m)
+        # Everything the user can get wrong fails here, in one line, before a run directory
+        # exists (orchestrator/preflight.py; check runs the same).
+        pre = preflight(m, network=not in_process)
+        chosen = args.run_dir is not None
+        run_dir = claim_run_dir(args.run_dir if chosen else default_run_dir(m), chosen)
     dashboard = not args.no_dashboard and sys.stdout.isatty() and os.environ.get("TERM") != "dumb"
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        status = asyncio.run(_run_async(m, run_dir, dashboard, args.command == "simulate", resume))
+        status = asyncio.run(
+            _run_async(m, run_dir, dashboard, in_process, resume, dataset=pre.dataset)
+        )
     except (KeyboardInterrupt, asyncio.CancelledError):
         status = Phase.INTERRUPTED
     summary = run_dir / "summary.json"
@@ -193,6 +258,17 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        # The reader went away (`watch RUN | head -1`): as the Python docs advise for SIGPIPE,
+        # point stdout at devnull so the interpreter's final flush cannot fail again, and exit.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return ExitCode.FAILED
+
+
+def _main(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "check":
@@ -201,6 +277,8 @@ def main(argv: list[str] | None = None) -> int:
             return int(args.func(args))
         return _run(args)
     except GapslError as exc:  # the user's to fix: one line, the class says which exit code
+        if args.debug:
+            raise
         print(f"gapsl-orchestrator: {exc}", file=sys.stderr)
         return exc.exit_code
 

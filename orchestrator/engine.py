@@ -8,6 +8,7 @@ update the shared server partition once, and send each device its activation gra
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -17,6 +18,7 @@ import torch
 
 from edge_agent import protocol
 from edge_agent.agent import AgentExit
+from edge_agent.data import Dataset
 from edge_agent.protocol import encode
 from orchestrator.algorithms.base import POOLED_ID
 from orchestrator.algorithms.dispatch import rule_class
@@ -29,6 +31,7 @@ from orchestrator.fleet.launcher import LocalFleet
 from orchestrator.fleet.sessions import DeviceSession, wait_ready
 from orchestrator.fleet.tls import server_ssl_context
 from orchestrator.names import DeviceStatus
+from orchestrator.preflight import bind_problem
 from orchestrator.records import checkpoint
 from orchestrator.records.writer import RunRecords
 from orchestrator.training.job import Job, job_message, prepare_job
@@ -57,8 +60,10 @@ class Engine:
         in_process: bool = False,
         resume: dict[str, Any] | None = None,
         elapsed_s: float = 0.0,
+        dataset: Dataset | None = None,
     ) -> None:
         self.m = m
+        self.dataset = dataset  # loaded by the preflights already, or None: load it here
         self.resume = resume  # the checkpoint a resumed run continues from
         self.elapsed_before = elapsed_s  # wall time of the run before it was interrupted
         self.in_process = in_process  # the reference engine: devices in this process, no network
@@ -66,8 +71,7 @@ class Engine:
         require_metrics(m)  # before the run directory exists: a manifest error, exit 2
         self.records = RunRecords(run_dir, manifest_toml)
         self.records.started -= elapsed_s  # a resumed run's record times carry on
-        host, port = m.listen_host_port()
-        self.state = RunState(self.records, f"{host}:{port}")
+        self.state = RunState(self.records, "")  # the address is known once it is bound
         # What the dashboard shows: the fold of the records, those already there (a resumed
         # run's) and each one written from now on, exactly as `watch` folds the files.
         self.fold = RunFold(m, str(self.records.dir))
@@ -107,7 +111,7 @@ class Engine:
             threads = m.server.threads or (1 if any(d.launch == "local" for d in m.devices) else 0)
             if threads:  # the same in simulate, so both engines sum in the same order
                 torch.set_num_threads(threads)
-            self.job = await asyncio.to_thread(prepare_job, m)
+            self.job = await asyncio.to_thread(prepare_job, m, self.dataset)
             if self.in_process:
                 await self._train_in_process()
                 status = "completed"
@@ -133,7 +137,7 @@ class Engine:
                 self.sessions, self.run_id, lambda s: self._frames[s.id], st.event, self._telemetry
             )
             host, port = m.listen_host_port()
-            async with serve(
+            listener = serve(
                 admission.handler,
                 host,
                 port,
@@ -144,7 +148,12 @@ class Engine:
                 open_timeout=HANDSHAKE_TIMEOUT_S,
                 close_timeout=CLOSE_TIMEOUT_S,
                 ssl=ssl_context,  # with TLS on, a plain ws:// client fails its handshake
-            ) as server:
+            )
+            async with contextlib.AsyncExitStack() as stack:
+                try:
+                    server = await stack.enter_async_context(listener)
+                except OSError as exc:  # taken since the preflight bound it: a failed run, named
+                    raise m.error("testbed.listen", bind_problem(exc, host, port)) from exc
                 port = server.sockets[0].getsockname()[1]
                 st.listen = f"{host}:{port}"
                 st.event("listening", None, {"url": f"{scheme}://{st.listen}"})

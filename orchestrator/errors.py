@@ -5,6 +5,8 @@ them into a one-line message and an exit code without a traceback::
 
     GapslError                 anything the testbed reports to its user             exit 1
     ├── ManifestError          a manifest key or --set override is wrong; names it  exit 2
+    ├── PreflightError         preflight.py: a run cannot start here (a --run-dir
+    │                          that holds files); names the file                    exit 2
     ├── FleetError             devices did not join, or too few remain for the run  exit 1
     ├── RunError               a run failed after it started (training, records)    exit 1
     ├── RunInterrupted         SIGINT/SIGTERM stopped training at a round boundary  exit 130
@@ -14,9 +16,11 @@ them into a one-line message and an exit code without a traceback::
         │                      used; the message names the file or host             exit 2
         └── TlsFilesExistError tls-init would overwrite files (--force allows it)   exit 2
 
-The exit code of each class is its ``exit_code`` attribute. Inside a run the engine catches them
-all: the run's ``summary.json`` says ``failed`` (or ``interrupted``) with the message as its
-``error``, and ``run`` exits 1 (or 130).
+The preflights (``orchestrator/preflight.py``: data, model and cut, listen port, TLS files)
+report a value that cannot work on this machine as a ManifestError naming its key, before any
+run directory exists. The exit code of each class is its ``exit_code`` attribute. Inside a run
+the engine catches them all: the run's ``summary.json`` says ``failed`` (or ``interrupted``)
+with the message as its ``error``, and ``run`` exits 1 (or 130).
 
 Not under the root, on purpose:
 
@@ -40,6 +44,7 @@ __all__ = [
     "FleetError",
     "GapslError",
     "ManifestError",
+    "PreflightError",
     "RunError",
     "RunInterrupted",
     "exit_code_help",
@@ -52,6 +57,7 @@ class ExitCode(IntEnum):
     OK = 0
     FAILED = 1
     USAGE = 2
+    INCOMPLETE = 3  # watch --once: the run has no final status (still going, or was killed)
     INTERRUPTED = 130  # 128 + SIGINT, the shell convention for a Ctrl-C'd process
 
 
@@ -59,6 +65,7 @@ _MEANINGS = {
     ExitCode.OK: "the command finished",
     ExitCode.FAILED: "the run failed (devices missing, training or records failed)",
     ExitCode.USAGE: "bad manifest or bad command-line usage; the message names the key",
+    ExitCode.INCOMPLETE: "watch --once: the run has not ended (still going, or was killed)",
     ExitCode.INTERRUPTED: "interrupted (Ctrl-C or SIGTERM); the run is marked interrupted",
 }
 
@@ -107,6 +114,12 @@ class ManifestError(GapslError):
     def __reduce__(self) -> tuple[type[ManifestError], tuple[str, str, str]]:
         # The default reduce would call __init__ with the rendered message only.
         return (type(self), (self.source, self.key, self.problem))
+
+
+class PreflightError(GapslError):
+    """A run cannot start here for a reason outside the manifest's keys (its run directory)."""
+
+    exit_code = ExitCode.USAGE
 
 
 class FleetError(GapslError):

@@ -22,6 +22,7 @@ from typing import Any, get_type_hints
 
 from orchestrator.config.sections import (
     DEVICE_ID,
+    OVERRIDE_SOURCE,
     SECTIONS,
     Check,
     DashboardConfig,
@@ -37,6 +38,7 @@ from orchestrator.config.sections import (
     TestbedConfig,
     TlsFiles,
     TrainingConfig,
+    blame,
     split_listen,
 )
 from orchestrator.config.toml_out import local_device_toml, manifest_to_toml
@@ -66,8 +68,6 @@ __all__ = [
     "parse_override",
     "split_listen",
 ]
-
-OVERRIDE_SOURCE = "--set"
 
 # --- reading TOML ----------------------------------------------------------------------------
 
@@ -110,8 +110,7 @@ class _Context:
         self.overridden = tuple(overridden)
 
     def error(self, key: str, problem: str) -> ManifestError:
-        from_set = any(key == o or key.startswith(o + ".") for o in self.overridden)
-        return ManifestError(OVERRIDE_SOURCE if from_set else self.source, key, problem)
+        return blame(self.source, self.overridden, key, problem)
 
 
 @cache
@@ -251,7 +250,18 @@ def _validate(raw: dict[str, Any], ctx: _Context, base_dir: Path) -> Manifest:
             "gapsl.prior_tau",
             f'the prior correction needs gapsl.space = "client", got {toml_value(g.space)}',
         )
-    return Manifest(**sections, devices=devices, source=ctx.source, base_dir=base_dir)
+    if "listen" not in raw.get("testbed", {}) and all(d.launch == "local" for d in devices):
+        # Only this machine's own agents dial in, and they are told the bound port: any free
+        # port does, so two runs on one host never collide. A listen the user set is kept.
+        host, _ = split_listen(tb.listen)
+        sections["testbed"] = replace(tb, listen=f"{host}:0")
+    return Manifest(
+        **sections,
+        devices=devices,
+        source=ctx.source,
+        base_dir=base_dir,
+        overridden=ctx.overridden,
+    )
 
 
 # --- overrides -------------------------------------------------------------------------------

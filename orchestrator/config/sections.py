@@ -14,6 +14,7 @@ from typing import Any, Callable, NamedTuple, Optional
 
 from orchestrator.algorithms.registry import RULE_NAMES
 from orchestrator.config.values import toml_value
+from orchestrator.errors import ManifestError
 
 Check = Callable[[Any], Optional[str]]  # returns a problem, or None when the value is fine
 
@@ -244,6 +245,15 @@ SECTIONS: dict[str, type] = {
 }
 
 
+OVERRIDE_SOURCE = "--set"
+
+
+def blame(source: str, overridden: Sequence[str], key: str, problem: str) -> ManifestError:
+    """The error about ``key``, named after ``source``, or after --set when it overrode the key."""
+    from_set = any(key == o or key.startswith(o + ".") for o in overridden)
+    return ManifestError(OVERRIDE_SOURCE if from_set else source, key, problem)
+
+
 class TlsFiles(NamedTuple):
     """``testbed.tls_*`` resolved to paths."""
 
@@ -271,6 +281,14 @@ class Manifest:
     # The file the device tokens were read from (absolute; "" when not from a file).
     tokens_from: str = field(default="", compare=False)
     base_dir: Path = field(default_factory=Path.cwd, compare=False)
+    # the dotted keys that --set overrode: an error about one of them blames "--set"
+    overridden: tuple[str, ...] = field(default=(), compare=False)
+
+    def error(self, key: str, problem: str) -> ManifestError:
+        """A ManifestError about ``key`` (dotted), blaming --set when the value came from it.
+
+        For problems found after loading (the preflights: data, model, port, TLS files)."""
+        return blame(self.source, self.overridden, key, problem)
 
     def listen_host_port(self) -> tuple[str, int]:
         """``testbed.listen`` as ``(host, port)``; port 0 means "pick a free port"."""

@@ -38,6 +38,7 @@ __all__ = [
     "server_ssl_context",
 ]
 
+INSTALL_HINT = "pip install 'gapsl-testbed[tls]'  (or: pip install cryptography)"
 # Local agents dial loopback (see the engine's dial host), so the certificate always covers it.
 ALWAYS_HOSTS = ("localhost", "127.0.0.1", "::1")
 CA_CERT, CA_KEY, SERVER_CERT, SERVER_KEY = "ca.pem", "ca-key.pem", "server.pem", "server-key.pem"
@@ -127,6 +128,17 @@ def _write_private(path: Path, data: bytes, mode: int) -> None:
         raise
 
 
+def _need_cryptography() -> None:
+    # An optional dependency (the `tls` extra): say what to install, in one line.
+    try:
+        import cryptography  # noqa: F401
+    except ImportError as exc:
+        raise TlsError(
+            f"making certificates needs the cryptography package, which is not installed: "
+            f"{INSTALL_HINT}"
+        ) from exc
+
+
 def create_lab_ca(
     out_dir: Path, *, hosts: Sequence[str], days: int = DEFAULT_DAYS, force: bool = False
 ) -> LabFiles:
@@ -140,6 +152,7 @@ def create_lab_ca(
     """
     if days < 1:
         raise TlsError(f"--days must be >= 1, got {days}")
+    _need_cryptography()  # before anything is written
     names = _subject_alt_names(hosts)
     ca_cert_path, cert_path, key_path, ca_key_path = lab_paths(out_dir)
     existing = [p for p in (ca_cert_path, ca_key_path, cert_path, key_path) if p.exists()]

@@ -41,10 +41,13 @@ class Job:
 _BUILD_LOCK = threading.Lock()
 
 
-def prepare_job(m: Manifest) -> Job:
-    """Load data, partition it, and build the identical initial weights every device starts from."""
+def prepare_job(m: Manifest, dataset: Dataset | None = None) -> Job:
+    """Load data (unless the preflights already did: ``dataset``), partition it, and build the
+    identical initial weights every device starts from."""
     t = m.training
-    ds = load_dataset(t.dataset, m.data_dir(), download=m.data.download)
+    if dataset is None:
+        dataset = load_dataset(t.dataset, m.data_dir(), download=m.data.download)
+    ds = dataset
     model = default_model(t.dataset) if t.model == "auto" else t.model
     shards = partition(
         ds.y_train,

@@ -120,10 +120,10 @@ class RunFold:
         self.run_dir = run_dir
         self.on_line: Callable[[str], None] | None = None
         self.dev: dict[str, _Device] = {}
+        # "HOST:PORT" once the `listening` event says what was bound: the manifest's port may
+        # be 0 (any free port), so the header shows no address before there is a real one.
         self.listen = ""
         if manifest is not None:
-            host, port = manifest.listen_host_port()
-            self.listen = f"{host}:{port}"
             for d in manifest.devices:
                 self.dev[d.id] = _Device(d.launch, batch_size=manifest.training.batch_size)
                 if d.device != "auto":
@@ -175,8 +175,7 @@ class RunFold:
             self.join_deadline_s = None
             for v in self.dev.values():
                 v.status = DeviceStatus.WAITING
-            if rec.get("engine") == "in-process":
-                self.listen = "in-process"
+            self.listen = "in-process" if rec.get("engine") == "in-process" else ""
         elif name == "joining":
             timeout = finite(rec.get("timeout_s"))
             self.join_deadline_s = None if timeout is None or t != t else t + timeout

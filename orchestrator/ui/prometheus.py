@@ -8,12 +8,11 @@ Prometheus convention (seconds, bytes); README.md lists every metric.
 
 from __future__ import annotations
 
-import importlib.util
 from typing import Any
 
 from orchestrator.config.manifest import Manifest
 from orchestrator.config.sections import split_listen
-from orchestrator.errors import ManifestError, RunError
+from orchestrator.errors import RunError
 from orchestrator.records.reader import finite
 from orchestrator.records.writer import RunRecords
 from orchestrator.ui.watch import read_records
@@ -56,17 +55,21 @@ _ROUND = (
 
 
 def _installed() -> bool:
-    return importlib.util.find_spec("prometheus_client") is not None
+    try:
+        import prometheus_client  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def require_metrics(m: Manifest) -> None:
-    """A manifest that asks for the endpoint needs prometheus-client: say so in one line."""
+    """A manifest that asks for the endpoint needs prometheus-client: say so in one line (a
+    preflight of ``check`` and ``run``; the engine asks again for callers that skip them)."""
     if m.testbed.metrics_listen and not _installed():
-        raise ManifestError(
-            m.source,
+        raise m.error(
             METRICS_KEY,
-            "needs prometheus-client: pip install 'gapsl-testbed[metrics]' "
-            "(or '.[metrics]' in a checkout), or set it to \"\"",
+            "needs prometheus-client: pip install 'gapsl-testbed[metrics]'  "
+            '(or: pip install prometheus-client), or set it to ""',
         )
 
 

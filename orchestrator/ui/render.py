@@ -50,8 +50,9 @@ def _auto(v: float | None) -> str:
 def _header(snap: RunSnapshot, cw: int) -> list[Text]:
     part = snap.partition if snap.alpha is None else f"{snap.partition} α={snap.alpha:g}"
     ident = Text(" · ").join(Text(p) for p in (snap.algorithm, snap.dataset, part))
-    if ident.cell_len + len(snap.listen) + 15 <= cw:
-        ident.append(f" · serving ws://{snap.listen}", style="dim")
+    served = "" if snap.listen in ("", "in-process") else f"serving ws://{snap.listen}"
+    if served and ident.cell_len + len(served) + 3 <= cw:  # once bound, with the real port
+        ident.append(f" · {served}", style="dim")
 
     total = max(snap.rounds, 1)
     frac = min(max(snap.round / total, 0.0), 1.0)

@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 from orchestrator.errors import ExitCode, RunError
 from orchestrator.records.reader import RunStats, collect, load_run
-from orchestrator.ui.plots import PLOTS
+from orchestrator.ui.plots import PLOTS, draw_plot
 
 __all__ = ["INSTALL_HINT", "add_parser", "build_report", "default_out_dir", "run_report"]
 
@@ -186,8 +186,8 @@ def build_report(run_dirs: Sequence[Path], out_dir: Path) -> list[Path]:
     plots: list[tuple[str, str]] = []
     notes = _notes(stats)
     if _have_matplotlib():
-        for file, title, draw in PLOTS:
-            skipped: str | None = draw(stats, out_dir / file)
+        for file, title, _draw in PLOTS:
+            skipped = draw_plot(file, stats, out_dir / file)
             if skipped is None:
                 written.append(out_dir / file)
                 plots.append((file, title))

@@ -247,7 +247,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             "Show the dashboard of a run from its run directory alone, refreshed as records are "
             "appended, until the records show the run ended (or Ctrl-C). When stdout is not a "
             "terminal, prints one log line per event and evaluation instead. Exits with the "
-            "run's status: 0 completed, 1 failed, 130 interrupted (or Ctrl-C)."
+            "run's status: 0 completed, 1 failed, 130 interrupted (or Ctrl-C); with --once, "
+            "3 while the run has not ended."
         ),
     )
     p.add_argument("run_dir", type=Path, metavar="RUN_DIR")
@@ -279,7 +280,7 @@ def run_watch(args: argparse.Namespace) -> int:
             file=sys.stdout, width=width, height=height, color_system=None, force_terminal=False
         )
         console.print(render(snap, width, height))
-        return ExitCode.OK
+        return exit_code_of(watcher.status)
     try:
         if sys.stdout.isatty() and os.environ.get("TERM") != "dumb":
             status = asyncio.run(watch_live(watcher, Console(), hz))
@@ -287,5 +288,17 @@ def run_watch(args: argparse.Namespace) -> int:
             status = _follow_lines(watcher, hz)
     except (KeyboardInterrupt, asyncio.CancelledError):
         return ExitCode.INTERRUPTED
-    codes = {"failed": ExitCode.FAILED, "interrupted": ExitCode.INTERRUPTED}
-    return codes.get(status, ExitCode.OK)
+    return exit_code_of(status)
+
+
+_STATUS_CODES: dict[str, ExitCode] = {
+    Phase.COMPLETED: ExitCode.OK,
+    Phase.FAILED: ExitCode.FAILED,
+    Phase.INTERRUPTED: ExitCode.INTERRUPTED,
+}
+
+
+def exit_code_of(status: str) -> ExitCode:
+    """``watch``'s exit status for a run's final status; ``""`` (no final record) is
+    INCOMPLETE, so a script can tell a run that ended well from one still going or killed."""
+    return _STATUS_CODES.get(status, ExitCode.INCOMPLETE)  # str enums: keyed by the word

@@ -52,8 +52,26 @@ def test_default_manifest_parses() -> None:
     assert [d.id for d in m.devices] == ["dev-1", "dev-2", "dev-3", "dev-4"]
     assert all(d.launch == "local" and d.token for d in m.devices)
     assert len({d.token for d in m.devices}) == 4
-    assert m.listen_host_port() == ("127.0.0.1", 8765)
+    # every device is local and listen is left unset: a free port, so runs never collide
+    assert m.listen_host_port() == ("127.0.0.1", 0)
     assert m.base_dir == ROOT and m.data_dir() is None
+
+
+LOCAL = BASE.replace('token = "t1"', 'token = "t1"\nlaunch = "local"').replace(
+    'token = "t2"', 'token = "t2"\nlaunch = "local"'
+)
+
+
+def test_an_all_local_fleet_listens_on_a_free_port_unless_listen_is_set() -> None:
+    assert parse_manifest(LOCAL).testbed.listen == "127.0.0.1:0"
+    # a remote device dials the documented default port
+    assert parse_manifest(LOCAL.replace('launch = "local"', "", 1)).testbed.listen.endswith(":8765")
+    explicit = '[testbed]\nlisten = "127.0.0.1:8765"\n' + LOCAL
+    assert parse_manifest(explicit).testbed.listen == "127.0.0.1:8765"
+    by_set = parse_manifest(LOCAL, overrides=["testbed.listen=127.0.0.1:9001"])
+    assert by_set.testbed.listen == "127.0.0.1:9001"
+    # the resolved manifest a run directory keeps (and --resume reads) stays on a free port
+    assert parse_manifest(manifest_to_toml(parse_manifest(LOCAL))).testbed.listen.endswith(":0")
 
 
 def test_defaults_fill_in() -> None:
@@ -193,8 +211,9 @@ def test_error_tree_and_exit_codes() -> None:
     assert (err.source, err.key, err.problem) == ("testbed.toml", "devices.pi-03.token", "missing")
     assert str(pickle.loads(pickle.dumps(err))) == str(err)
     assert str(ManifestError("--set", "devices", "missing")) == "--set: devices: missing"
-    assert [int(c) for c in ExitCode] == [0, 1, 2, 130]
+    assert [int(c) for c in ExitCode] == [0, 1, 2, 3, 130]  # 3: watch --once, run not ended
     assert "130" in exit_code_help() and "usage" in exit_code_help()
+    assert "incomplete" in exit_code_help()
 
 
 # --- --set overrides ---------------------------------------------------------------------------

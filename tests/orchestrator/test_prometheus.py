@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import math
 import os
+import socket
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from orchestrator import cli
 from orchestrator.config.manifest import local_device_toml, manifest_to_toml, parse_manifest
 from orchestrator.engine import Engine
 from orchestrator.errors import ManifestError
+from orchestrator.preflight import check_listen
 from orchestrator.ui import prometheus
 
 parser = pytest.importorskip("prometheus_client.parser")
@@ -124,12 +126,23 @@ def test_metrics_without_prometheus_client_is_one_line_and_exit_2(
     manifest.chmod(0o600)
     monkeypatch.setattr(prometheus, "_installed", lambda: False)
     run_dir = tmp_path / "run"
-    code = cli.main(["run", str(manifest), "--no-dashboard", "--run-dir", str(run_dir)])
-    err = capsys.readouterr().err.strip()
-    assert code == 2
-    assert len(err.splitlines()) == 1, err
-    assert "[testbed].metrics_listen" in err and "[metrics]" in err
+    for argv in (["check", str(manifest)], ["run", str(manifest), "--run-dir", str(run_dir)]):
+        code = cli.main([*argv, "--no-dashboard"] if argv[0] == "run" else argv)
+        err = capsys.readouterr().err.strip()
+        assert code == 2, err
+        assert len(err.splitlines()) == 1, err
+        assert "[testbed].metrics_listen" in err and "[metrics]" in err
     assert not run_dir.exists()
+
+
+def test_a_taken_metrics_port_fails_the_preflight(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        m = parse_manifest(MANIFEST.replace('"127.0.0.1:0"\njoin', f'"127.0.0.1:{port}"\njoin'))
+        with pytest.raises(ManifestError, match=r"\[testbed\]\.metrics_listen: .*in use"):
+            check_listen(m)
 
 
 def test_metrics_listen_must_be_host_port_or_empty() -> None:
