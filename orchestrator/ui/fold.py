@@ -10,6 +10,7 @@ reads ``events.jsonl`` before ``rounds.jsonl`` builds the snapshot the writer's 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from orchestrator.config.manifest import Manifest
 from orchestrator.names import DeviceStatus, Phase
 from orchestrator.records.reader import finite
 from orchestrator.records.writer import FINAL_EVENTS
-from orchestrator.ui.log_lines import describe, format_eval, format_event
+from orchestrator.ui.log_lines import describe, format_eval, format_event, key_values
 from orchestrator.ui.snapshot import (
     DeviceView,
     EvalPoint,
@@ -206,14 +207,14 @@ class RunFold:
                     v.status = DeviceStatus.DONE
         if name in HIDDEN_EVENTS:
             return
-        text = describe({k: v for k, v in rec.items() if k not in ("t", "event", "device")})
-        line = EventLine(t, name, raw if isinstance(raw, str) else None, text)
-        if self.on_line is not None:
-            self.on_line(format_event(line))
+        fields = {k: v for k, v in rec.items() if k not in ("t", "event", "device")}
+        line = EventLine(t, name, raw if isinstance(raw, str) else None, describe(fields))
+        if self.on_line is not None:  # the headless line keeps the records' own key=value
+            self.on_line(format_event(dataclasses.replace(line, text=key_values(fields))))
         last = self.events[-1] if self.events else None
         if name in ROUTINE_EVENTS and last is not None and last.event == name:
             self.repeats += 1
-            self.events[-1] = EventLine(t, name, line.device, f"{text} ({self.repeats}×)")
+            self.events[-1] = EventLine(t, name, line.device, f"{line.text} ({self.repeats}×)")
             return
         self.repeats = 1
         self.events.append(line)

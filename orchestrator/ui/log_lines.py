@@ -46,6 +46,12 @@ def human(key: str, value: Any) -> str:
     return f"{label} {text}"
 
 
+def key_values(fields: Mapping[str, Any]) -> str:
+    """An event's fields for the headless lines, as the records spell them (``url=ws://...``)
+    for grep and awk; the empty (None) ones left out, as on the dashboard."""
+    return " ".join(f"{k}={v}" for k, v in fields.items() if v is not None and v != "")
+
+
 def describe(fields: Mapping[str, Any]) -> str:
     """An event's fields for the log: rounded, with units, and without the empty (None) ones."""
     return ", ".join(human(k, v) for k, v in fields.items() if v is not None and v != "")

@@ -72,6 +72,8 @@ def _fold(tmp_path: Path, ids: tuple[str, ...] = ("d",)) -> tuple[RunRecords, Ru
 
 def test_routine_lines_fold_into_one(tmp_path: Path) -> None:
     records, fold = _fold(tmp_path)
+    headless: list[str] = []
+    fold.on_line = headless.append
     records.event("joined", "d", hostname="pi", restored_round=None)
     for r in (10, 20, 30):
         records.event("checkpoint", None, round=r)
@@ -85,6 +87,10 @@ def test_routine_lines_fold_into_one(tmp_path: Path) -> None:
         ("lost", ""),
         ("checkpoint", "round 40"),
     ]
+    # The headless lines keep every event, in the records' key=value, for grep.
+    assert headless[0].startswith("event=joined device=d t=")
+    assert headless[0].endswith(' text="hostname=pi"')
+    assert sum(line.startswith("event=checkpoint") for line in headless) == 4
 
 
 def test_a_device_computes_from_its_work_request_to_the_round_after(tmp_path: Path) -> None:
