@@ -102,6 +102,9 @@ def test_simulate_trains_a_folder_of_images_of_one_s_own(tmp_path: Path) -> None
     spec = build_job_spec(m, prepare_job(m), 0)
     assert spec.dataset == str(tmp_path / "my-images") and spec.num_classes == 4
     assert spec.cut == "conv"
+    # the run directory's copy of the manifest still finds the folder (run --resume reads it)
+    stored = parse_manifest(manifest_to_toml(m, absolute_paths=True), base_dir=tmp_path / "x")
+    assert stored.dataset_spec() == spec.dataset
     assert _run(m, tmp_path / "run", True) == "completed"
     metrics = _jsonl(tmp_path / "run" / "metrics.jsonl")
     assert metrics[-1]["acc_mean"] > 0.5  # four classes: chance is a quarter
