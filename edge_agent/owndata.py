@@ -24,7 +24,10 @@ _CHANNELS = (1, 3, 4)  # what the last axis of an N x H x W x C image holds
 
 
 def is_loader(name: str) -> bool:
-    """Whether dataset ``name`` names a loader (``package.module:loader``), not a folder."""
+    """Whether dataset ``name`` names a loader (``package.module:loader``), not a folder.
+
+    The rule of ``models.spec.is_spec``, restated: importing ``models`` here would load torch
+    with every dataset (edge_agent.data imports none until a loader is called)."""
     return ":" in name and "/" not in name and "\\" not in name
 
 
