@@ -28,7 +28,7 @@ def _stage_list(spec: str, built: Any) -> list[Stage]:
         raise SpecError(f"{wrong} {type(built).__name__}")
     stages: list[Stage] = []
     for item in built:
-        if not (isinstance(item, tuple) and len(item) == 2):
+        if not (isinstance(item, (tuple, list)) and len(item) == 2):
             raise SpecError(f"{wrong} an item {type(item).__name__}")
         name, module = item
         if not isinstance(name, str) or not name or "." in name:

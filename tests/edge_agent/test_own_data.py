@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_agent.data import DataError, load_dataset
+from edge_agent.data import DataError, labels_fingerprint, load_dataset
 from edge_agent.owndata import own_dataset
 from tests.own_model_example import blobs
 
@@ -115,3 +115,27 @@ def test_a_loader_that_fails_is_one_data_error_naming_it() -> None:
         load_dataset(f"{OWN}:three_arrays")
     with pytest.raises(DataError, match="does not import"):
         load_dataset("no_such_lab_module:load")
+
+
+def test_a_device_whose_loader_returns_other_inputs_refuses_the_job() -> None:
+    from edge_agent.config import AgentConfig
+    from edge_agent.errors import JobFailed
+    from edge_agent.jobload import build_trainer
+    from edge_agent.jobspec import JobSpec
+
+    ds = load_dataset(f"{OWN}:blobs")
+    fields = {"model": f"{OWN}:tiny_mlp", "cut": "hidden", "dataset": f"{OWN}:blobs"}
+    fields |= {"num_classes": 3, "lr": 0.1, "momentum": 0.0, "weight_decay": 0.0}
+    fields |= {"seed": 0, "rank": 0}
+    cfg = AgentConfig(url="ws://127.0.0.1:9", device_id="a", token="t", device="cpu")
+    shard = np.arange(8)
+    # the labels alone agree: the fingerprint of the labels is not the dataset's
+    other = JobSpec(**fields, dataset_fingerprint=labels_fingerprint(ds.y_train))  # type: ignore[arg-type]
+    with pytest.raises(JobFailed, match="differs from the orchestrator's"):
+        build_trainer(other, shard, {}, cfg)
+    same = JobSpec(**fields, dataset_fingerprint=ds.fingerprint)  # type: ignore[arg-type]
+    from edge_agent.weights import state_to_numpy
+    from models import build_split
+
+    weights = state_to_numpy(build_split(f"{OWN}:tiny_mlp", "hidden", 3).client)
+    assert build_trainer(same, shard, weights, cfg).shard_size == 8
