@@ -121,8 +121,20 @@ def _doctor(argv: list[str]) -> int:
     p.add_argument("--orchestrator", default=None, help="check that this URL answers")
     p.add_argument("--data-dir", type=Path, default=None)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument(
+        "--dataset",
+        default=None,
+        help="load this training.dataset as a job would (a folder, or package.module:loader)",
+    )
+    p.add_argument(
+        "--model",
+        default=None,
+        help="build this training.model as a job would (e.g. package.module:factory)",
+    )
     args = p.parse_args(argv)
-    return run_doctor(args.orchestrator, args.data_dir, args.device)
+    return run_doctor(
+        args.orchestrator, args.data_dir, args.device, model=args.model, dataset=args.dataset
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,6 +27,7 @@ from edge_agent.datasets import (
     read_folder,
 )
 from edge_agent.errors import DataError
+from edge_agent.owndata import load_own
 from edge_agent.partition import PARTITION_SCHEMES, labels_fingerprint, partition
 
 __all__ = [
@@ -114,7 +115,8 @@ def load_dataset(
     download: bool = False,
     cache_dir: PathArg | None = None,
 ) -> Dataset:
-    """Load dataset `name`, one of DATASETS.
+    """Load dataset `name`: one of DATASETS, or one's own (edge_agent.owndata): a folder
+    holding `train.npz`/`test.npz`, or "package.module:loader", called with `data_dir`.
 
     Digits comes from scikit-learn and ignores every other argument. The image sets are looked
     up, in order, in `data_dir` (when None: `$GAPSL_DATA_DIR/<name>` if set, then the OS package
@@ -124,7 +126,7 @@ def load_dataset(
     file's MD5 checked before use. Raises DataError naming every place it looked.
     """
     if name not in DATASETS:
-        raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+        return load_own(name, None if data_dir is None else Path(data_dir).expanduser())
     if name == "digits":
         return load_digits_dataset()
 

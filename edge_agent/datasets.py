@@ -1,20 +1,25 @@
-"""What a dataset is in memory (compact uint8 images, int64 labels, channel statistics) and the
-parsers that build one from scikit-learn's digits, `.npz` folders, idx files and CIFAR binaries.
+"""What a dataset is in memory (compact uint8 images or float features, int64 labels, channel
+statistics) and the parsers that build one from scikit-learn's digits, `.npz` folders, idx files
+and CIFAR binaries.
 
-File lookup and downloads live in `edge_agent.data`, the module callers import.
+File lookup and downloads live in `edge_agent.data`, the module callers import; datasets of
+one's own (a folder of any shape, a loader) in `edge_agent.owndata`.
 """
 
 from __future__ import annotations
 
 import gzip
+import hashlib
 import tarfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 
 from edge_agent.errors import DataError
+from edge_agent.partition import labels_fingerprint
 
 DATASETS = ("digits", "fashion_mnist", "cifar10")
 
@@ -44,10 +49,12 @@ Splits = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 
 @dataclass(frozen=True, eq=False)  # eq=False: comparing or hashing big arrays is never wanted
 class Dataset:
-    """Train and test splits as uint8 N x C x H x W images with int64 labels.
+    """Train and test splits as uint8 N x C x H x W images with int64 labels (a dataset of
+    one's own may also hold uint8 or float32 N x D features, or float32 N x C x ... inputs).
 
     Images stay in their compact integer form (a quarter of float32) until `normalize` turns a
-    batch into network input; `mean` and `std` come from the training split on the [0, 1] scale.
+    batch into network input; `mean` and `std` come from the training split on the [0, 1] scale
+    (float inputs: scale 1), one per channel, i.e. per index of the axis after the samples'.
     """
 
     name: str
@@ -61,25 +68,40 @@ class Dataset:
     std: tuple[float, ...]
 
     def normalize(self, x: np.ndarray) -> np.ndarray:
-        """Map stored images (N x C x H x W, or one C x H x W) to C-contiguous float32
-        `(x / scale - mean) / std`, per channel."""
+        """Map stored inputs (N x C x H x W, or one C x H x W; N x D or one D for features) to
+        C-contiguous float32 `(x / scale - mean) / std`, per channel."""
         x = np.asarray(x)
         channels = len(self.mean)
-        if x.ndim not in (3, 4) or x.shape[-3] != channels:
+        dims = self.x_train.ndim - 1  # of one sample
+        if x.ndim not in (dims, dims + 1) or x.shape[-dims] != channels:
+            what, rest = ("images", " x H x W") if dims == 3 else ("inputs", " x ..." * (dims - 1))
             raise ValueError(
-                f"{self.name}: expected images shaped N x {channels} x H x W, got {x.shape}"
+                f"{self.name}: expected {what} shaped N x {channels}{rest}, got {x.shape}"
             )
+        per_channel = (channels,) + (1,) * (dims - 1)
         out = x.astype(np.float32, order="C")
         out /= np.float32(self.scale)
-        out -= np.asarray(self.mean, np.float32).reshape(channels, 1, 1)
-        out /= np.asarray(self.std, np.float32).reshape(channels, 1, 1)
+        out -= np.asarray(self.mean, np.float32).reshape(per_channel)
+        out /= np.asarray(self.std, np.float32).reshape(per_channel)
         return out
 
     @property
-    def input_shape(self) -> tuple[int, int, int]:
-        """(channels, height, width) of one image."""
-        c, h, w = self.x_train.shape[1:]
-        return (int(c), int(h), int(w))
+    def input_shape(self) -> tuple[int, ...]:
+        """The shape of one sample: (channels, height, width) of an image."""
+        return tuple(int(n) for n in self.x_train.shape[1:])
+
+    @cached_property  # hashing a large set of one's own takes a while: once per load
+    def fingerprint(self) -> str:
+        """What a device checks its own copy against: the training labels' fingerprint, and
+        for a dataset of one's own the training inputs' too (a loader computes them, and a
+        loader that draws them at random would otherwise train every device on other data)."""
+        labels = labels_fingerprint(self.y_train)
+        if self.name in DATASETS:
+            return labels
+        digest = hashlib.sha256(labels.encode())
+        digest.update(f"{self.x_train.dtype.str}{self.x_train.shape}".encode())
+        digest.update(np.ascontiguousarray(self.x_train).data)
+        return digest.hexdigest()[:16]
 
 
 def make_dataset(name: str, splits: Splits, scale: float = 255.0) -> Dataset:
@@ -96,6 +118,12 @@ def make_dataset(name: str, splits: Splits, scale: float = 255.0) -> Dataset:
             raise DataError(f"{name} {split}: the split is empty")
         if not np.issubdtype(y.dtype, np.integer) or y.min() < 0 or y.max() >= NUM_CLASSES:
             raise DataError(f"{name} {split}: labels must be integers in 0..{NUM_CLASSES - 1}")
+    return wrap_dataset(name, splits, scale, NUM_CLASSES)
+
+
+def wrap_dataset(name: str, splits: Splits, scale: float, num_classes: int) -> Dataset:
+    """A Dataset of splits already checked, with the training split's channel statistics."""
+    x_train, y_train, x_test, y_test = splits
     mean, std = channel_stats(x_train, scale)
     return Dataset(
         name=name,
@@ -103,7 +131,7 @@ def make_dataset(name: str, splits: Splits, scale: float = 255.0) -> Dataset:
         y_train=np.ascontiguousarray(y_train, dtype=np.int64),
         x_test=np.ascontiguousarray(x_test),
         y_test=np.ascontiguousarray(y_test, dtype=np.int64),
-        num_classes=NUM_CLASSES,
+        num_classes=num_classes,
         scale=float(scale),
         mean=mean,
         std=std,
@@ -111,7 +139,8 @@ def make_dataset(name: str, splits: Splits, scale: float = 255.0) -> Dataset:
 
 
 def channel_stats(x: np.ndarray, scale: float) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Exact per-channel mean and population std of uint8 images on the [0, 1] scale.
+    """Exact per-channel mean and population std of uint8 images on the [0, 1] scale (of
+    float inputs: their float64 moments, divided by `scale`).
 
     uint8 pixels take 256 values, so a histogram gives the float64 moments exactly without a
     float64 copy of the whole split (376 MB for Fashion-MNIST); chunking bounds the int64
@@ -120,12 +149,16 @@ def channel_stats(x: np.ndarray, scale: float) -> tuple[tuple[float, ...], tuple
     levels = np.arange(256, dtype=np.float64) / scale
     means, stds = [], []
     for c in range(x.shape[1]):
-        counts = np.zeros(256, dtype=np.int64)
-        for start in range(0, x.shape[0], 4096):
-            counts += np.bincount(x[start : start + 4096, c].ravel(), minlength=256)
-        total = counts.sum()
-        mean = float(counts @ levels / total)
-        std = float(np.sqrt(counts @ (levels - mean) ** 2 / total))
+        if x.dtype != np.uint8:
+            values = x[:, c].astype(np.float64) / scale
+            mean, std = float(values.mean()), float(values.std())
+        else:
+            counts = np.zeros(256, dtype=np.int64)
+            for start in range(0, x.shape[0], 4096):
+                counts += np.bincount(x[start : start + 4096, c].ravel(), minlength=256)
+            total = counts.sum()
+            mean = float(counts @ levels / total)
+            std = float(np.sqrt(counts @ (levels - mean) ** 2 / total))
         means.append(mean)
         # A constant channel would divide by zero in normalize; leave it merely centred.
         stds.append(std if std > 0.0 else 1.0)
@@ -165,7 +198,7 @@ def read_folder(name: str, folder: Path) -> Splits | None:
         return None
     npz = [folder / "train.npz", folder / "test.npz"]
     if any(p.is_file() for p in npz):
-        _require(npz)
+        require(npz)
         x_train, y_train = _read_npz(name, npz[0])
         x_test, y_test = _read_npz(name, npz[1])
         return x_train, y_train, x_test, y_test
@@ -173,7 +206,7 @@ def read_folder(name: str, folder: Path) -> Splits | None:
         for names in (FASHION_IDX_FILES, tuple(n[: -len(".gz")] for n in FASHION_IDX_FILES)):
             idx = [folder / n for n in names]
             if any(p.is_file() for p in idx):
-                _require(idx)
+                require(idx)
                 return read_idx_splits(idx)
     return None
 
@@ -185,22 +218,27 @@ def read_downloads(name: str, paths: Sequence[Path]) -> Splits:
     return read_idx_splits(paths)
 
 
-def _require(paths: Sequence[Path]) -> None:
+def require(paths: Sequence[Path]) -> None:
     missing = [p.name for p in paths if not p.is_file()]
     if missing:
         raise DataError(f"{paths[0].parent}: incomplete dataset, missing {', '.join(missing)}")
 
 
-def _read_npz(name: str, path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """`x` and `y` from one split file; images in either stored layout become N x C x H x W."""
+def read_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Arrays `x` and `y` of one split file, as stored."""
     try:
         # allow_pickle=False: an .npz may come from anywhere and must never run code.
         with np.load(path, allow_pickle=False) as archive:
-            x, y = archive["x"], archive["y"]
+            return archive["x"], archive["y"]
     except KeyError as exc:
         raise DataError(f"{path}: expected arrays 'x' and 'y' ({exc})") from exc
     except (OSError, ValueError) as exc:
         raise DataError(f"{path}: not a readable .npz file ({exc})") from exc
+
+
+def _read_npz(name: str, path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """`x` and `y` from one split file; images in either stored layout become N x C x H x W."""
+    x, y = read_npz(path)
     c, h, w = SHAPES[name]
     if x.ndim == 3 and c == 1 and x.shape[1:] == (h, w):
         x = x.reshape(x.shape[0], 1, h, w)
@@ -211,10 +249,10 @@ def _read_npz(name: str, path: Path) -> tuple[np.ndarray, np.ndarray]:
             f"{path}: images of shape {x.shape} do not fit {name} "
             f"(expected N x {h} x {w}{'' if c == 1 else f' x {c}'} or N x {c} x {h} x {w})"
         )
-    return _as_uint8(x, path), _as_labels(y, x.shape[0], path)
+    return as_uint8(x, path), _as_labels(y, x.shape[0], path)
 
 
-def _as_uint8(x: np.ndarray, path: Path) -> np.ndarray:
+def as_uint8(x: np.ndarray, path: Path) -> np.ndarray:
     if x.dtype == np.uint8:
         return x
     if np.issubdtype(x.dtype, np.integer) and x.size and x.min() >= 0 and x.max() <= 255:

@@ -67,6 +67,38 @@ def _check_data(data_dir: Path | None) -> tuple[str, str]:
     return OK, f"{data_dir}: " + ", ".join(found)
 
 
+def _check_dataset(name: str, data_dir: Path | None) -> tuple[tuple[str, str], int | None]:
+    """Load ``--dataset`` as a job would (a loader spec imports here); the status line and
+    the class count, which the model check builds with."""
+    from .data import load_dataset
+    from .errors import DataError
+
+    try:
+        ds = load_dataset(name, data_dir)
+    except DataError as exc:
+        return (FAIL, str(exc)), None
+    shape = "x".join(map(str, ds.input_shape))
+    return (
+        OK,
+        f"{name}: {len(ds.y_train)} train / {len(ds.y_test)} test samples of {shape}, "
+        f"{ds.num_classes} classes, fingerprint {ds.fingerprint}",
+    ), ds.num_classes
+
+
+def _check_model(name: str, num_classes: int | None) -> tuple[str, str]:
+    """Build ``--model`` (a factory spec imports here) at its default cut."""
+    try:
+        from models import ModelError, build_split
+
+        split = build_split(name, num_classes=num_classes or 10)
+    except ImportError as exc:  # torch itself: the torch line says what to do
+        return FAIL, f"cannot build models: {exc}"
+    except ModelError as exc:
+        return FAIL, str(exc)
+    stages = [n for part in (split.client, split.server) for n, _ in part.named_children()]
+    return OK, f"{name}: stages {', '.join(stages)}; cuts {', '.join(split.info.cuts)}"
+
+
 async def _probe(url: str, timeout_s: float) -> None:
     from websockets.asyncio.client import connect
 
@@ -87,16 +119,34 @@ def _check_orchestrator(url: str | None, timeout_s: float = PROBE_TIMEOUT_S) -> 
 
 
 def run_doctor(
-    url: str | None, data_dir: Path | None, device: str, out: Callable[[str], None] = print
+    url: str | None,
+    data_dir: Path | None,
+    device: str,
+    out: Callable[[str], None] = print,
+    *,
+    model: str | None = None,
+    dataset: str | None = None,
 ) -> int:
-    """Print one line per check; return 0 when nothing failed, 1 otherwise."""
-    checks = [
+    """Print one line per check; return 0 when nothing failed, 1 otherwise. ``model`` and
+    ``dataset`` (a run's training.model and training.dataset) are built and loaded here as a
+    job would, so a factory or loader of one's own that does not import here shows now."""
+    classes: list[int | None] = [None]
+
+    def dataset_check() -> tuple[str, str]:
+        line, classes[0] = _check_dataset(dataset or "", data_dir)
+        return line
+
+    checks: list[tuple[str, Callable[[], tuple[str, str]]]] = [
         ("python", _check_python),
         ("torch", lambda: _check_torch(device)),
         ("memory", _check_memory),
         ("data", lambda: _check_data(data_dir)),
-        ("orchestrator", lambda: _check_orchestrator(url)),
     ]
+    if dataset:
+        checks.append(("dataset", dataset_check))
+    if model:
+        checks.append(("model", lambda: _check_model(model, classes[0])))
+    checks.append(("orchestrator", lambda: _check_orchestrator(url)))
     failed = False
     for name, check in checks:
         status, text = check()

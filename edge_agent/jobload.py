@@ -22,17 +22,18 @@ log = logging.getLogger("edge_agent")
 
 def build_trainer(spec: JobSpec, shard: Any, weights: Any, cfg: AgentConfig) -> ClientTrainer:
     """The trainer of ``spec`` on this device's copy of the dataset; JobFailed if it cannot be."""
-    from .data import labels_fingerprint, load_dataset
+    from .data import load_dataset
     from .trainer import ClientTrainer
 
     try:
         ds = load_dataset(spec.dataset, cfg.data_dir, download=cfg.download)
     except DataError as exc:
         raise JobFailed(str(exc)) from exc
-    if labels_fingerprint(ds.y_train) != spec.dataset_fingerprint:
+    if ds.fingerprint != spec.dataset_fingerprint:
         raise JobFailed(
             f"the local copy of {spec.dataset} differs from the orchestrator's "
-            "(label fingerprints disagree): point --data-dir at the same dataset files"
+            "(fingerprints disagree): point --data-dir at the same dataset files, or make "
+            "the loader return the same arrays on every machine"
         )
     if len(shard) and int(shard.max()) >= len(ds.y_train):
         raise JobFailed("shard indices out of range for the local dataset")

@@ -33,11 +33,13 @@ class JobSpec:
     on the wire every key but ``resume_round`` must be present.
     """
 
-    model: str  # a model of models/, "auto" already resolved
+    model: str  # a model of models/ or "package.module:factory", "auto" already resolved
     cut: str  # the named cut point: the client partition is the model up to it
-    dataset: str = ""  # digits | fashion_mnist | cifar10, loaded from the device's data dir
+    # digits | fashion_mnist | cifar10, loaded from the device's data dir; a folder's path
+    # (resolved on the orchestrator); or "package.module:loader", imported by the device
+    dataset: str = ""
     num_classes: int
-    dataset_fingerprint: str = ""  # labels_fingerprint of the training labels
+    dataset_fingerprint: str = ""  # Dataset.fingerprint: the training labels (and own inputs)
     algorithm: str = ""  # training.algorithm, for information
     rounds: int = 1  # the planned rounds: only the lr schedule needs them
     batch_size: int = 0  # training.batch_size, for information: each round says its own

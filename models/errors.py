@@ -2,6 +2,8 @@
 
     ModelError (ValueError)           a model, cut or compute device that cannot be had
     ├── UnknownChoiceError (KeyError)  a model, cut or dataset name that is not one of the choices
+    ├── SpecError                      a "package.module:name" that does not resolve, or whose
+    │                                  factory or loader fails or returns the wrong thing
     └── DeviceUnavailable              a compute device (cuda, cuda:N, mps) this machine lacks
 
 Every one is a ValueError (a bad argument), as callers caught before the tree existed.
@@ -23,6 +25,10 @@ class UnknownChoiceError(ModelError, KeyError):
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0]) if self.args else ""
+
+
+class SpecError(ModelError):
+    """A user's ``package.module:name`` that cannot be imported, called, or used as returned."""
 
 
 class DeviceUnavailable(ModelError):

@@ -12,7 +12,7 @@ from collections.abc import Iterable
 
 from torch import nn
 
-from models.base import ModelInfo, SplitModel, StageBuilder
+from models.base import ModelInfo, SplitModel, Stage, StageBuilder
 from models.cnn import (
     CIFAR_CNN,
     DIGITS_CNN,
@@ -23,9 +23,11 @@ from models.cnn import (
     digits_cnn_stages,
     fmnist_cnn_stages,
 )
+from models.custom import factory_stages
 from models.errors import UnknownChoiceError
 from models.mlp import DIGITS_MLP, FMNIST_MLP, digits_mlp_stages, fmnist_mlp_stages
 from models.resnet import RESNET18, resnet18_stages
+from models.spec import is_spec
 
 _REGISTRY: dict[str, tuple[ModelInfo, StageBuilder]] = {
     info.name: (info, builder)
@@ -74,11 +76,30 @@ def default_model(dataset: str) -> str:
         raise _unknown("dataset", dataset, _DATASET_DEFAULTS) from None
 
 
-def _stages(name: str, num_classes: int) -> list[tuple[str, nn.Module]]:
+def resolve_model(model: str, dataset: str, input_shape: tuple[int, ...]) -> str:
+    """`model`, or for "auto" the default of `dataset`; a dataset of one's own (a folder or a
+    loader) gets the default of the built-in dataset whose inputs are shaped like its own."""
+    if model != "auto":
+        return model
+    if dataset in _DATASET_DEFAULTS:
+        return _DATASET_DEFAULTS[dataset]
+    for name in _DATASET_DEFAULTS.values():
+        if model_info(name).input_shape == tuple(input_shape):
+            return name
+    shape = "x".join(map(str, input_shape))
+    raise UnknownChoiceError(
+        f'"auto" has no model for inputs shaped {shape}; name a model of the zoo that takes '
+        'them or a factory of your own as "package.module:factory"'
+    )
+
+
+def _stages(name: str, num_classes: int) -> tuple[ModelInfo, list[Stage]]:
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
-    model_info(name)
-    return _REGISTRY[name][1](num_classes)
+    if is_spec(name):
+        return factory_stages(name, num_classes)
+    info = model_info(name)
+    return info, _REGISTRY[name][1](num_classes)
 
 
 def build_model(name: str, num_classes: int = 10) -> nn.Sequential:
@@ -86,21 +107,23 @@ def build_model(name: str, num_classes: int = 10) -> nn.Sequential:
 
     Under the same seed its weights equal those of `build_split` (same construction order).
     """
-    return nn.Sequential(OrderedDict(_stages(name, num_classes)))
+    return nn.Sequential(OrderedDict(_stages(name, num_classes)[1]))
 
 
 def build_split(name: str, cut: str = "default", num_classes: int = 10) -> SplitModel:
     """Build model `name` and split it after stage `cut` ("default" = the model's default cut).
 
+    `name` is a model of the registry or a factory of one's own, "package.module:factory"
+    (models.custom); a factory that cannot be had raises SpecError.
+
     The client gets every stage up to and including `cut`, the server the rest; both are
     `nn.Sequential` keyed by stage name, so state_dict keys do not depend on the cut.
     Unknown names or cuts raise `UnknownChoiceError` (a ValueError) listing the valid ones.
     """
-    info = model_info(name)
+    info, stages = _stages(name, num_classes)
     chosen = info.default_cut if cut == "default" else cut
     if chosen not in info.cuts:
         raise _unknown(f"cut for model {name!r}", cut, ("default",) + info.cuts)
-    stages = _stages(name, num_classes)
     split_at = [stage_name for stage_name, _ in stages].index(chosen) + 1
     return SplitModel(
         client=nn.Sequential(OrderedDict(stages[:split_at])),

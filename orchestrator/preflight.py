@@ -18,10 +18,11 @@ from pathlib import Path
 
 import torch
 
-from edge_agent.data import Dataset, labels_fingerprint, load_dataset
+from edge_agent.data import DATASETS, Dataset, load_dataset
 from edge_agent.errors import DataError
-from models import available_models, build_split, default_model, model_info, select_device
-from models.errors import ModelError
+from models import available_models, build_split, model_info, resolve_model, select_device
+from models.errors import ModelError, SpecError, UnknownChoiceError
+from models.spec import is_spec
 from orchestrator.config.manifest import Manifest
 from orchestrator.config.sections import split_listen
 from orchestrator.errors import PreflightError
@@ -49,7 +50,7 @@ class Preflight:
     dataset: Dataset
     model: str  # "auto" resolved to the dataset's default
     cut: str  # "default" resolved to the model's default cut
-    fingerprint: str  # of the training labels, as every device checks its own copy
+    fingerprint: str  # Dataset.fingerprint, as every device checks its own copy
 
 
 def preflight(m: Manifest, network: bool = True) -> Preflight:
@@ -62,7 +63,7 @@ def preflight(m: Manifest, network: bool = True) -> Preflight:
     check_devices(m)
     ds = load_data(m)
     model, cut = check_model(m, ds)
-    return Preflight(ds, model, cut, labels_fingerprint(ds.y_train))
+    return Preflight(ds, model, cut, ds.fingerprint)
 
 
 def check_devices(m: Manifest) -> None:
@@ -78,13 +79,15 @@ def check_devices(m: Manifest) -> None:
 
 
 def load_data(m: Manifest) -> Dataset:
-    """The run's dataset, loaded as ``prepare_job`` will load it; a DataError names data.dir."""
+    """The run's dataset, loaded as ``prepare_job`` will load it; a DataError names data.dir
+    (for a built-in image set) or training.dataset (digits, a folder or a loader of one's own)."""
+    name = m.training.dataset
     try:
-        ds = load_dataset(m.training.dataset, m.data_dir(), download=m.data.download)
-        labels_fingerprint(ds.y_train)
+        ds = load_dataset(m.dataset_spec(), m.data_dir(), download=m.data.download)
+        ds.fingerprint  # noqa: B018  (computed here: a failure names the key)
     except DataError as exc:  # its text says where it looked and what to do
         # digits ships with scikit-learn and ignores data.dir: its only failure is the package
-        key = "training.dataset" if m.training.dataset == "digits" else "data.dir"
+        key = "data.dir" if name in DATASETS and name != "digits" else "training.dataset"
         raise m.error(key, str(exc)) from exc
     return ds
 
@@ -100,12 +103,13 @@ def check_model(m: Manifest, ds: Dataset) -> tuple[str, str]:
     1-channel digits) would otherwise fail on the first device's first batch, mid-run.
     """
     t = m.training
-    name = default_model(t.dataset) if t.model == "auto" else t.model
     try:
-        info = model_info(name)
+        name = resolve_model(t.model, t.dataset, ds.input_shape)
+        # a factory of one's own declares no input shape: the forward run below checks it
+        info = None if is_spec(name) else model_info(name)
     except ModelError as exc:
         raise m.error("training.model", str(exc)) from exc
-    if tuple(info.input_shape) != ds.input_shape:
+    if info is not None and tuple(info.input_shape) != ds.input_shape:
         fits = [n for n in available_models() if model_info(n).input_shape == ds.input_shape]
         raise m.error(
             "training.model",
@@ -115,7 +119,9 @@ def check_model(m: Manifest, ds: Dataset) -> tuple[str, str]:
     try:
         with torch.random.fork_rng(devices=[]):  # the run's seeded weights are not disturbed
             split = build_split(name, t.cut, num_classes=ds.num_classes)
-    except ModelError as exc:
+    except SpecError as exc:  # the factory does not import, run or return stages
+        raise m.error("training.model", str(exc)) from exc
+    except UnknownChoiceError as exc:
         raise m.error("training.cut", str(exc)) from exc
     batch = torch.from_numpy(ds.normalize(ds.x_train[:2]))
     try:

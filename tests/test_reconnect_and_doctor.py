@@ -77,3 +77,27 @@ def test_doctor_checks_the_device() -> None:
     )  # fmt: skip
     assert bad.returncode == 1
     assert "does not answer" in bad.stdout
+
+
+def test_doctor_loads_and_builds_a_dataset_and_model_of_one_s_own() -> None:
+    from edge_agent.doctor import run_doctor
+
+    own = "tests.own_model_example"
+    lines: list[str] = []
+    code = run_doctor(
+        None, None, "cpu", lines.append, model=f"{own}:tiny_mlp", dataset=f"{own}:blobs"
+    )
+    assert code == 0, lines
+    (data,) = [line for line in lines if " dataset " in line]
+    assert data.startswith("[  ok]") and "3 classes, fingerprint" in data
+    (model,) = [line for line in lines if " model " in line]
+    assert model.startswith("[  ok]") and "cuts hidden, bottleneck" in model
+    lines.clear()
+    code = run_doctor(
+        None, None, "cpu", lines.append, model="lab_absent.nets:tiny", dataset=f"{own}:nowhere"
+    )
+    assert code == 1
+    failed = [line for line in lines if line.startswith("[FAIL]")]
+    assert len(failed) == 2, lines
+    assert "has no attribute 'nowhere'" in failed[0]
+    assert "module 'lab_absent.nets' does not import" in failed[1] and "PYTHONPATH" in failed[1]

@@ -358,7 +358,7 @@ def parse_manifest(
     """Validate manifest ``text`` (with ``--set`` overrides) into a ``Manifest``.
 
     Raises ManifestError naming the first bad key. ``base_dir`` (default: the working
-    directory) is where a relative ``data.dir`` resolves.
+    directory) is where a relative ``data.dir`` (or ``training.dataset`` folder) resolves.
     """
     toml = _toml_module()
     try:

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Optional
 
+from edge_agent.datasets import DATASETS
+from models.spec import is_spec, spec_problem
 from orchestrator.algorithms.registry import RULE_NAMES
 from orchestrator.config.values import toml_value
 from orchestrator.errors import ManifestError
@@ -67,6 +69,12 @@ _device_id = _rule(lambda v: bool(DEVICE_ID.fullmatch(v)), "made of A-Za-z0-9_.-
 _deadline = _rule(lambda v: v == 0 or v >= 1, "0 (no deadline) or >= 1")
 
 
+def _name_or_spec(v: str) -> str | None:
+    """A name (or a path) that is not empty; with a colon, a well-formed package.module:name
+    (whether it imports is the preflights' business: orchestrator/preflight.py)."""
+    return _non_empty(v) or (spec_problem(v) if is_spec(v) else None)
+
+
 # --- sections --------------------------------------------------------------------------------
 
 
@@ -105,8 +113,11 @@ class TrainingConfig:
 
     # "central" (pooled data, one learner: the accuracy ceiling) runs only in-process (simulate).
     algorithm: str = _opt("psl", choices=RULE_NAMES)
-    dataset: str = _opt("digits", choices=("digits", "fashion_mnist", "cifar10"))
-    model: str = _opt("auto", check=_non_empty)  # "auto": the dataset's default small model
+    # digits | fashion_mnist | cifar10, a folder holding train.npz/test.npz (relative paths
+    # resolve against the manifest), or "package.module:loader" (docs/own-model-and-data.md)
+    dataset: str = _opt("digits", check=_name_or_spec)
+    # "auto": the dataset's default small model; a model of models/, or "package.module:factory"
+    model: str = _opt("auto", check=_name_or_spec)
     cut: str = _opt("default", check=_non_empty)
     rounds: int = _opt(100, check=_at_least_one)
     batch_size: int = _opt(32, check=_at_least_one)
@@ -293,6 +304,14 @@ class Manifest:
     def listen_host_port(self) -> tuple[str, int]:
         """``testbed.listen`` as ``(host, port)``; port 0 means "pick a free port"."""
         return split_listen(self.testbed.listen)
+
+    def dataset_spec(self) -> str:
+        """``training.dataset`` as the devices get it: a folder resolved against the manifest's
+        folder (local agents may run elsewhere), a built-in name or a loader as written."""
+        name = self.training.dataset
+        if name in DATASETS or is_spec(name):
+            return name
+        return str(self._path(name))
 
     def data_dir(self) -> Path | None:
         """``data.dir`` resolved against the manifest's folder, or None for the default lookup."""

@@ -6,6 +6,7 @@ Run records store this resolved text, so a run can be repeated or resumed from i
 from __future__ import annotations
 
 from dataclasses import fields, is_dataclass, replace
+from typing import Any
 
 from orchestrator.config import secrets
 from orchestrator.config.sections import SECTIONS, Manifest
@@ -17,8 +18,9 @@ def manifest_to_toml(
 ) -> str:
     """The manifest as TOML text that ``parse_manifest`` reads back to an equal ``Manifest``.
 
-    With ``absolute_paths``, a relative ``data.dir`` is written resolved, so the text keeps
-    pointing at the same data when it is stored away from the original manifest's folder.
+    With ``absolute_paths``, a relative ``data.dir`` (and a ``training.dataset`` folder) is
+    written resolved, so the text keeps pointing at the same data when it is stored away from
+    the original manifest's folder.
     With ``redact_tokens`` (the run directory's copy), tokens are left out and a line names
     the file they come from (``orchestrator.config.secrets``).
     """
@@ -32,14 +34,14 @@ def manifest_to_toml(
     data = m.data
     if absolute_paths and m.data_dir() is not None:
         data = replace(data, dir=str(m.data_dir()))
+    training = replace(m.training, dataset=m.dataset_spec()) if absolute_paths else m.training
     testbed, tls = m.testbed, m.tls_files() if absolute_paths else None
     if tls is not None:  # like data.dir: the files must still be found from a run directory
         ca = str(tls.ca) if tls.ca is not None else ""
         testbed = replace(testbed, tls_cert=str(tls.cert), tls_key=str(tls.key), tls_ca=ca)
+    resolved: dict[str, Any] = {"testbed": testbed, "training": training}
     tables = [
-        (f"[{name}]", testbed if name == "testbed" else getattr(m, name))
-        for name in SECTIONS
-        if name != "data"
+        (f"[{name}]", resolved.get(name, getattr(m, name))) for name in SECTIONS if name != "data"
     ]
     tables.insert(2, ("[data]", data))
     for dev in m.devices:

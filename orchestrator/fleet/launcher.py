@@ -116,7 +116,7 @@ class LocalFleet:
         # Local agents share this machine's cores: one torch thread each avoids oversubscription.
         env.setdefault("OMP_NUM_THREADS", "1")
         env["PYTHONUNBUFFERED"] = "1"
-        project_root = str(Path(__file__).resolve().parent.parent)
+        project_root = str(Path(__file__).resolve().parents[2])  # the folder holding orchestrator/
         env["PYTHONPATH"] = os.pathsep.join(
             p for p in (project_root, env.get("PYTHONPATH", "")) if p
         )

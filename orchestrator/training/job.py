@@ -10,11 +10,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from edge_agent.data import Dataset, labels_fingerprint, load_dataset, partition
+from edge_agent.data import Dataset, load_dataset, partition
 from edge_agent.jobspec import JobSpec
 from edge_agent.protocol import encode
 from edge_agent.weights import state_to_numpy
-from models import build_split, default_model, select_device
+from models import build_split, resolve_model, select_device
 from orchestrator.algorithms.dispatch import rule_class, rule_for
 from orchestrator.config.manifest import Manifest
 
@@ -46,9 +46,9 @@ def prepare_job(m: Manifest, dataset: Dataset | None = None) -> Job:
     identical initial weights every device starts from."""
     t = m.training
     if dataset is None:
-        dataset = load_dataset(t.dataset, m.data_dir(), download=m.data.download)
+        dataset = load_dataset(m.dataset_spec(), m.data_dir(), download=m.data.download)
     ds = dataset
-    model = default_model(t.dataset) if t.model == "auto" else t.model
+    model = resolve_model(t.model, t.dataset, ds.input_shape)
     shards = partition(
         ds.y_train,
         len(m.devices),
@@ -99,9 +99,9 @@ def build_job_spec(m: Manifest, job: Job, rank: int, resume_round: int = 0) -> J
     return JobSpec(
         model=job.model,
         cut=job.cut,
-        dataset=t.dataset,
+        dataset=m.dataset_spec(),
         num_classes=job.dataset.num_classes,
-        dataset_fingerprint=labels_fingerprint(job.dataset.y_train),
+        dataset_fingerprint=job.dataset.fingerprint,
         algorithm=t.algorithm,
         rounds=t.rounds,
         batch_size=t.batch_size,

@@ -16,6 +16,7 @@ from orchestrator.cli import main
 from orchestrator.errors import ExitCode
 
 ROOT = Path(__file__).resolve().parents[2]
+OWN = "tests.own_model_example"  # a factory and a loader of one's own (and broken ones)
 
 MANIFEST = """
 [testbed]
@@ -90,6 +91,41 @@ CASES: list[tuple[str, Case, list[str]]] = [
         ["[training].model", "cifar_cnn takes 3x32x32 images, but digits has 1x8x8"],
     ),
     (
+        "factory module missing",
+        lambda t, p: (["training.model=mylab_absent.nets:tiny"], [], "b"),
+        ["[training].model", "module 'mylab_absent.nets' does not import", "PYTHONPATH"],
+    ),
+    (
+        "factory attribute missing",
+        lambda t, p: ([f"training.model={OWN}:nothing_here"], [], "b"),
+        ["[training].model", "has no attribute 'nothing_here'"],
+    ),
+    (
+        "factory returns no stages",
+        lambda t, p: ([f"training.model={OWN}:not_stages"], [], "b"),
+        ["[training].model", "must return a list of (name, nn.Module) stages"],
+    ),
+    (
+        "factory cut unknown",
+        lambda t, p: ([f"training.model={OWN}:tiny_cnn", "training.cut=pool"], [], "b"),
+        ["[training].cut", "'pool'", "'conv'"],
+    ),
+    (
+        "spec without a name",
+        lambda t, p: (["training.model=mylab.nets:"], [], "b"),
+        ["[training].model", 'is not of the form "package.module:name"'],
+    ),
+    (
+        "data folder without train.npz",
+        lambda t, p: ([f"training.dataset={_empty_dir(t)}"], [], "b"),
+        ["[training].dataset", "unknown dataset", "no folder holding train.npz"],
+    ),
+    (
+        "loader returns three arrays",
+        lambda t, p: ([f"training.dataset={OWN}:three_arrays"], [], "b"),
+        ["[training].dataset", "must return (x_train, y_train, x_test, y_test), got 3 items"],
+    ),
+    (
         "port in use",
         lambda t, p: ([f"testbed.listen=127.0.0.1:{p}"], [], "b"),
         ["[testbed].listen", "is already in use"],
@@ -129,6 +165,12 @@ CASES: list[tuple[str, Case, list[str]]] = [
         ["run-taken: the run directory already exists", "run --resume"],
     ),
 ]
+
+
+def _empty_dir(tmp_path: Path) -> Path:
+    folder = tmp_path / "my-images"
+    folder.mkdir(exist_ok=True)
+    return folder
 
 
 def _full_dir(tmp_path: Path) -> Path:
