@@ -8,6 +8,7 @@ def _gapsl(space: str, mode: str, lam: float, beta: float = 0.9, rho: float = 0.
     return [
         "training.algorithm=gapsl", f"gapsl.space={space}", f"gapsl.gda_mode={mode}",
         f"gapsl.gda_lambda={lam}", f"gapsl.ema_beta={beta}", f"gapsl.rho={rho}",
+        "gapsl.prior_tau=0",  # explicit: every variant means the same whatever the defaults
     ]  # fmt: skip
 
 
@@ -75,8 +76,11 @@ VARIANTS: dict[str, list[str]] = {
 }  # fmt: skip
 # Setups where the client layers are worth learning: SFL beats the frozen control by >= 10 points
 GATED = ["psl", "sfl", "epsl", "central", "central-frozen", "psl-frozen", "client-fedsgd",
-         "gapsl-client-fo", "gapsl-track", "gapsl-track-l05", "gapsl-track-b05",
-         "abl-track-lgi-off"]  # fmt: skip
+         "gapsl-client-fo", "gapsl-prior",
+         "gapsl-track-l05", "gapsl-track", "gapsl-track-b05", "gapsl-track-prior",
+         "gapsl-anchor-m01", "gapsl-anchor", "gapsl-anchor-m3", "gapsl-anchor-prior",
+         "abl-track-lgi-off", "abl-track-prior-no-ema", "abl-track-prior-all",
+         "abl-track-prior-lgi-off", "abl-anchor-prior-lgi-off"]  # fmt: skip
 PRESETS = {
     # name: (dataset, model, cut); the devices hold most of the weights
     "digits-mlp": ("digits", "digits_mlp", "fc2"),

@@ -211,6 +211,21 @@ def _build_devices(ctx: _Context, raw: Any) -> tuple[DeviceConfig, ...]:
     return tuple(devices)
 
 
+# The [gapsl] defaults belong to the client space with gradient leaders (where the study measured
+# them: docs/results.md); where a manifest chooses another space or update leaders, the keys it
+# leaves unset take the defaults that apply there: first-order GDA and no prior correction.
+_ELSEWHERE: dict[str, Any] = {"gda_mode": "first_order", "prior_tau": 0.0}
+
+
+def _space_defaults(g: GapslConfig, given: Any) -> GapslConfig:
+    if g.space == "client" and g.leader == "gradient":
+        return g
+    unset: dict[str, Any] = {
+        k: v for k, v in _ELSEWHERE.items() if not (isinstance(given, dict) and k in given)
+    }
+    return replace(g, **unset)
+
+
 def _validate(raw: dict[str, Any], ctx: _Context, base_dir: Path) -> Manifest:
     for name, value in raw.items():
         if name not in SECTIONS and name != "devices":
@@ -231,7 +246,7 @@ def _validate(raw: dict[str, Any], ctx: _Context, base_dir: Path) -> Manifest:
         raise ctx.error("testbed.tls_ca", "set, but TLS is off (testbed.tls_cert is empty)")
     if tb.tls_cert and not tb.tls_ca and any(d.launch == "local" for d in devices):
         raise ctx.error("testbed.tls_ca", "missing (local agents must trust the CA of tls_cert)")
-    g = sections["gapsl"]
+    g = sections["gapsl"] = _space_defaults(sections["gapsl"], raw.get("gapsl", {}))
     if g.leader == "update" and (g.space != "client" or g.gda_mode == "exact"):
         raise ctx.error(
             "gapsl.leader",

@@ -166,9 +166,10 @@ class GapslConfig:
     """LGI and GDA knobs (see DESIGN.md: an explicit reconstruction of the method)."""
 
     space: str = _opt("client", choices=("server", "client", "cut"))
-    gda_mode: str = _opt(
-        "first_order", choices=("exact", "first_order", "pull", "tracking", "anchor")
-    )
+    # The defaults are the gated study's choice (docs/results.md): the leader-trajectory anchor
+    # with the label-prior correction. Outside the client space with gradient leaders, where
+    # neither applies, unset gda_mode and prior_tau mean first_order and 0 (config.manifest).
+    gda_mode: str = _opt("anchor", choices=("exact", "first_order", "pull", "tracking", "anchor"))
     gda_lambda: float = _opt(1.0, check=_non_negative)
     tau: float = _opt(
         0.0, check=_rule(lambda v: -1 <= v <= 1, "in [-1, 1]")
@@ -183,7 +184,7 @@ class GapslConfig:
     track_beta: float = _opt(0.0, check=_unit_open_hi)
     # client space: the devices get the gradient of CE(z + prior_tau * log pi_i, y), pi_i their
     # label prior; the server's own update stays PSL's. 0 = off (PSL's gradients)
-    prior_tau: float = _opt(0.0, check=_non_negative)
+    prior_tau: float = _opt(1.0, check=_non_negative)
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from orchestrator.config.manifest import ManifestError, parse_manifest
 
 from .test_tracking import _TEXT, _held_round, _simulate, _trainer
 
-ANCHOR = ["training.algorithm=gapsl", "gapsl.gda_mode=anchor"]
+ANCHOR = ["training.algorithm=gapsl", "gapsl.gda_mode=anchor", "gapsl.prior_tau=0"]
 
 
 def _flat(t: torch.nn.Module) -> torch.Tensor:

@@ -79,7 +79,8 @@ def test_defaults_fill_in() -> None:
     assert m.testbed.listen == "127.0.0.1:8765" and m.testbed.max_message_bytes == 64 * 2**20
     assert m.training.rounds == 100 and m.training.lr == 0.05
     assert m.data.partition == "iid" and m.data.dir == "" and m.data.download is False
-    assert m.gapsl.space == "client" and m.gapsl.gda_mode == "first_order"
+    assert m.gapsl.space == "client" and m.gapsl.gda_mode == "anchor"
+    assert m.gapsl.prior_tau == 1.0
     assert m.sfl.avg_every == 1 and m.epsl.phi == 0.5 and m.dashboard.refresh_hz == 4.0
     assert m.scheduler.policy == "uniform" and m.server.device == "auto"
     dev = m.device("pi-02")
@@ -340,3 +341,17 @@ def test_round_trip_property(
         devices=m.devices[:-1] + (replace(m.devices[-1], emulate=EmulateConfig(rtt_ms=rtt)),),
     )
     assert parse_manifest(manifest_to_toml(m)) == m
+
+
+@pytest.mark.parametrize(
+    "override", ["gapsl.space=server", "gapsl.space=cut", "gapsl.leader=update"]
+)
+def test_gapsl_defaults_outside_the_client_space_are_those_that_apply_there(override: str) -> None:
+    """The anchor and the prior correction need the client space with gradient leaders; where a
+    manifest picks something else, the keys it leaves unset mean first-order GDA and no prior."""
+    m = parse_manifest(BASE, overrides=["training.algorithm=gapsl", override])
+    assert (m.gapsl.gda_mode, m.gapsl.prior_tau) == ("first_order", 0.0)
+    with pytest.raises(ManifestError, match=r"\[gapsl\]\.gda_mode"):  # said, it is an error
+        parse_manifest(
+            BASE, overrides=["training.algorithm=gapsl", override, "gapsl.gda_mode=anchor"]
+        )

@@ -50,7 +50,12 @@ def test_lambda_zero_is_psl_bit_for_bit(tmp_path: Path) -> None:
     zero_metrics, zero_rounds = _simulate(
         tmp_path,
         "tracking-0",
-        ["training.algorithm=gapsl", "gapsl.gda_mode=tracking", "gapsl.gda_lambda=0"],
+        [
+            "training.algorithm=gapsl",
+            "gapsl.gda_mode=tracking",
+            "gapsl.gda_lambda=0",
+            "gapsl.prior_tau=0",
+        ],
     )
     keys = ("acc_mean", "acc_min", "acc_max", "loss", "client_spread")
     assert [[r[k] for k in keys] for r in psl_metrics] == [
