@@ -45,7 +45,7 @@ def error_of(text: str, overrides: tuple[str, ...] = ()) -> str:
 
 def test_default_manifest_parses() -> None:
     m = load_manifest(ROOT / "testbed.toml")
-    assert m.training.dataset == "digits" and m.training.algorithm == "psl"
+    assert m.training.dataset == "digits" and m.training.algorithm == "gapsl"  # shows the method
     assert m.training.model == "auto"
     assert (m.training.rounds, m.training.batch_size, m.training.eval_every) == (150, 32, 10)
     assert (m.data.partition, m.data.alpha) == ("dirichlet", 0.5)
