@@ -90,6 +90,14 @@ class TestbedConfig:
     lost_timeout_s: float = _opt(300.0, check=_positive)
     # Local agents that die (killed, crashed) are started again, at most this many times each.
     respawn_local: int = _opt(3, check=_non_negative)
+    # Connections accepted and not yet admitted (no valid hello yet). Past this many, a new one
+    # is closed with 1013 once its handshake is done; past twice as many, reset at accept.
+    max_pending_connections: int = _opt(256, check=_at_least_one)
+    # A connection that has sent no hello this long after its handshake is closed (1002).
+    hello_timeout_s: float = _opt(5.0, check=_positive)
+    # Refusals before admission repeated within this interval (same source, reason, device) are
+    # counted into one `refused` line per interval (`count`); 0 writes every refusal.
+    refusal_summary_s: float = _opt(10.0, check=_non_negative)
 
 
 @dataclass(frozen=True)
