@@ -157,10 +157,14 @@ async def flood(
     return stats
 
 
-def _flood_process(url: str, held: int, hello_rate: float, conn: Connection) -> None:
+def _flood_process(url: str, held: int, hello_rate: float, nice: int, conn: Connection) -> None:
     """A flooding peer in its own process, until told to stop (or a bound of 30 minutes)."""
+    import os
+
     from orchestrator.fleet.gate import raise_fd_limit
 
+    if nice:  # an attacker's CPU is its own: here it shares the fleet's cores
+        os.nice(nice)
     raise_fd_limit()  # a peer holding 2,000 connections needs more than the usual 1,024 files
 
     async def main() -> FloodStats:
@@ -209,7 +213,9 @@ def _orchestrator(text: str, run_dir: str, conn: Connection) -> None:
                         "agents_cpu_s": round(agents.ru_utime + agents.ru_stime, 2)}))  # fmt: skip
 
 
-def run_once(text: str, run_dir: Path, held: int, hello_rate: float) -> dict[str, Any]:
+def run_once(
+    text: str, run_dir: Path, held: int, hello_rate: float, nice: int = 0
+) -> dict[str, Any]:
     """One run of ``text``; with ``held`` or ``hello_rate``, flooded from its first round."""
     ctx = multiprocessing.get_context("spawn")
     parent, child = ctx.Pipe()
@@ -234,7 +240,7 @@ def run_once(text: str, run_dir: Path, held: int, hello_rate: float) -> dict[str
             elif kind == "training" and (held or hello_rate):
                 to_flood, flood_end = ctx.Pipe()
                 flooder = ctx.Process(
-                    target=_flood_process, args=(f"ws://{addr}", held, hello_rate, flood_end)
+                    target=_flood_process, args=(f"ws://{addr}", held, hello_rate, nice, flood_end)
                 )
                 flooder.start()
             elif kind == "done":
@@ -273,11 +279,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hello-rate", type=float, default=200.0, help="wrong-token hellos per s")
     ap.add_argument("--rounds", type=int, default=300)
     ap.add_argument("--max-pending", type=int, default=256, help="max_pending_connections")
+    ap.add_argument(
+        "--flood-nice", type=int, default=0, help="run the flooding process at this niceness"
+    )
     args = ap.parse_args(argv)
     text = manifest_text(args.rounds, args.max_pending)
     with tempfile.TemporaryDirectory(prefix="gapsl-flood-") as tmp:
         quiet = run_once(text, Path(tmp) / "quiet", 0, 0.0)
-        flooded = run_once(text, Path(tmp) / "flood", args.held, args.hello_rate)
+        flooded = run_once(text, Path(tmp) / "flood", args.held, args.hello_rate, args.flood_nice)
     mib = 1 << 20
     print(
         "| run | status | rounds | mean round s | median round s | peak RSS MiB | refused lines |"
@@ -301,6 +310,7 @@ def main(argv: list[str] | None = None) -> int:
         "flood": f,
         "held": args.held,
         "hello_rate": args.hello_rate,
+        "flood_nice": args.flood_nice,
     }
     print(json.dumps(out))
     return 0 if quiet["status"] == flooded["status"] == "completed" else 1

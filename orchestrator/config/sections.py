@@ -212,6 +212,8 @@ class EmulateConfig:
     """An emulated device profile; the defaults emulate nothing."""
 
     compute_slowdown: float = _opt(1.0, check=_rule(lambda v: v >= 1, ">= 1"))
+    # added to every compute step (forward, backward) whatever its batch: a per-call cost
+    compute_fixed_ms: float = _opt(0.0, check=_non_negative)
     uplink_mbps: float = _opt(0.0, check=_non_negative)  # 0 = unlimited
     downlink_mbps: float = _opt(0.0, check=_non_negative)  # 0 = unlimited
     rtt_ms: float = _opt(0.0, check=_non_negative)
