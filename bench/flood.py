@@ -304,6 +304,7 @@ def main(argv: list[str] | None = None) -> int:
         "median_ratio": round(flooded["median_round_s"] / quiet["median_round_s"], 3),
         "rss_mib": {"quiet": round(quiet["maxrss"] / mib), "flood": round(flooded["maxrss"] / mib)},
         "orchestrator_cpu_s": {"quiet": quiet["cpu_s"], "flood": flooded["cpu_s"]},
+        "agents_cpu_s": {"quiet": quiet["agents_cpu_s"], "flood": flooded["agents_cpu_s"]},
         "status": [quiet["status"], flooded["status"]],
         "refused_lines": flooded["refused_lines"],
         "refusals_counted": flooded["refusals_counted"],
