@@ -2,7 +2,9 @@
 
 The wire behaviour of DESIGN.md lives here: bad token or unknown device closes 1008, an
 undecodable or out-of-protocol frame 1002/1003/1007, an oversized one 1009 — each with a reason
-and an event — and the orchestrator keeps serving everyone else.
+and an event — and the orchestrator keeps serving everyone else. A connection past the
+pending cap closes 1013 (``orchestrator.fleet.gate``), and refusals before admission go to the
+event log through its summary.
 """
 
 from __future__ import annotations
