@@ -201,7 +201,7 @@ class Agent:
                 seconds = await asyncio.to_thread(
                     trainer.align, msg["round"], msg["leader"], msg["mode"], msg["lam"]
                 )
-                await asyncio.to_thread(pad_compute, seconds, self.cfg.emulation.compute_slowdown)
+                await asyncio.to_thread(pad_compute, seconds, self.cfg.emulation)
         elif kind == "echo":
             size = msg.get("reply_bytes")
             payload = msg["payload"] if size is None else np.zeros(size, dtype=np.uint8)
@@ -210,12 +210,13 @@ class Agent:
             fwd_s, bwd_s = await asyncio.to_thread(
                 self._trainer().benchmark, msg["batch_size"], msg["repeats"]
             )
-            # On this device's clock a batch costs slowdown times the work, as pad_compute makes
-            # every real round cost; the benchmark reports that figure without sleeping it out.
-            slow = self.cfg.emulation.compute_slowdown
+            # On this device's clock a step costs what pad_compute makes every real round cost;
+            # the benchmark reports that figure without sleeping it out.
+            em = self.cfg.emulation
             await link.send(
-                encode("bench_result", seq=msg["seq"], fwd_s=fwd_s * slow, bwd_s=bwd_s * slow)
-            )
+                encode("bench_result", seq=msg["seq"], fwd_s=em.compute_s(fwd_s),
+                       bwd_s=em.compute_s(bwd_s))
+            )  # fmt: skip
         elif kind == "skip":
             self._trainer().skip(msg["round"])
         elif kind == "set_weights":
@@ -300,10 +301,9 @@ class Agent:
         except CompressionError as exc:
             raise JobFailed(f"the gradient of round {r}: {exc}") from exc
         flat, seconds = await asyncio.to_thread(trainer.backward, r, grad, hold)
-        await asyncio.to_thread(pad_compute, seconds, self.cfg.emulation.compute_slowdown)
-        self._backward_s = seconds * self.cfg.emulation.compute_slowdown
+        seconds = await asyncio.to_thread(pad_compute, seconds, self.cfg.emulation)
+        self._backward_s = seconds
         if flat is not None:
-            seconds *= self.cfg.emulation.compute_slowdown
             frame = encode("client_grad", round=r, grad=flat, compute_s=seconds)
             self._last_client_grad = (r, frame)
             await link.send(frame)
@@ -323,8 +323,7 @@ class Agent:
             x, x_scale, labels, seconds = await asyncio.to_thread(forward)
         except CompressionError as exc:  # a diverged partition: NaN, or beyond float16
             raise JobFailed(f"the activations of round {round_}: {exc}") from exc
-        await asyncio.to_thread(pad_compute, seconds, self.cfg.emulation.compute_slowdown)
-        seconds *= self.cfg.emulation.compute_slowdown
+        seconds = await asyncio.to_thread(pad_compute, seconds, self.cfg.emulation)
         frame = encode(
             "activations",
             round=round_,

@@ -74,6 +74,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--compute-slowdown", type=float, default=1.0, help="emulate a slower device (>= 1)"
     )
+    p.add_argument(
+        "--compute-fixed-ms",
+        type=float,
+        default=0.0,
+        help="emulate a fixed cost added to every compute step, whatever its batch (>= 0)",
+    )
     p.add_argument("--uplink-mbps", type=float, default=0.0, help="emulated uplink (0 = unlimited)")
     p.add_argument(
         "--downlink-mbps", type=float, default=0.0, help="emulated downlink (0 = unlimited)"
@@ -150,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         emulation = EmulationProfile(
             compute_slowdown=args.compute_slowdown,
+            compute_fixed_ms=args.compute_fixed_ms,
             uplink_mbps=args.uplink_mbps,
             downlink_mbps=args.downlink_mbps,
             rtt_ms=args.rtt_ms,

@@ -1,6 +1,8 @@
 """Device emulation, so one machine can host a heterogeneous testbed.
 
-Compute slowdown pads each compute step in proportion to the work it really did; the link is
+Compute slowdown pads each compute step in proportion to the work it really did, and a fixed
+compute cost adds the same time to every step whatever its batch (what a call costs on a device
+before any sample is touched: kernel launches, interpreter overhead, waking a core); the link is
 shaped in the agent's transport: a one-way delay of rtt/2 on each direction and a serialisation
 delay of size/bandwidth (a token bucket refilled at the given rate, one frame at a time).
 """
@@ -15,6 +17,7 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class EmulationProfile:
     compute_slowdown: float = 1.0
+    compute_fixed_ms: float = 0.0  # added to every compute step (forward, backward)
     uplink_mbps: float = 0.0  # 0 = unlimited
     downlink_mbps: float = 0.0
     rtt_ms: float = 0.0
@@ -24,10 +27,16 @@ class EmulationProfile:
             raise ValueError("compute_slowdown must be >= 1")
         if min(self.uplink_mbps, self.downlink_mbps, self.rtt_ms) < 0:
             raise ValueError("link figures must be >= 0")
+        if self.compute_fixed_ms < 0:
+            raise ValueError("compute_fixed_ms must be >= 0")
 
     @property
     def active(self) -> bool:
         return self != EmulationProfile()
+
+    def compute_s(self, seconds: float) -> float:
+        """What a compute step that really took ``seconds`` costs on the emulated device."""
+        return seconds * self.compute_slowdown + self.compute_fixed_ms / 1000.0
 
 
 class LinkShaper:
@@ -50,7 +59,10 @@ class LinkShaper:
             await asyncio.sleep(delay)
 
 
-def pad_compute(seconds: float, slowdown: float) -> None:
-    """Stretch a compute step that took ``seconds`` to ``slowdown`` times as long."""
-    if slowdown > 1.0 and seconds > 0:
-        time.sleep(seconds * (slowdown - 1.0))
+def pad_compute(seconds: float, profile: EmulationProfile) -> float:
+    """Stretch a compute step that took ``seconds`` to what it costs on the emulated device
+    (:meth:`EmulationProfile.compute_s`), which is returned."""
+    emulated = profile.compute_s(seconds)
+    if emulated > seconds and seconds >= 0:
+        time.sleep(emulated - seconds)
+    return emulated

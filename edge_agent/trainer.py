@@ -8,6 +8,7 @@ Everything here is synchronous torch code; the connection runs it off the event 
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -311,27 +312,42 @@ class ClientTrainer:
     def benchmark(
         self, batch_size: int, repeats: int, min_s: float = BENCH_MIN_S
     ) -> tuple[float, float]:
-        """Forward and backward seconds of one batch, without changing the model.
+        """Forward and backward seconds of one round's work on ``batch_size`` samples.
 
-        Repeats until at least ``min_s`` of work is timed and reports the fastest repeat of each:
-        the device's own cost, robust to the preemption a busy machine adds to some repeats.
+        Each repeat does what a round does: gather and normalise the batch, run the client
+        partition, copy the activations out (forward); back-propagate a gradient and step the
+        optimizer (backward). It runs on a copy of the partition and its optimizer, so the
+        model, its optimizer state and the sampler are untouched. Repeats until at least
+        ``min_s`` of work is timed and reports the fastest repeat of each: the device's own
+        cost, robust to the preemption a busy machine adds to some repeats. The orchestrator
+        asks for two batch sizes and reads a fixed cost per step and a cost per sample from them.
         """
         idx = np.resize(self.sampler.shard, batch_size)  # a fixed batch: the sampler is untouched
-        x = torch.from_numpy(self._normalize(self._x[idx])).to(self.device)
+        model = copy.deepcopy(self.model)
+        group = self.optimizer.param_groups[0]
+        opt = torch.optim.SGD(
+            model.parameters(),
+            lr=float(group["lr"]),
+            momentum=float(group["momentum"]),
+            weight_decay=float(group["weight_decay"]),
+        )
         fwd: list[float] = []
         bwd: list[float] = []
-        self.model.train()
+        model.train()
         while len(fwd) < max(repeats, 1) or (
             sum(fwd) + sum(bwd) < min_s and len(fwd) < BENCH_MAX_REPEATS
         ):
             t0 = time.perf_counter()
-            acts = self.model(x)
+            x = torch.from_numpy(self._normalize(self._x[idx])).to(self.device)
+            acts = model(x)
+            acts.detach().to("cpu", torch.float32).numpy()
             t1 = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
             acts.backward(torch.ones_like(acts))
+            opt.step()
             t2 = time.perf_counter()
             fwd.append(t1 - t0)
             bwd.append(t2 - t1)
-        self.optimizer.zero_grad(set_to_none=True)
         return min(fwd), min(bwd)
 
     def has_forward(self, round_: int) -> bool:

@@ -26,6 +26,7 @@ from orchestrator.config import secrets
 from orchestrator.config.manifest import Manifest
 from orchestrator.errors import GapslError, RunError, RunInterrupted
 from orchestrator.fleet.admission import Admission
+from orchestrator.fleet.gate import PendingGate, RefusalLog, raise_fd_limit
 from orchestrator.fleet.group import SessionGroup
 from orchestrator.fleet.launcher import LocalFleet
 from orchestrator.fleet.sessions import DeviceSession, wait_ready
@@ -133,14 +134,32 @@ class Engine:
                 )
                 for s in self.sessions.values()
             }
+            tb = m.testbed
+            raised = raise_fd_limit()  # every pending connection holds a descriptor
+            if raised is not None:
+                st.event("fd_limit", None, {"soft_was": raised[0], "soft": raised[1]})
+            refusals = RefusalLog(st.event, tb.refusal_summary_s)
+            reset = "reset at accept: too many pending connections"
+            gate = PendingGate(
+                tb.max_pending_connections,
+                lambda h: refusals.note("refused", None, {"reason": reset, "peer": h}),
+            )
             admission = Admission(
-                self.sessions, self.run_id, lambda s: self._frames[s.id], st.event, self._telemetry
+                self.sessions,
+                self.run_id,
+                lambda s: self._frames[s.id],
+                st.event,
+                self._telemetry,
+                gate=gate,
+                refusals=refusals,
+                hello_timeout_s=tb.hello_timeout_s,
             )
             host, port = m.listen_host_port()
             listener = serve(
                 admission.handler,
                 host,
                 port,
+                create_connection=gate.connection_class(),  # counts connections from accept
                 compression=None,  # dense float tensors do not deflate; it would only cost CPU
                 max_size=m.testbed.max_message_bytes,
                 ping_interval=m.testbed.ping_interval_s,
@@ -168,6 +187,7 @@ class Engine:
                     raise
                 finally:
                     admission.closing = True
+                    refusals.close()
                     if status == "interrupted":  # devices keep their state and dial again
                         await self._say_bye("interrupted; the run can be resumed", redial=True)
                     else:

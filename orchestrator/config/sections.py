@@ -105,6 +105,14 @@ class TestbedConfig:
     respawn_local: int = _opt(3, check=_non_negative)
     # Prometheus metrics of the run at http://HOST:PORT/metrics (the [metrics] extra); "" = off.
     metrics_listen: str = _opt("", check=_listen_or_off)
+    # Connections accepted and not yet admitted (no valid hello yet). Past this many, a new one
+    # is closed with 1013 once its handshake is done; past twice as many, reset at accept.
+    max_pending_connections: int = _opt(256, check=_at_least_one)
+    # A connection that has sent no hello this long after its handshake is closed (1002).
+    hello_timeout_s: float = _opt(5.0, check=_positive)
+    # Refusals before admission repeated within this interval (same source, reason, device) are
+    # counted into one `refused` line per interval (`count`); 0 writes every refusal.
+    refusal_summary_s: float = _opt(10.0, check=_non_negative)
 
 
 @dataclass(frozen=True)
@@ -223,6 +231,8 @@ class EmulateConfig:
     """An emulated device profile; the defaults emulate nothing."""
 
     compute_slowdown: float = _opt(1.0, check=_rule(lambda v: v >= 1, ">= 1"))
+    # added to every compute step (forward, backward) whatever its batch: a per-call cost
+    compute_fixed_ms: float = _opt(0.0, check=_non_negative)
     uplink_mbps: float = _opt(0.0, check=_non_negative)  # 0 = unlimited
     downlink_mbps: float = _opt(0.0, check=_non_negative)  # 0 = unlimited
     rtt_ms: float = _opt(0.0, check=_non_negative)

@@ -2,7 +2,9 @@
 
 The wire behaviour of DESIGN.md lives here: bad token or unknown device closes 1008, an
 undecodable or out-of-protocol frame 1002/1003/1007, an oversized one 1009 — each with a reason
-and an event — and the orchestrator keeps serving everyone else.
+and an event — and the orchestrator keeps serving everyone else. A connection past the
+pending cap closes 1013 (``orchestrator.fleet.gate``), and refusals before admission go to the
+event log through its summary.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any, Callable
 
 from edge_agent import protocol
 from edge_agent.protocol import Message, ProtocolError, decode, encode
+from orchestrator.fleet.gate import PendingGate, RefusalLog
 from orchestrator.fleet.sessions import (
     REPLY_TYPES,
     DeviceSession,
@@ -22,11 +25,15 @@ from orchestrator.fleet.sessions import (
 )
 from orchestrator.names import DeviceStatus
 
-# A connection that does not say hello in this time is refused: an agent sends it right after the
-# handshake, so anything slower is a port scanner or a confused peer holding a slot open.
-HELLO_TIMEOUT_S = 10.0
+# A connection that does not say hello in this time is refused (testbed.hello_timeout_s's
+# default): an agent sends it right after the handshake, so anything slower is a port scanner
+# or a confused peer holding a slot open.
+HELLO_TIMEOUT_S = 5.0
 # The refusal's error frame is a courtesy before the close that matters: do not wait long on it.
-REFUSE_SEND_TIMEOUT_S = HELLO_TIMEOUT_S
+REFUSE_SEND_TIMEOUT_S = 5.0
+# The close of a connection over testbed.max_pending_connections (RFC 6455 §7.4.1 via the IANA
+# registry: 1013 "Try Again Later"); an honest agent redials with backoff.
+CLOSE_TRY_AGAIN_LATER = 1013
 # What ``joined``/``rejoined`` events carry of a device's hello facts (name -> type), so that the
 # run's records alone tell who joined: the dashboard's ``watch`` view is rebuilt from them.
 HELLO_FACTS: dict[str, type] = {
@@ -47,6 +54,9 @@ class Admission:
 
     ``job_frame(session)`` returns the job to send a device that does not hold the current run;
     ``on_event(event, device, fields)`` and ``on_telemetry(session)`` report to the run state.
+    ``gate`` caps the connections not yet admitted (``testbed.max_pending_connections``; None:
+    no cap), ``refusals`` writes refusals before admission (None: one event each) and
+    ``hello_timeout_s`` bounds the wait for the first frame.
     """
 
     def __init__(
@@ -56,8 +66,15 @@ class Admission:
         job_frame: Callable[[DeviceSession], bytes],
         on_event: Callable[..., None],
         on_telemetry: Callable[[DeviceSession], None],
+        *,
+        gate: PendingGate | None = None,
+        refusals: RefusalLog | None = None,
+        hello_timeout_s: float = HELLO_TIMEOUT_S,
     ) -> None:
         self.sessions = sessions
+        self.gate = gate
+        self.refusals = refusals
+        self.hello_timeout_s = hello_timeout_s
         self.run_id = run_id
         self.job_frame = job_frame
         self.on_event = on_event
@@ -75,8 +92,13 @@ class Admission:
         peer = _peer(ws)
         session: DeviceSession | None = None
         try:
+            if self.gate is not None and self.gate.over(ws):
+                # No error frame: over the cap, every byte spent on a refusal is a byte too many.
+                self._note("refused", None, CLOSE_TRY_AGAIN_LATER, "try again later", peer)
+                await close_within(ws, CLOSE_TRY_AGAIN_LATER, "try again later")
+                return
             try:
-                first = await asyncio.wait_for(ws.recv(), HELLO_TIMEOUT_S)
+                first = await asyncio.wait_for(ws.recv(), self.hello_timeout_s)
             except asyncio.TimeoutError:
                 await self._refuse(
                     ws, None, peer, protocol.CLOSE_PROTOCOL_ERROR, "no hello in time"
@@ -85,11 +107,15 @@ class Admission:
             session = await self._admit(ws, first, peer)
             if session is None:
                 return
+            if self.gate is not None:
+                self.gate.release(ws)  # admitted: no longer pending
             async for frame in ws:
                 self._dispatch(session, decode(frame, protocol.AGENT_TYPES))
         except ProtocolError as exc:
             device = session.id if session is not None else None
-            await self._refuse(ws, device, peer, exc.code, exc.reason, event="bad_frame")
+            await self._refuse(
+                ws, device, peer, exc.code, exc.reason, event="bad_frame", admitted=True
+            )
         except ConnectionClosed as exc:
             code = exc.sent.code if exc.sent is not None else None
             if code == protocol.CLOSE_MESSAGE_TOO_BIG:
@@ -219,9 +245,19 @@ class Admission:
         # "bye" needs no action: the agent closes the connection next.
 
     async def _refuse(
-        self, ws: Any, device: str | None, peer: str, code: int, reason: str, event: str = "refused"
+        self,
+        ws: Any,
+        device: str | None,
+        peer: str,
+        code: int,
+        reason: str,
+        event: str = "refused",
+        admitted: bool = False,
     ) -> None:
-        self.on_event(event, device, {"code": code, "reason": reason, "peer": peer})
+        if admitted:
+            self.on_event(event, device, {"code": code, "reason": reason, "peer": peer})
+        else:
+            self._note(event, device, code, reason, peer)
         try:
             await asyncio.wait_for(
                 ws.send(encode("error", code=str(code), message=reason)), REFUSE_SEND_TIMEOUT_S
@@ -229,6 +265,14 @@ class Admission:
         except Exception:  # the peer may already be gone or not reading; closing is what matters
             pass
         await close_within(ws, code, reason[:CLOSE_REASON_MAX_CHARS])
+
+    def _note(self, event: str, device: str | None, code: int, reason: str, peer: str) -> None:
+        """A refusal before admission: summarised when a flood repeats it (``RefusalLog``)."""
+        fields = {"code": code, "reason": reason, "peer": peer}
+        if self.refusals is None:
+            self.on_event(event, device, fields)
+        else:
+            self.refusals.note(event, device, fields)
 
 
 def reported_facts(facts: dict[str, Any]) -> dict[str, Any]:

@@ -70,6 +70,8 @@ def agent_command(
             repr(em.uplink_mbps),
         ]
         cmd += ["--downlink-mbps", repr(em.downlink_mbps), "--rtt-ms", repr(em.rtt_ms)]
+        if em.compute_fixed_ms:
+            cmd += ["--compute-fixed-ms", repr(em.compute_fixed_ms)]
     return cmd
 
 

@@ -23,6 +23,9 @@ PROBE_MIN_BATCH = 64
 PROBE_RTT_SAMPLES = 7
 PROBE_RATE_SAMPLES = 3
 PROBE_BENCH_REPEATS = 5  # forward/backward repeats the device times in its compute benchmark
+# The small compute benchmark's batch is the large one's divided by this: far enough apart that
+# the slope between them is not timer noise, the small one close enough to 0 to pin the fixed cost.
+PROBE_SMALL_DIVISOR = 8
 PROBE_ECHO_BYTES = 16  # an RTT echo: a payload small enough to cost no transfer time
 
 
@@ -46,16 +49,26 @@ async def probe(s: DeviceSession, act_bytes: int, batch: int, timeout_s: float) 
     down = [(act_bytes, await echo(act_bytes, 0)) for _ in range(PROBE_RATE_SAMPLES)]
     up = [(act_bytes, await echo(0, act_bytes)) for _ in range(PROBE_RATE_SAMPLES)]
     rtt_ms, jitter_ms, down_mbps, up_mbps = link_from_samples(rtts, down, up)
-    seq += 1
-    reply = await s.call(
-        encode("bench", seq=seq, batch_size=batch, repeats=PROBE_BENCH_REPEATS),
-        "bench_result",
-        seq,
-        timeout_s,
-        key="seq",
+    # Compute at two batch sizes: a step costs a fixed part plus a part per sample, and one
+    # size alone would book the fixed part as per-sample cost.
+    fwd: list[tuple[int, float]] = []
+    bwd: list[tuple[int, float]] = []
+    for b in bench_batches(batch):
+        seq += 1
+        reply = await s.call(
+            encode("bench", seq=seq, batch_size=b, repeats=PROBE_BENCH_REPEATS),
+            "bench_result",
+            seq,
+            timeout_s,
+            key="seq",
+        )
+        fwd.append((b, float(reply["fwd_s"])))
+        bwd.append((b, float(reply["bwd_s"])))
+    return DeviceProfile.from_bench(
+        fwd, bwd, rtt_ms=rtt_ms, jitter_ms=jitter_ms, uplink_mbps=up_mbps, downlink_mbps=down_mbps
     )
-    return DeviceProfile(
-        fwd_ms_per_sample=1000.0 * float(reply["fwd_s"]) / batch,
-        bwd_ms_per_sample=1000.0 * float(reply["bwd_s"]) / batch,
-        rtt_ms=rtt_ms, jitter_ms=jitter_ms, uplink_mbps=up_mbps, downlink_mbps=down_mbps,
-    )  # fmt: skip
+
+
+def bench_batches(batch: int) -> tuple[int, int]:
+    """The compute probe's two batch sizes: ``batch`` and an eighth of it (at least 1)."""
+    return max(1, batch // PROBE_SMALL_DIVISOR), batch

@@ -3,8 +3,8 @@
 On join each device is probed over its live connection: application-level echoes give the RTT
 (median and jitter), echoes carrying activation-sized payloads one way give downlink and uplink
 throughput, and a short benchmark of the device's real client partition gives forward and
-backward time per sample. Every round then updates the profile passively (smoothed) from the
-real transfers and compute timings.
+backward time as a fixed cost per step plus a cost per sample (two batch sizes). Every round
+then refines the profile from the real transfers (smoothed) and compute timings (an affine fit).
 """
 
 from __future__ import annotations
@@ -12,41 +12,171 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 SMOOTHING = 0.3  # weight of a new round's measurement in the running profile
 RTT_SAMPLES = 7
 THROUGHPUT_SAMPLES = 3
+# The compute fit forgets: each round, older (batch, seconds) pairs keep this share of their
+# weight, so the fit follows about the last ten rounds.
+FIT_FORGET = 0.9
+# The probe's slope holds its ground as firmly as this many of its points would: rounds that all
+# share one batch size say nothing about the slope, and must move only the fixed cost.
+FIT_PRIOR_POINTS = 2.0
+
+
+@dataclass
+class AffineFit:
+    """A compute step's seconds as ``fixed_s + per_sample_s * batch``, fitted to (batch, s) pairs.
+
+    Seeded by the probe's points (:meth:`from_points`), then refined each round by
+    :meth:`observe`: weighted least squares over the pairs (older ones forgotten by
+    ``FIT_FORGET``), the slope pulled towards the probe's (ridge, ``FIT_PRIOR_POINTS``). Rounds at
+    one batch size therefore keep the probe's slope and move the fixed cost to where the rounds
+    are; rounds that span batch sizes fit the slope too. Both stay >= 0.
+    """
+
+    fixed_s: float = 0.0
+    per_sample_s: float = 0.0
+    prior_slope: float = 0.0
+    prior_weight: float = 0.0  # ridge strength on the slope: a sum of w (b - mean)^2
+    sums: tuple[float, float, float, float, float] = (
+        0.0,
+        0.0,
+        0.0,
+        0.0,
+        0.0,
+    )  # w, wb, wbb, wt, wbt
+
+    @classmethod
+    def from_points(cls, points: list[tuple[int, float]]) -> AffineFit:
+        """The line through the probe's (batch, seconds) points; one point: through the origin."""
+        fit = cls()
+        for b, t in points:
+            fit._add(b, t)
+        fit._solve()
+        bs = [b for b, _ in points]
+        mean = sum(bs) / len(bs) if bs else 0.0
+        spread = sum((b - mean) ** 2 for b in bs) / max(len(bs), 1)
+        fit.prior_slope = fit.per_sample_s
+        fit.prior_weight = FIT_PRIOR_POINTS * spread
+        fit.sums = (0.0, 0.0, 0.0, 0.0, 0.0)  # rounds, not the probe, are what the fit follows
+        return fit
+
+    def at(self, batch: float) -> float:
+        """Predicted seconds of a step on ``batch`` samples."""
+        return self.fixed_s + self.per_sample_s * batch if batch > 0 else 0.0
+
+    def observe(self, batch: int, seconds: float) -> None:
+        """One round's step: ``batch`` samples took ``seconds``."""
+        if batch <= 0 or not math.isfinite(seconds) or seconds < 0:
+            return
+        self.sums = tuple(FIT_FORGET * v for v in self.sums)  # type: ignore[assignment]
+        self._add(batch, seconds)
+        self._solve()
+
+    def _add(self, b: float, t: float) -> None:
+        w, wb, wbb, wt, wbt = self.sums
+        self.sums = (w + 1.0, wb + b, wbb + b * b, wt + t, wbt + b * t)
+
+    def _solve(self) -> None:
+        w, wb, wbb, wt, wbt = self.sums
+        if w <= 0:
+            return
+        lam, c0 = self.prior_weight, self.prior_slope
+        det = w * (wbb + lam) - wb * wb
+        if det <= 1e-12 * w * max(wbb, 1.0):  # one batch size and no prior: through the origin
+            fixed, slope = 0.0, (wbt / wbb if wbb > 0 else 0.0)
+        else:
+            fixed = ((wbb + lam) * wt - wb * (wbt + lam * c0)) / det
+            slope = (w * (wbt + lam * c0) - wb * wt) / det
+        if slope < 0:
+            fixed, slope = wt / w, 0.0
+        elif fixed < 0:
+            fixed, slope = 0.0, (wbt + lam * c0) / (wbb + lam) if wbb + lam > 0 else 0.0
+        self.fixed_s, self.per_sample_s = fixed, slope
 
 
 @dataclass
 class DeviceProfile:
+    """A device's measured link and compute. Compute is affine in the batch: a fixed cost per
+    step plus a cost per sample, for the forward and for the backward (optimizer step included).
+    """
+
     fwd_ms_per_sample: float = 0.0
     bwd_ms_per_sample: float = 0.0
     rtt_ms: float = 0.0
     jitter_ms: float = 0.0
     uplink_mbps: float = math.inf
     downlink_mbps: float = math.inf
+    fwd_fixed_ms: float = 0.0
+    bwd_fixed_ms: float = 0.0
+    fwd_fit: AffineFit | None = field(default=None, repr=False, compare=False)
+    bwd_fit: AffineFit | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        for name in ("fwd", "bwd"):
+            if getattr(self, f"{name}_fit") is None:
+                fit = AffineFit(
+                    getattr(self, f"{name}_fixed_ms") / 1000.0,
+                    getattr(self, f"{name}_ms_per_sample") / 1000.0,
+                )
+                fit.prior_slope = fit.per_sample_s
+                setattr(self, f"{name}_fit", fit)
+            self._sync(name)
+
+    @classmethod
+    def from_bench(
+        cls, fwd: list[tuple[int, float]], bwd: list[tuple[int, float]], **link: float
+    ) -> DeviceProfile:
+        """A profile from the compute probe's (batch, seconds) points and the link figures."""
+        return cls(fwd_fit=AffineFit.from_points(fwd), bwd_fit=AffineFit.from_points(bwd), **link)
 
     @property
     def compute_ms_per_sample(self) -> float:
+        """The cost per further sample of a round's forward and backward."""
         return self.fwd_ms_per_sample + self.bwd_ms_per_sample
 
+    @property
+    def compute_fixed_ms(self) -> float:
+        """The cost of a round's forward and backward whatever the batch."""
+        return self.fwd_fixed_ms + self.bwd_fixed_ms
+
+    def compute_s(self, batch: float, backward: bool = True) -> float:
+        """Predicted compute seconds of a round on ``batch`` samples (without the backward of
+        the previous gradient in round 1)."""
+        assert self.fwd_fit is not None and self.bwd_fit is not None
+        return self.fwd_fit.at(batch) + (self.bwd_fit.at(batch) if backward else 0.0)
+
     def record(self) -> dict[str, Any]:
-        out = {
-            k: (None if isinstance(v, float) and math.isinf(v) else round(v, 4))
-            for k, v in asdict(self).items()
-        }
+        out: dict[str, Any] = {}
+        for k in ("fwd_ms_per_sample", "bwd_ms_per_sample", "rtt_ms", "jitter_ms",
+                  "uplink_mbps", "downlink_mbps", "fwd_fixed_ms", "bwd_fixed_ms"):  # fmt: skip
+            v = getattr(self, k)
+            out[k] = None if isinstance(v, float) and math.isinf(v) else round(v, 4)
         out["compute_ms_per_sample"] = round(self.compute_ms_per_sample, 4)
+        out["compute_fixed_ms"] = round(self.compute_fixed_ms, 4)
         return out
 
-    def update_compute(self, fwd_s: float, bwd_s: float | None, batch: int) -> None:
+    def update_compute(
+        self, fwd_s: float, bwd_s: float | None, batch: int, bwd_batch: int | None = None
+    ) -> None:
+        """One round's timings: the forward of ``batch`` samples, and the backward (of the
+        previous gradient, on ``bwd_batch`` samples: the previous round's batch)."""
         if batch <= 0:
             return
-        self.fwd_ms_per_sample = _ema(self.fwd_ms_per_sample, 1000.0 * fwd_s / batch)
+        assert self.fwd_fit is not None and self.bwd_fit is not None
+        self.fwd_fit.observe(batch, fwd_s)
+        self._sync("fwd")
         if bwd_s is not None:
-            self.bwd_ms_per_sample = _ema(self.bwd_ms_per_sample, 1000.0 * bwd_s / batch)
+            self.bwd_fit.observe(bwd_batch or batch, bwd_s)
+            self._sync("bwd")
+
+    def _sync(self, name: str) -> None:
+        fit = getattr(self, f"{name}_fit")
+        setattr(self, f"{name}_fixed_ms", 1000.0 * fit.fixed_s)
+        setattr(self, f"{name}_ms_per_sample", 1000.0 * fit.per_sample_s)
 
     def update_uplink(self, nbytes: int, path_s: float, down_bytes: int = 0) -> None:
         """Passive uplink estimate from one round's path (request to reply, compute removed).
@@ -117,7 +247,7 @@ def predict_round(
     for i, b in batch.items():
         p = profiles[i]
         nbytes = act_bytes_per_sample * b
-        compute = b * (p.fwd_ms_per_sample + (p.bwd_ms_per_sample if after_first else 0.0)) / 1000.0
+        compute = p.compute_s(b, backward=after_first)
         up = nbytes * 8 / (p.uplink_mbps * 1e6) if math.isfinite(p.uplink_mbps) else 0.0
         down = (
             nbytes * 8 / (p.downlink_mbps * 1e6)

@@ -169,6 +169,8 @@ class Runner:
             self.client_weights.update(states)
             await asyncio.to_thread(self._save_checkpoint, r)
         self.recorder.evaluation(r, ids, scores, spread)
+        if self.planner.profiles:
+            self.recorder.refined(self.planner.profiles)
         st.phase = Phase.TRAINING
 
     def _score(self, states: list[Weights]) -> tuple[list[tuple[float, float]], float | None]:

@@ -44,8 +44,18 @@ class Recorder:
                     **p.record(),
                 },
             )
-            shown = ("rtt_ms", "uplink_mbps", "downlink_mbps", "compute_ms_per_sample")
+            shown = (
+                "rtt_ms", "uplink_mbps", "downlink_mbps", "compute_ms_per_sample",
+                "compute_fixed_ms",
+            )  # fmt: skip
             self.state.event("profiled", i, {k: v for k, v in p.record().items() if k in shown})
+
+    def refined(self, profiles: Mapping[str, Any]) -> None:
+        """Every device's profile as the rounds so far refined it (``source: fit``): the affine
+        compute fit (``compute_fixed_ms``, ``compute_ms_per_sample``) and the link figures."""
+        t = round(self.records.elapsed(), 3)
+        for i, p in profiles.items():
+            self.records.append("devices", {"t": t, "device": i, "source": "fit", **p.record()})
 
     def round_started(self, r: int, batch: Mapping[str, int]) -> None:
         """Round r asked these devices for their activations: one ``round_started`` event for

@@ -29,6 +29,7 @@ class Planner:
         self.act_bytes_per_sample = 0.0  # in the wire codec; set with the profiles
         self.server_s_per_sample = 0.0
         self.rng = np.random.default_rng([m.training.seed, PARTICIPATION_STREAM])
+        self.last_batch: dict[str, int] = {}  # each device's previous batch: its next backward's
 
     def plan(self, r: int, ids: list[str]) -> tuple[list[str], dict[str, int], Prediction | None]:
         """Who takes part in round r, with which batch sizes, and the predicted round time."""
@@ -77,7 +78,10 @@ class Planner:
             p = self.profiles.get(i)
             if p is None:
                 continue
-            p.update_compute(f.compute_s, f.backward_s, len(f.labels))
+            b = len(f.labels)
+            # the backward reported with round r's activations is that of round r-1's gradient
+            p.update_compute(f.compute_s, f.backward_s, b, self.last_batch.get(i))
+            self.last_batch[i] = b
             path = f.wait_s - f.compute_s - (f.backward_s or 0.0)
             # from round 2 on, the previous gradient came down on the same path
             grad_bytes = int(f.acts.nbytes * self.wire_ratio) if r > 1 else 0
@@ -102,8 +106,9 @@ def balance_batches(
 ) -> dict[str, int]:
     """Per-device batch sizes that equalise predicted arrival, summing to ``total``.
 
-    Device i's path is rtt_i + b_i * k_i with k_i its per-sample cost (compute plus both
-    transfers); equal paths T give b_i = (T - rtt_i) / k_i with sum b_i = total. Devices that
+    Device i's path is c_i + b_i * k_i with c_i its fixed cost (RTT plus the fixed compute cost
+    of a forward and a backward) and k_i its per-sample cost (compute plus both transfers);
+    equal paths T give b_i = (T - c_i) / k_i with sum b_i = total. Devices that
     would get less than ``min_batch`` are pinned there and the rest re-solved; the result is
     rounded by largest remainder so the total is exact.
     """
@@ -120,7 +125,7 @@ def balance_batches(
             if math.isfinite(mbps) and mbps > 0:
                 per += act_bytes_per_sample * 8 / (mbps * 1e6)
         k[i] = max(per, 1e-9)
-        rtt[i] = p.rtt_ms / 1000.0
+        rtt[i] = (p.rtt_ms + p.compute_fixed_ms) / 1000.0
     pinned: set[str] = set()
     while True:
         free = [i for i in ids if i not in pinned]

@@ -1,0 +1,81 @@
+"""A flood of unauthenticated connections and wrong-token hellos during a real run: the run
+completes, connections past the pending cap are closed with 1013, idle ones at the hello
+deadline, and the event log summarises the refusals instead of writing one line each."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from bench.flood import FloodStats, flood
+from orchestrator.config.manifest import local_device_toml, manifest_to_toml, parse_manifest
+from orchestrator.engine import Engine
+
+SCALE = float(os.environ.get("GAPSL_TEST_TIMEOUT_SCALE", "1"))
+CAP = 50
+HELD = 200
+FLOOD_S = 4.0
+MANIFEST = f"""
+[testbed]
+listen = "127.0.0.1:0"
+max_pending_connections = {CAP}
+hello_timeout_s = 1.0
+refusal_summary_s = 1.0
+[training]
+rounds = 60
+eval_every = 30
+"""
+MANIFEST += "".join(
+    local_device_toml(i, f"t-{i}", compute_slowdown=3.0, rtt_ms=20.0) for i in ("a", "b")
+)
+
+
+def test_a_flood_during_a_run_is_capped_and_summarised(tmp_path: Path) -> None:
+    m = parse_manifest(MANIFEST)
+    run_dir = tmp_path / "run"
+    engine = Engine(m, run_dir, manifest_to_toml(m), run_id="flood")
+    training = asyncio.Event()
+
+    def seen(name: str, rec: dict[str, Any]) -> None:
+        if name == "events" and rec.get("event") == "round_started":
+            training.set()
+
+    engine.records.subscribe(seen)
+
+    async def main() -> tuple[str, FloodStats]:
+        async with asyncio.timeout(240 * SCALE):
+            run = asyncio.create_task(engine.run())
+            await training.wait()
+            stop = asyncio.Event()
+            url = f"ws://{engine.state.listen}"
+            flooding = asyncio.create_task(flood(url, "a", HELD, 50.0, stop))
+            await asyncio.wait({run}, timeout=FLOOD_S)  # bounded: the flood stops by itself
+            stop.set()
+            stats = await flooding
+            return await run, stats
+
+    status, stats = asyncio.run(main())
+    assert status == "completed"
+    rounds = (run_dir / "rounds.jsonl").read_text().splitlines()
+    assert len(rounds) == 60
+    # The held connections past the cap were told to try again later; the ones within it were
+    # closed at the hello deadline; any far past it were reset at accept.
+    assert stats.held_codes["1013"] >= HELD - 2 * CAP - 10, stats.as_dict()
+    assert stats.held_codes["1002"] >= 1, stats.as_dict()
+    assert set(stats.held_codes) <= {"1013", "1002", "reset"}, stats.as_dict()
+    assert stats.hello_codes["1008"] >= 10, stats.as_dict()
+
+    events = [json.loads(x) for x in (run_dir / "events.jsonl").read_text().splitlines()]
+    refused = [e for e in events if e["event"] == "refused"]
+    counted = sum(int(e.get("count", 1)) for e in refused)
+    refusals = sum(stats.held_codes.values()) + stats.hello_codes["1008"]
+    summaries = [e for e in refused if e.get("summary")]
+    assert summaries and max(e["count"] for e in summaries) > 1
+    assert {e.get("code") for e in refused} >= {1008, 1013, 1002}
+    assert counted >= 0.8 * refusals  # every refusal is accounted for ...
+    assert len(refused) <= refusals / 5  # ... in far fewer lines than refusals
+    # the run's own devices kept their connections throughout
+    assert not [e for e in events if e["event"] == "lost"]
