@@ -22,6 +22,7 @@ from typing import Any, get_type_hints
 
 from orchestrator.config.sections import (
     DEVICE_ID,
+    RAY_DEVICE_KEYS,
     SECTIONS,
     Check,
     DashboardConfig,
@@ -31,6 +32,7 @@ from orchestrator.config.sections import (
     EpslConfig,
     GapslConfig,
     Manifest,
+    RayConfig,
     SchedulerConfig,
     ServerConfig,
     SflConfig,
@@ -53,6 +55,7 @@ __all__ = [
     "EpslConfig",
     "GapslConfig",
     "Manifest",
+    "RayConfig",
     "SchedulerConfig",
     "ServerConfig",
     "SflConfig",
@@ -189,7 +192,7 @@ def _device_key(entry: Any, index: int) -> str:
     return f"devices.{dev_id}" if ok else f"devices[{index}]"
 
 
-def _build_devices(ctx: _Context, raw: Any) -> tuple[DeviceConfig, ...]:
+def _build_devices(ctx: _Context, raw: Any, ray: RayConfig) -> tuple[DeviceConfig, ...]:
     if raw is None:
         raise ctx.error("devices", "missing (at least one [[devices]] entry is required)")
     if not isinstance(raw, list):
@@ -202,6 +205,17 @@ def _build_devices(ctx: _Context, raw: Any) -> tuple[DeviceConfig, ...]:
     first_seen: dict[str, int] = {}
     for index, entry in enumerate(raw):
         key = _device_key(entry, index)
+        if isinstance(entry, dict) and entry.get("launch") == "ray":
+            # [devices.ray] keys left out take [ray]'s: the resolved manifest then says them all.
+            own = entry.get("ray", {})
+            own = (
+                {**{k: getattr(ray, k) for k in RAY_DEVICE_KEYS}, **own}
+                if isinstance(own, dict)
+                else own
+            )
+            entry = {**entry, "ray": own}
+        elif isinstance(entry, dict) and "ray" in entry:
+            raise ctx.error(f"{key}.ray", 'set, but launch is not "ray"')
         dev = _build(ctx, DeviceConfig, entry, key)
         if dev.id in first_seen:
             raise ctx.error(
@@ -218,7 +232,7 @@ def _validate(raw: dict[str, Any], ctx: _Context, base_dir: Path) -> Manifest:
             what = "section" if isinstance(value, dict) else "key"
             raise _unknown(ctx, name, [*SECTIONS, "devices"], what)
     sections = {name: _build(ctx, cls, raw.get(name, {}), name) for name, cls in SECTIONS.items()}
-    devices = _build_devices(ctx, raw.get("devices"))
+    devices = _build_devices(ctx, raw.get("devices"), sections["ray"])
     need = sections["scheduler"].min_participants
     if need > len(devices):
         raise ctx.error(
@@ -230,8 +244,10 @@ def _validate(raw: dict[str, Any], ctx: _Context, base_dir: Path) -> Manifest:
         raise ctx.error(missing, "missing (tls_cert and tls_key go together)")
     if tb.tls_ca and not tb.tls_cert:
         raise ctx.error("testbed.tls_ca", "set, but TLS is off (testbed.tls_cert is empty)")
-    if tb.tls_cert and not tb.tls_ca and any(d.launch == "local" for d in devices):
-        raise ctx.error("testbed.tls_ca", "missing (local agents must trust the CA of tls_cert)")
+    if tb.tls_cert and not tb.tls_ca and any(d.launch != "remote" for d in devices):
+        raise ctx.error(
+            "testbed.tls_ca", "missing (local and Ray-placed agents must trust the CA of tls_cert)"
+        )
     g = sections["gapsl"]
     if g.leader == "update" and (g.space != "client" or g.gda_mode == "exact"):
         raise ctx.error(
