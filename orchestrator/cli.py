@@ -101,15 +101,26 @@ def _check(args: argparse.Namespace) -> int:
     if exposed is not None:  # valid all the same: a warning, not an error
         print(f"warning: {exposed}", file=sys.stderr)
     local = sum(d.launch == "local" for d in m.devices)
+    placed = sum(d.launch == "ray" for d in m.devices)
+    if placed:  # whether the cluster answers, `run` says before it starts anything
+        from orchestrator.fleet.rayfleet import import_ray
+
+        import_ray(m)
+    on_ray = f", {placed} on Ray at {m.ray.address}" if placed else ""
     print(
         f"{args.manifest}: ok — {m.training.algorithm} on {m.training.dataset}, "
-        f"{len(m.devices)} devices ({local} local), {m.training.rounds} rounds"
+        f"{len(m.devices)} devices ({local} local{on_ray}), {m.training.rounds} rounds"
     )
     return ExitCode.OK
 
 
 async def _run_async(
-    m: Manifest, run_dir: Path, dashboard: bool, in_process: bool, resume: Resume | None = None
+    m: Manifest,
+    run_dir: Path,
+    dashboard: bool,
+    in_process: bool,
+    run_id: str,
+    resume: Resume | None = None,
 ) -> str:
     from orchestrator.engine import Engine
 
@@ -117,7 +128,7 @@ async def _run_async(
         m,
         run_dir,
         manifest_to_toml(m, absolute_paths=True, redact_tokens=True),
-        run_id=resume.run_id if resume else uuid.uuid4().hex[:12],
+        run_id=run_id,
         in_process=in_process,
         resume=resume.checkpoint if resume else None,
         elapsed_s=resume.wall_s if resume else 0.0,
@@ -169,9 +180,17 @@ def _run(args: argparse.Namespace) -> int:
         m = load_manifest(args.manifest, args.set)
         run_dir = args.run_dir or default_run_dir(m)
     dashboard = not args.no_dashboard and sys.stdout.isatty() and os.environ.get("TERM") != "dumb"
+    run_id = resume.run_id if resume else uuid.uuid4().hex[:12]
+    in_process = args.command == "simulate"
+    if not in_process and any(d.launch == "ray" for d in m.devices):
+        from orchestrator.fleet import rayfleet
+
+        # Before anything starts: no Ray or no cluster is the user's to fix (one line, exit 2).
+        # The engine keeps this connection for the run.
+        rayfleet.connect(m, rayfleet.namespace_of(run_id))
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        status = asyncio.run(_run_async(m, run_dir, dashboard, args.command == "simulate", resume))
+        status = asyncio.run(_run_async(m, run_dir, dashboard, in_process, run_id, resume))
     except (KeyboardInterrupt, asyncio.CancelledError):
         status = Phase.INTERRUPTED
     summary = run_dir / "summary.json"

@@ -101,7 +101,7 @@ def _header(snap: RunSnapshot, cw: int) -> list[Text]:
 
 
 def _host(d: DeviceView) -> str:
-    parts = [d.hostname or d.launch, d.platform, d.torch_device]
+    parts = [d.hostname or d.launch, d.node, d.platform, d.torch_device]
     if d.cpu_count:
         parts.append(f"{d.cpu_count}c/{d.memory_gib:.1f}G")
     return " ".join(p for p in parts if p)
@@ -308,9 +308,9 @@ def agent_command(listen: str, device_id: str) -> str:
 def _waiting(snap: RunSnapshot, width: int, height: int) -> Panel:
     cw = width - 4
     missing = [d for d in snap.devices if d.status == "waiting"]
-    names = ", ".join(d.id + (" (local)" if d.launch == "local" else "") for d in missing)
+    names = ", ".join(d.id + (f" ({d.launch})" if d.launch != "remote" else "") for d in missing)
     body = [_fit(Text(f"missing {len(missing)} of {len(snap.devices)}: {names}"), cw)]
-    remote = [d for d in missing if d.launch != "local"]
+    remote = [d for d in missing if d.launch == "remote"]
     if remote:
         body.append(Text("start each missing device with:", style="dim"))
         # Commands fold rather than truncate: they are meant to be copied whole.
@@ -318,12 +318,12 @@ def _waiting(snap: RunSnapshot, width: int, height: int) -> Panel:
         if snap.listen.rsplit(":", 1)[0] in ("0.0.0.0", "::", "[::]", ""):
             body.append(Text("(use this machine's address in place of the wildcard host)"))
     elif missing:
-        body.append(Text("local agents are being started by the orchestrator", style="dim"))
+        body.append(Text("the orchestrator is starting their agents", style="dim"))
     return Panel(Group(*body), title="waiting for devices", title_align="left", height=height)
 
 
 def _waiting_height(snap: RunSnapshot, cw: int) -> int:
-    remote = [d for d in snap.devices if d.status == "waiting" and d.launch != "local"]
+    remote = [d for d in snap.devices if d.status == "waiting" and d.launch == "remote"]
     cmds = sum(math.ceil(cell_len(agent_command(snap.listen, d.id)) / cw) for d in remote)
     return 2 + 1 + (2 + cmds if remote else 1)
 
