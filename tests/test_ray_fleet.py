@@ -23,6 +23,9 @@ import pytest
 
 from orchestrator.config.manifest import Manifest, manifest_to_toml, parse_manifest
 from orchestrator.engine import Engine
+from orchestrator.ui.fold import RunFold
+from orchestrator.ui.render import _host as render_host
+from orchestrator.ui.watch import read_records
 
 ROOT = Path(__file__).resolve().parent.parent
 SCALE = float(os.environ.get("GAPSL_TEST_TIMEOUT_SCALE", "1"))
@@ -124,6 +127,14 @@ def test_a_run_placed_across_the_nodes_equals_simulate(cluster: Any, tmp_path: P
     events = _jsonl(tmp_path / "ray" / "events.jsonl")
     assert {e["device"] for e in events if e["event"] == "placed"} == {"dev0", "dev1", "dev2"}
     assert "placed:" in (tmp_path / "ray" / "agents" / "dev0.log").read_text()
+    # The dashboard's host column, folded from the records as `watch` does, names the node.
+    fold = RunFold(m, str(tmp_path / "ray"))
+    read_records(tmp_path / "ray", fold)
+    nodes = {d["device"]: d for d in placed}
+    for view in fold.snapshot(0.0).devices:
+        where = nodes[view.id]
+        assert view.node == f"{where['node_ip']}/{where['node_id'][:8]}"
+        assert view.node in render_host(view)
 
 
 def test_a_killed_agent_actor_is_placed_again(cluster: Any, tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import logging
 import signal
 import socket
 import threading
@@ -81,6 +82,7 @@ def connect(m: Manifest, namespace: str) -> None:
     def init() -> None:
         try:  # the agents' output stays in their logs, not on the orchestrator's terminal
             kwargs: dict[str, Any] = {"namespace": namespace, "log_to_driver": False}
+            kwargs["logging_level"] = logging.WARNING  # Ray's INFO lines would cross the dashboard
             if cfg.address == "local":
                 kwargs["include_dashboard"] = False
             ray.init(address=cfg.address, **kwargs)
@@ -88,8 +90,11 @@ def connect(m: Manifest, namespace: str) -> None:
             failure.append(exc)
 
     thread = threading.Thread(target=init, name="ray-connect", daemon=True)
-    thread.start()
-    thread.join(cfg.connect_timeout_s)
+    if cfg.address == "local":  # starting an instance is Ray's own, bounded, work; it needs
+        init()  # the caller's thread (the main one, in `run`) to set up its processes
+    else:
+        thread.start()
+        thread.join(cfg.connect_timeout_s)
     if thread.is_alive():
         why = f"no answer from the Ray cluster at {cfg.address} within {cfg.connect_timeout_s} s"
         raise ManifestError(m.source, "ray.address", why)
