@@ -204,7 +204,10 @@ class Engine:
         from orchestrator.fleet import rayfleet
 
         namespace = rayfleet.namespace_of(self.run_id)
-        await asyncio.to_thread(rayfleet.connect, self.m, namespace)
+        if self.m.ray.address == "local":  # Ray starts an instance only from this thread
+            rayfleet.connect(self.m, namespace)
+        else:
+            await asyncio.to_thread(rayfleet.connect, self.m, namespace)
         log_dir = self.records.dir / "agents"
         self.ray_fleet = RayFleet(self.m, log_dir, namespace, self._agent_exited, self._placed)
         await self.ray_fleet.start(placed, scheme, port)

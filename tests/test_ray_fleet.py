@@ -3,7 +3,8 @@
 The head offers one CPU and the worker two, and each agent asks for one, so three devices are
 placed across both nodes. A run there writes the metrics of ``simulate`` on the same manifest;
 an agent actor killed mid-run is placed again and the run completes; Ctrl-C on an
-orchestrator process leaves no actor of its run alive. Skipped only where Ray cannot start.
+orchestrator process leaves no actor of its run alive; ``address = "local"`` gives a run its
+own one-machine instance, with local agents beside. Skipped only where Ray cannot start.
 """
 
 from __future__ import annotations
@@ -107,6 +108,19 @@ def _run(engine: Engine, *also: Any) -> str:
                 await asyncio.gather(*tasks, return_exceptions=True)
 
     return asyncio.run(scenario())
+
+
+def test_address_local_starts_an_instance_for_the_run(tmp_path: Path) -> None:
+    """Runs before the cluster fixture starts: the one Ray instance is the run's own."""
+    ray = pytest.importorskip("ray", reason="Ray is not installed (the [ray] extra)")
+    text = _text("local", rounds=4, eval_every=2).replace('launch = "ray"', 'launch = "local"', 1)
+    m = parse_manifest(text, source="ray-fleet.toml")
+    assert [d.launch for d in m.devices] == ["local", "ray", "ray"]
+    engine = Engine(m, tmp_path / "run", manifest_to_toml(m), "local-instance")
+    assert _run(engine) == "completed", (tmp_path / "run" / "summary.json").read_text()
+    assert not ray.is_initialized()  # the run left its instance
+    placed = [e for e in _jsonl(tmp_path / "run" / "events.jsonl") if e["event"] == "placed"]
+    assert sorted(e["device"] for e in placed) == ["dev1", "dev2"]
 
 
 def test_a_run_placed_across_the_nodes_equals_simulate(cluster: Any, tmp_path: Path) -> None:
