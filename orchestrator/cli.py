@@ -146,12 +146,18 @@ def _check(args: argparse.Namespace) -> int:
     if exposed is not None:  # valid all the same: a warning, not an error
         print(f"warning: {exposed}", file=sys.stderr)
     local = sum(d.launch == "local" for d in m.devices)
+    placed = sum(d.launch == "ray" for d in m.devices)
+    if placed:  # whether the cluster answers, `run` says before it starts anything
+        from orchestrator.fleet.rayfleet import import_ray
+
+        import_ray(m)
+    on_ray = f", {placed} on Ray at {m.ray.address}" if placed else ""
     host, port = m.listen_host_port()
     listen = f"{host}:{port}" if port else f"{host}, a free port"
     print(
         f"{args.manifest}: ok — {m.training.algorithm} on {m.training.dataset} "
         f"({len(pre.dataset.y_train)} training samples), {pre.model} cut at {pre.cut}, "
-        f"{len(m.devices)} devices ({local} local), {m.training.rounds} rounds, "
+        f"{len(m.devices)} devices ({local} local{on_ray}), {m.training.rounds} rounds, "
         f"listening on {listen}"
     )
     return ExitCode.OK
@@ -162,6 +168,7 @@ async def _run_async(
     run_dir: Path,
     dashboard: bool,
     in_process: bool,
+    run_id: str,
     resume: Resume | None = None,
     dataset: Dataset | None = None,
 ) -> str:
@@ -171,7 +178,7 @@ async def _run_async(
         m,
         run_dir,
         manifest_to_toml(m, absolute_paths=True, redact_tokens=True),
-        run_id=resume.run_id if resume else uuid.uuid4().hex[:12],
+        run_id=run_id,
         in_process=in_process,
         resume=resume.checkpoint if resume else None,
         elapsed_s=resume.wall_s if resume else 0.0,
@@ -232,10 +239,18 @@ def _run(args: argparse.Namespace) -> int:
         chosen = args.run_dir is not None
         run_dir = claim_run_dir(args.run_dir if chosen else default_run_dir(m), chosen)
     dashboard = not args.no_dashboard and sys.stdout.isatty() and os.environ.get("TERM") != "dumb"
+    run_id = resume.run_id if resume else uuid.uuid4().hex[:12]
+    in_process = args.command == "simulate"
+    if not in_process and any(d.launch == "ray" for d in m.devices):
+        from orchestrator.fleet import rayfleet
+
+        # Before anything starts: no Ray or no cluster is the user's to fix (one line, exit 2).
+        # The engine keeps this connection for the run.
+        rayfleet.connect(m, rayfleet.namespace_of(run_id))
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         status = asyncio.run(
-            _run_async(m, run_dir, dashboard, in_process, resume, dataset=pre.dataset)
+            _run_async(m, run_dir, dashboard, in_process, run_id, resume, dataset=pre.dataset)
         )
     except (KeyboardInterrupt, asyncio.CancelledError):
         status = Phase.INTERRUPTED

@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 
 from edge_agent import protocol
@@ -28,12 +27,14 @@ from orchestrator.errors import GapslError, RunError, RunInterrupted
 from orchestrator.fleet.admission import Admission
 from orchestrator.fleet.gate import PendingGate, RefusalLog, raise_fd_limit
 from orchestrator.fleet.group import SessionGroup
-from orchestrator.fleet.launcher import LocalFleet
+from orchestrator.fleet.launcher import LocalFleet, dial_host
+from orchestrator.fleet.rayfleet import RayFleet
 from orchestrator.fleet.sessions import DeviceSession, wait_ready
 from orchestrator.fleet.tls import server_ssl_context
 from orchestrator.names import DeviceStatus
 from orchestrator.preflight import bind_problem
 from orchestrator.records import checkpoint
+from orchestrator.records.summary import run_summary
 from orchestrator.records.writer import RunRecords
 from orchestrator.training.job import Job, job_message, prepare_job
 from orchestrator.training.loop import Runner
@@ -80,6 +81,7 @@ class Engine:
         self.records.subscribe(self.fold.add)
         self.sessions = {d.id: DeviceSession(d, rank) for rank, d in enumerate(m.devices)}
         self.fleet: LocalFleet | None = None
+        self.ray_fleet: RayFleet | None = None  # launch = "ray" devices' agents
         self.job: Job | None = None
         self._frames: dict[str, bytes] = {}
         self._respawns: dict[str, int] = {}
@@ -179,7 +181,8 @@ class Engine:
                 if on_listening is not None:
                     on_listening(st.listen)
                 try:
-                    await self._start_fleet(f"{scheme}://{_dial_host(host)}:{port}")
+                    await self._start_fleet(f"{scheme}://{dial_host(host)}:{port}")
+                    await self._start_ray_fleet(scheme, port)
                     await self._train()
                     status = "completed"
                 except (RunInterrupted, asyncio.CancelledError):
@@ -196,6 +199,8 @@ class Engine:
                     await asyncio.gather(*self._background, return_exceptions=True)
                     if self.fleet is not None:
                         await self.fleet.stop()
+                    if self.ray_fleet is not None:
+                        await self.ray_fleet.stop()
         except asyncio.CancelledError:
             status, error = "interrupted", "interrupted by signal"
             raise
@@ -207,6 +212,8 @@ class Engine:
             error = f"{type(exc).__name__}: {exc}"
             raise
         finally:
+            if self.ray_fleet is not None:  # even when cancelled mid-stop: no actor outlives us
+                self.ray_fleet.close()
             wall_s = self.elapsed_before + time.monotonic() - started
             st.finish(status, error, wall_s)
             self._write_summary(status, error, wall_s)
@@ -225,26 +232,51 @@ class Engine:
         await self.fleet.start(local, url, self.m.data_dir(), self.m.data.download, ca_file)
         self.state.event("fleet_started", None, {"local_agents": len(local)})
 
+    async def _start_ray_fleet(self, scheme: str, port: int) -> None:
+        placed = [s.cfg for s in self.sessions.values() if s.cfg.launch == "ray"]
+        if not placed:
+            return
+        from orchestrator.fleet import rayfleet
+
+        namespace = rayfleet.namespace_of(self.run_id)
+        if self.m.ray.address == "local":  # Ray starts an instance only from this thread
+            rayfleet.connect(self.m, namespace)
+        else:
+            await asyncio.to_thread(rayfleet.connect, self.m, namespace)
+        log_dir = self.records.dir / "agents"
+        self.ray_fleet = RayFleet(self.m, log_dir, namespace, self._agent_exited, self._placed)
+        await self.ray_fleet.start(placed, scheme, port)
+        self.state.event("fleet_started", None, {"ray_agents": len(placed)})
+
+    def _placed(self, device_id: str, where: dict[str, Any]) -> None:
+        """A Ray-placed agent's node: in the event log (the dashboard's host column) and in
+        devices.jsonl."""
+        self.state.event("placed", device_id, where)
+        node = {k: where.get(k) for k in ("node_ip", "node_id", "node_hostname")}
+        record = {"t": round(self.records.elapsed(), 3), "device": device_id}
+        self.records.append("devices", {**record, "source": "placement", **node})
+
     def _agent_exited(self, device_id: str, code: int) -> None:
         session = self.sessions[device_id]
         self.state.event("agent_exited", device_id, {"code": code})
-        stopping = self.fleet is not None and self.fleet.stopping
+        fleet = self.ray_fleet if session.cfg.launch == "ray" else self.fleet
+        stopping = fleet is not None and fleet.stopping
         if code == 0 or stopping or self.state.phase in ("completed", "failed", "interrupted"):
             return
         # Killed or crashed by something outside the job: start it again; it resumes from its
         # local checkpoint. A job it cannot do, a bad command line or a refusal would only repeat.
         fatal = code in (AgentExit.FAILED, AgentExit.USAGE, AgentExit.REFUSED)
         used = self._respawns.get(device_id, 0)
-        if not fatal and used < self.m.testbed.respawn_local and self.fleet is not None:
+        if not fatal and used < self.m.testbed.respawn_local and fleet is not None:
             self._respawns[device_id] = used + 1
             self.state.event("respawned", device_id, {"code": code, "attempt": used + 1})
-            task = asyncio.get_running_loop().create_task(self.fleet.respawn(device_id))
+            task = asyncio.get_running_loop().create_task(fleet.respawn(device_id))
             self._background.add(task)
             task.add_done_callback(self._background.discard)
             return
         if fatal:
-            tail = self.fleet.log_tail(device_id, 3) if self.fleet else ""
-            session.fail(f"local agent exited with code {code}: {tail}")
+            tail = fleet.log_tail(device_id, 3) if fleet else ""
+            session.fail(f"{session.cfg.launch} agent exited with code {code}: {tail}")
             return
         # Out of respawns (or respawn_local = 0): the device is now like a remote one whose link
         # dropped. Whoever starts its agent again (a lab script, a supervisor, a person) brings
@@ -317,7 +349,7 @@ class Engine:
         else:
             measured = runner.recorder.compute_ms if runner is not None else {}
             record["compute_ms_per_sample"] = measured.get(session.id)
-            record["rtt_ms"] = _latency_ms(session)
+            record["rtt_ms"] = session.ping_ms()
             record["uplink_mbps"] = None
             record["downlink_mbps"] = None
         record.update(
@@ -340,7 +372,7 @@ class Engine:
         frame = encode("bye", reason=reason, redial=redial or None)
         plain = encode("bye", reason=reason)  # local agents are stopped; a resume starts new ones
         for s in self.sessions.values():
-            await s.send(plain if s.cfg.launch == "local" else frame)
+            await s.send(plain if s.cfg.launch != "remote" else frame)
             s.status = "done" if s.ws is not None else s.status
         for s in self.sessions.values():
             ws = s.ws
@@ -351,50 +383,10 @@ class Engine:
                     await ws.close(protocol.CLOSE_GOING_AWAY, "run over")
 
     def _write_summary(self, status: str, error: str, wall_s: float) -> None:
-        last = self.fold.last_eval
-        t = self.m.training
-        summary: dict[str, Any] = {
-            "status": status,
-            "rounds": self.state.round if status != "completed" else t.rounds,
-            "checkpoint_round": self.runner.checkpointed_round if self.runner else None,
-            "final_acc_mean": last.acc_mean if last else None,
-            "final_acc_min": last.acc_min if last else None,
-            "final_acc_max": last.acc_max if last else None,
-            "wall_s": round(wall_s, 3),
-            "algorithm": t.algorithm,
-            "dataset": t.dataset,
-            "seed": t.seed,
-            "devices": [s.id for s in self.sessions.values()],
-            "run_id": self.run_id,
-            "versions": _versions(),
-        }
-        if error:
-            summary["error"] = error
-        self.records.write_summary(summary)
-
-
-def _latency_ms(session: DeviceSession) -> float | None:
-    """The websockets keepalive's last measured ping round trip."""
-    ws = session.ws
-    latency = getattr(ws, "latency", 0.0) if ws is not None else 0.0
-    return latency * 1000.0 if latency else None
-
-
-def _dial_host(host: str) -> str:
-    return "127.0.0.1" if host in ("", "0.0.0.0") else ("[::1]" if host == "::" else host)
-
-
-def _versions() -> dict[str, str]:
-    import platform
-
-    import websockets
-
-    from orchestrator import __version__
-
-    return {
-        "gapsl_testbed": __version__,
-        "python": platform.python_version(),
-        "torch": str(torch.__version__),
-        "numpy": np.__version__,
-        "websockets": websockets.__version__,
-    }
+        done = self.state.round if status != "completed" else self.m.training.rounds
+        cp = self.runner.checkpointed_round if self.runner else None
+        ids = [s.id for s in self.sessions.values()]
+        summary = run_summary(self.m, status, done, cp, self.fold.last_eval, wall_s, ids)
+        self.records.write_summary(
+            {**summary, "run_id": self.run_id, **({"error": error} if error else {})}
+        )

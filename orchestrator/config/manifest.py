@@ -20,9 +20,11 @@ from functools import cache
 from pathlib import Path
 from typing import Any, get_type_hints
 
+from orchestrator.config.gapsl_rules import resolve_gapsl
 from orchestrator.config.sections import (
     DEVICE_ID,
     OVERRIDE_SOURCE,
+    RAY_DEVICE_KEYS,
     SECTIONS,
     Check,
     DashboardConfig,
@@ -32,6 +34,7 @@ from orchestrator.config.sections import (
     EpslConfig,
     GapslConfig,
     Manifest,
+    RayConfig,
     SchedulerConfig,
     ServerConfig,
     SflConfig,
@@ -55,6 +58,7 @@ __all__ = [
     "EpslConfig",
     "GapslConfig",
     "Manifest",
+    "RayConfig",
     "SchedulerConfig",
     "ServerConfig",
     "SflConfig",
@@ -188,7 +192,7 @@ def _device_key(entry: Any, index: int) -> str:
     return f"devices.{dev_id}" if ok else f"devices[{index}]"
 
 
-def _build_devices(ctx: _Context, raw: Any) -> tuple[DeviceConfig, ...]:
+def _build_devices(ctx: _Context, raw: Any, ray: RayConfig) -> tuple[DeviceConfig, ...]:
     if raw is None:
         raise ctx.error("devices", "missing (at least one [[devices]] entry is required)")
     if not isinstance(raw, list):
@@ -201,6 +205,17 @@ def _build_devices(ctx: _Context, raw: Any) -> tuple[DeviceConfig, ...]:
     first_seen: dict[str, int] = {}
     for index, entry in enumerate(raw):
         key = _device_key(entry, index)
+        if isinstance(entry, dict) and entry.get("launch") == "ray":
+            # [devices.ray] keys left out take [ray]'s: the resolved manifest then says them all.
+            own = entry.get("ray", {})
+            own = (
+                {**{k: getattr(ray, k) for k in RAY_DEVICE_KEYS}, **own}
+                if isinstance(own, dict)
+                else own
+            )
+            entry = {**entry, "ray": own}
+        elif isinstance(entry, dict) and "ray" in entry:
+            raise ctx.error(f"{key}.ray", 'set, but launch is not "ray"')
         dev = _build(ctx, DeviceConfig, entry, key)
         if dev.id in first_seen:
             raise ctx.error(
@@ -211,28 +226,13 @@ def _build_devices(ctx: _Context, raw: Any) -> tuple[DeviceConfig, ...]:
     return tuple(devices)
 
 
-# The [gapsl] defaults belong to the client space with gradient leaders (where the study measured
-# them: docs/results.md); where a manifest chooses another space or update leaders, the keys it
-# leaves unset take the defaults that apply there: first-order GDA and no prior correction.
-_ELSEWHERE: dict[str, Any] = {"gda_mode": "first_order", "prior_tau": 0.0}
-
-
-def _space_defaults(g: GapslConfig, given: Any) -> GapslConfig:
-    if g.space == "client" and g.leader == "gradient":
-        return g
-    unset: dict[str, Any] = {
-        k: v for k, v in _ELSEWHERE.items() if not (isinstance(given, dict) and k in given)
-    }
-    return replace(g, **unset)
-
-
 def _validate(raw: dict[str, Any], ctx: _Context, base_dir: Path) -> Manifest:
     for name, value in raw.items():
         if name not in SECTIONS and name != "devices":
             what = "section" if isinstance(value, dict) else "key"
             raise _unknown(ctx, name, [*SECTIONS, "devices"], what)
     sections = {name: _build(ctx, cls, raw.get(name, {}), name) for name, cls in SECTIONS.items()}
-    devices = _build_devices(ctx, raw.get("devices"))
+    devices = _build_devices(ctx, raw.get("devices"), sections["ray"])
     need = sections["scheduler"].min_participants
     if need > len(devices):
         raise ctx.error(
@@ -244,27 +244,11 @@ def _validate(raw: dict[str, Any], ctx: _Context, base_dir: Path) -> Manifest:
         raise ctx.error(missing, "missing (tls_cert and tls_key go together)")
     if tb.tls_ca and not tb.tls_cert:
         raise ctx.error("testbed.tls_ca", "set, but TLS is off (testbed.tls_cert is empty)")
-    if tb.tls_cert and not tb.tls_ca and any(d.launch == "local" for d in devices):
-        raise ctx.error("testbed.tls_ca", "missing (local agents must trust the CA of tls_cert)")
-    g = sections["gapsl"] = _space_defaults(sections["gapsl"], raw.get("gapsl", {}))
-    if g.leader == "update" and (g.space != "client" or g.gda_mode == "exact"):
+    if tb.tls_cert and not tb.tls_ca and any(d.launch != "remote" for d in devices):
         raise ctx.error(
-            "gapsl.leader",
-            '"update" needs gapsl.space = "client" and gda_mode first_order or pull, got '
-            f"space {toml_value(g.space)} and gda_mode {toml_value(g.gda_mode)}",
+            "testbed.tls_ca", "missing (local and Ray-placed agents must trust the CA of tls_cert)"
         )
-    if g.gda_mode in ("tracking", "anchor") and (g.space != "client" or g.leader != "gradient"):
-        raise ctx.error(
-            "gapsl.gda_mode",
-            f"{toml_value(g.gda_mode)} acts on each device's own client partition: it needs "
-            f'gapsl.space = "client" and leader "gradient", got space {toml_value(g.space)} and '
-            f"leader {toml_value(g.leader)}",
-        )
-    if g.prior_tau > 0 and g.space != "client":
-        raise ctx.error(
-            "gapsl.prior_tau",
-            f'the prior correction needs gapsl.space = "client", got {toml_value(g.space)}',
-        )
+    sections["gapsl"] = resolve_gapsl(sections["gapsl"], raw.get("gapsl", {}), ctx.error)
     if "listen" not in raw.get("testbed", {}) and all(d.launch == "local" for d in devices):
         # Only this machine's own agents dial in, and they are told the bound port: any free
         # port does, so two runs on one host never collide. A listen the user set is kept.

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Optional
 
@@ -243,15 +243,54 @@ class EmulateConfig:
         return self != EmulateConfig()
 
 
+def _ray_address(v: str) -> str | None:
+    if v in ("auto", "local") or v.startswith("ray://"):
+        return None
+    if _listen(v) is None:
+        return None
+    return f'must be "auto", "local", "HOST:PORT" or "ray://HOST:PORT", got {toml_value(v)}'
+
+
+@dataclass(frozen=True)
+class DeviceRayConfig:
+    """What a ``launch = "ray"`` device's agent reserves on its node (``[devices.ray]``); a key
+    left out takes the ``[ray]`` section's value."""
+
+    num_cpus: float = _opt(1.0, check=_non_negative)
+    num_gpus: float = _opt(0.0, check=_non_negative)
+    memory_mb: int = _opt(0, check=_non_negative)  # 0 = no memory reservation
+    node_ip: str = _opt("")  # "" = any node that has the resources; else only that node
+
+
+RAY_DEVICE_KEYS = tuple(f.name for f in fields(DeviceRayConfig))
+
+
+@dataclass(frozen=True)
+class RayConfig(DeviceRayConfig):
+    """The Ray cluster that ``launch = "ray"`` devices are placed on, and their default
+    reservation (README, "Placing agents on a Ray cluster")."""
+
+    # "auto": the cluster this machine is a node of (`ray start`); "local": a one-machine Ray
+    # instance started for the run; "HOST:PORT": a head's GCS; "ray://HOST:PORT": Ray Client.
+    address: str = _opt("auto", check=_ray_address)
+    # The host placed agents dial; "" = testbed.listen's host, or for a wildcard listen
+    # (0.0.0.0, ::) the address Ray knows this machine by.
+    dial_host: str = _opt("")
+    connect_timeout_s: float = _opt(30.0, check=_positive)  # reaching the cluster
+    place_timeout_s: float = _opt(120.0, check=_positive)  # an agent's actor starting on a node
+
+
 @dataclass(frozen=True)
 class DeviceConfig:
-    """One ``[[devices]]`` entry: a lab device, or a local agent the orchestrator starts."""
+    """One ``[[devices]]`` entry: a lab device, or an agent the orchestrator starts (locally,
+    or on a Ray cluster's node)."""
 
     id: str = field(metadata={"check": _device_id})
     token: str = field(repr=False, metadata={"check": _non_empty})  # kept out of logs
-    launch: str = _opt("remote", choices=("remote", "local"))
+    launch: str = _opt("remote", choices=("remote", "local", "ray"))
     device: str = _opt("auto", choices=_DEVICE_CHOICES)
     emulate: EmulateConfig = field(default_factory=EmulateConfig)
+    ray: DeviceRayConfig = field(default_factory=DeviceRayConfig)
 
 
 SECTIONS: dict[str, type] = {
@@ -264,6 +303,7 @@ SECTIONS: dict[str, type] = {
     "epsl": EpslConfig,
     "scheduler": SchedulerConfig,
     "dashboard": DashboardConfig,
+    "ray": RayConfig,
 }
 
 
@@ -298,6 +338,7 @@ class Manifest:
     epsl: EpslConfig = field(default_factory=EpslConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     dashboard: DashboardConfig = field(default_factory=DashboardConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
     devices: tuple[DeviceConfig, ...] = ()
     source: str = field(default="<string>", compare=False)
     # The file the device tokens were read from (absolute; "" when not from a file).

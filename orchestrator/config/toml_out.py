@@ -46,8 +46,10 @@ def manifest_to_toml(
     tables.insert(2, ("[data]", data))
     for dev in m.devices:
         tables += [("[[devices]]", dev), ("[devices.emulate]", dev.emulate)]
+        if dev.launch == "ray":  # the loader refuses the table on any other device
+            tables.append(("[devices.ray]", dev.ray))
     for header, obj in tables:
-        lines += [header] if header == "[devices.emulate]" else ["", header]
+        lines += [header] if header.startswith("[devices.") else ["", header]
         lines += [
             f"{f.name} = {toml_value(getattr(obj, f.name))}"
             for f in fields(obj)

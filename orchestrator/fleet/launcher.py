@@ -34,7 +34,7 @@ STOP_GRACE_S = 5.0
 SIGNAL_WAIT_S = 3.0
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
+def die_with_parent() -> None:  # runs in the child between fork and exec
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
@@ -45,15 +45,18 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
 def agent_command(
     device: DeviceConfig,
     url: str,
-    token_file: Path,
+    token_file: Path | None,
     data_dir: Path | None,
     download: bool,
     ca_file: Path | None = None,
 ) -> list[str]:
-    """The command line that starts one local agent. The token stays in ``token_file``: a
-    command line is readable by every user of the host (``ps``, ``/proc/PID/cmdline``)."""
+    """The command line that starts one agent. The token stays in ``token_file`` (or, when it
+    is None, in the agent's ``$GAPSL_TOKEN``): a command line is readable by every user of the
+    host (``ps``, ``/proc/PID/cmdline``)."""
     cmd = [sys.executable, "-m", "edge_agent", "--orchestrator", url, "--id", device.id]
-    cmd += ["--token-file", str(token_file), "--device", device.device]
+    if token_file is not None:
+        cmd += ["--token-file", str(token_file)]
+    cmd += ["--device", device.device]
     cmd += ["--give-up-s", str(AGENT_GIVE_UP_S)]
     if data_dir is not None:
         cmd += ["--data-dir", str(data_dir)]
@@ -73,6 +76,15 @@ def agent_command(
         if em.compute_fixed_ms:
             cmd += ["--compute-fixed-ms", repr(em.compute_fixed_ms)]
     return cmd
+
+
+def log_tail(path: Path, lines: int = 5) -> str:
+    """The last ``lines`` lines of an agent's log ("" when there is none)."""
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.strip().splitlines()[-lines:])
 
 
 def private_dir() -> Path:
@@ -155,7 +167,7 @@ class LocalFleet:
             "start_new_session": True,  # Ctrl-C reaches the orchestrator, which stops agents
         }
         if sys.platform.startswith("linux"):
-            kwargs["preexec_fn"] = _die_with_parent
+            kwargs["preexec_fn"] = die_with_parent
         proc = await asyncio.create_subprocess_exec(*self._commands[device_id], **kwargs)
         self.procs[device_id] = proc
         self._watchers.append(
@@ -173,12 +185,7 @@ class LocalFleet:
         self.on_exit(device_id, code)
 
     def log_tail(self, device_id: str, lines: int = 5) -> str:
-        path = self.log_dir / f"{device_id}.log"
-        try:
-            text = path.read_text(encoding="utf-8", errors="replace")
-        except OSError:
-            return ""
-        return "\n".join(text.strip().splitlines()[-lines:])
+        return log_tail(self.log_dir / f"{device_id}.log", lines)
 
     async def stop(self, grace_s: float = STOP_GRACE_S) -> None:
         """Give agents ``grace_s`` to leave after the run's bye, then terminate, then kill.
@@ -222,3 +229,8 @@ async def _wait_exits(procs: Iterable[asyncio.subprocess.Process], timeout_s: fl
     finally:
         for w in waits:
             w.cancel()  # the ones still waiting: owned here, not left pending
+
+
+def dial_host(host: str) -> str:
+    """The address local agents dial for an orchestrator listening on ``host``."""
+    return "127.0.0.1" if host in ("", "0.0.0.0") else ("[::1]" if host == "::" else host)

@@ -94,6 +94,11 @@ class DeviceAbsent(Exception):
 class DeviceSession:
     """One device listed in the manifest, whatever connection it currently has."""
 
+    def ping_ms(self) -> float | None:
+        """The websockets keepalive's last measured ping round trip, in ms."""
+        latency = getattr(self.ws, "latency", 0.0) if self.ws is not None else 0.0
+        return latency * 1000.0 if latency else None
+
     def __init__(self, cfg: DeviceConfig, rank: int) -> None:
         self.cfg = cfg
         self.id = cfg.id

@@ -39,13 +39,14 @@ _NOT_CONFIG = (
     "training.seed",
     "testbed.",
     "dashboard.",
+    "ray.",
     "source",
     "base_dir",
     "server.device",
     "data.dir",
     "data.download",
 )
-_NOT_DEVICE_CONFIG = ("launch", "device")
+_NOT_DEVICE_CONFIG = ("launch", "device", "num_cpus", "num_gpus", "memory_mb", "node_ip")
 
 
 @dataclass(frozen=True)

@@ -88,6 +88,7 @@ class _Device:
             status=self.status,
             launch=self.launch,
             hostname=str(f.get("hostname", "")),
+            node=str(f.get("node", "")),
             platform=str(f.get("platform", "")),
             torch_device=str(f.get("torch_device", "")),
             cpu_count=_int(f.get("cpu_count")),
@@ -229,6 +230,8 @@ class RunFold:
                 d.shard_size = _int(rec.get("shard_size"))
         elif name in ("lost", "awaiting_return"):  # the exit may be heard before the close
             d.status = DeviceStatus.LOST
+        elif name == "placed":  # on a Ray node: its IP and (the start of) its id
+            d.facts["node"] = f"{rec.get('node_ip', '?')}/{str(rec.get('node_id', ''))[:8]}"
         elif name == "unstable":
             d.warning = str(rec.get("why", "unstable"))
         elif name == "straggler" and d.status in _AT_WORK:

@@ -92,6 +92,7 @@ def _host(d: DeviceView) -> str:
         d.platform.split()[-1] if d.platform else "",
         d.torch_device if d.torch_device not in ("", "cpu") else "",
         f"{d.cpu_count}c/{d.memory_gib:.0f}G" if d.cpu_count else "",
+        d.node,  # a Ray-placed agent's node: the fact kept longest
     ]
     facts = [f for f in facts if f]
     name = d.hostname or d.launch
@@ -244,9 +245,9 @@ def agent_command(listen: str, device_id: str) -> str:
 def _waiting(snap: RunSnapshot, width: int, height: int) -> Panel:
     cw = width - 4
     missing = [d for d in snap.devices if d.status == "waiting"]
-    names = ", ".join(d.id + (" (local)" if d.launch == "local" else "") for d in missing)
+    names = ", ".join(d.id + (f" ({d.launch})" if d.launch != "remote" else "") for d in missing)
     body = [_fit(Text(f"missing {len(missing)} of {len(snap.devices)}: {names}"), cw)]
-    remote = [d for d in missing if d.launch != "local"]
+    remote = [d for d in missing if d.launch == "remote"]
     if remote:
         body.append(Text("start each missing device with:", style="dim"))
         # Commands fold rather than truncate: they are meant to be copied whole.
@@ -254,7 +255,7 @@ def _waiting(snap: RunSnapshot, width: int, height: int) -> Panel:
         if snap.listen.rsplit(":", 1)[0] in ("0.0.0.0", "::", "[::]", ""):
             body.append(Text("(use this machine's address in place of the wildcard host)"))
     elif missing:
-        body.append(Text("local agents are being started by the orchestrator", style="dim"))
+        body.append(Text("the orchestrator is starting their agents", style="dim"))
     title = "waiting for devices"
     if snap.join_deadline_s is not None:
         # testbed.join_timeout_s counting down: when the run gives up on the missing ones.
@@ -264,7 +265,7 @@ def _waiting(snap: RunSnapshot, width: int, height: int) -> Panel:
 
 
 def _waiting_height(snap: RunSnapshot, cw: int) -> int:
-    remote = [d for d in snap.devices if d.status == "waiting" and d.launch != "local"]
+    remote = [d for d in snap.devices if d.status == "waiting" and d.launch == "remote"]
     cmds = sum(math.ceil(cell_len(agent_command(snap.listen, d.id)) / cw) for d in remote)
     return 2 + 1 + (2 + cmds if remote else 1)
 

@@ -12,7 +12,7 @@ from orchestrator.names import DeviceStatus, Phase
 
 DEVICE_STATUSES = tuple(DeviceStatus)
 PHASES = tuple(Phase)
-LAUNCH_KINDS = ("local", "remote")
+LAUNCH_KINDS = ("local", "remote", "ray")
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,7 @@ class DeviceView:
     last_loss: float | None = None
     accuracy: float | None = None
     warning: str = ""  # the last `unstable` event's reason: its training runs away
+    node: str = ""  # a Ray-placed agent's node: "IP/node-id prefix"
 
 
 @dataclass(frozen=True)
