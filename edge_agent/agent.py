@@ -304,7 +304,10 @@ class Agent:
         self._backward_s = seconds * self.cfg.emulation.compute_slowdown
         if flat is not None:
             seconds *= self.cfg.emulation.compute_slowdown
-            frame = encode("client_grad", round=r, grad=flat, compute_s=seconds)
+            frame = encode(
+                "client_grad", round=r, grad=flat, compute_s=seconds,
+                aligned=trainer.aligned_report(),
+            )  # fmt: skip
             self._last_client_grad = (r, frame)
             await link.send(frame)
 

@@ -17,7 +17,7 @@ import torch
 
 from models import build_split, select_device
 
-from .align import alignment_penalty, blend, track
+from .align import alignment_penalty, blend, cosine, track
 from .errors import CheckpointError
 from .jobspec import JobSpec
 from .schedule import round_lr
@@ -140,6 +140,8 @@ class ClientTrainer:
         # How activations and gradients travel (edge_agent.compress); the connection packs them.
         self.compression = job.compression
         self.applied_round = 0
+        # (round, cos(g', g_L)) of the last alignment, g' what it stepped by (see align)
+        self.aligned: tuple[int, float] | None = None
 
     def forward(self, round_: int, batch_size: int) -> tuple[np.ndarray, np.ndarray, float]:
         """Sample a batch and run the client partition; returns (activations, labels, seconds)."""
@@ -194,7 +196,8 @@ class ClientTrainer:
         return flat, time.perf_counter() - start
 
     def align(self, round_: int, leader: np.ndarray, mode: str, lam: float) -> float:
-        """Turn the held client gradient toward the leader (GDA), then step."""
+        """Turn the held client gradient toward the leader (GDA), then step; keep in
+        :attr:`aligned` cos(g', g_L), g' the mode's aligned gradient (or update) it steps by."""
         if self._held != round_:
             raise ValueError(f"alignment for round {round_} but no held gradient of that round")
         start = time.perf_counter()
@@ -212,8 +215,9 @@ class ClientTrainer:
                     g = p.grad.detach() if p.grad is not None else torch.zeros_like(p)
                     p.grad = g + lam * e if e is not None else g
         elif self.leader_kind == "update":
-            own = flatten(self._own)
-            self._apply_update(blend(mode, own, g_l, lam))
+            update = blend(mode, flatten(self._own), g_l, lam)
+            self._keep_aligned(round_, update, g_l)
+            self._apply_update(update)
             self._held = None
             self.applied_round = round_
             return time.perf_counter() - start
@@ -224,12 +228,22 @@ class ClientTrainer:
         else:
             with torch.no_grad():
                 set_flat_grad(self._params, blend(mode, flat_grad(self._params), g_l, lam))
+        self._keep_aligned(round_, flat_grad(self._params), g_l)
         self._step(round_)
         if mode == "anchor":
             self._replay(g_l)
         self._held = None
         self.applied_round = round_
         return time.perf_counter() - start
+
+    @torch.no_grad()
+    def _keep_aligned(self, round_: int, aligned: torch.Tensor, leader: torch.Tensor) -> None:
+        c = float(cosine(aligned.detach().to(leader.dtype), leader))
+        self.aligned = (round_, min(1.0, max(-1.0, c))) if np.isfinite(c) else None
+
+    def aligned_report(self) -> dict[str, Any] | None:
+        """The next ``client_grad`` upload's ``aligned`` field."""
+        return None if self.aligned is None else dict(zip(("round", "cos"), self.aligned))
 
     @torch.no_grad()
     def _track(self, leader: torch.Tensor, lam: float) -> None:

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from edge_agent.align import cosine
 from models import build_split
 from orchestrator.config.manifest import ManifestError, parse_manifest
 
@@ -47,7 +48,12 @@ def test_each_step_pulls_toward_the_replayed_leaders() -> None:
         leader = torch.randn(g.shape, generator=gen)
         before = _flat(t.model)
         t.align(r, leader.numpy(), "anchor", mu)
-        torch.testing.assert_close(_flat(t.model), before - lr * (g + mu * (before - bar)))
+        stepped = g + mu * (before - bar)
+        torch.testing.assert_close(_flat(t.model), before - lr * stepped)
+        # what the device reports with its next upload: cos of what it stepped by to g_L
+        assert t.aligned is not None and t.aligned[0] == r
+        assert t.aligned[1] == pytest.approx(float(cosine(stepped, leader)), abs=1e-5)
+        assert t.aligned_report() == {"round": r, "cos": t.aligned[1]}
         bar = bar - lr * leader
 
 
