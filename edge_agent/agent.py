@@ -304,7 +304,10 @@ class Agent:
         seconds = await asyncio.to_thread(pad_compute, seconds, self.cfg.emulation)
         self._backward_s = seconds
         if flat is not None:
-            frame = encode("client_grad", round=r, grad=flat, compute_s=seconds)
+            frame = encode(
+                "client_grad", round=r, grad=flat, compute_s=seconds,
+                aligned=trainer.aligned_report(),
+            )  # fmt: skip
             self._last_client_grad = (r, frame)
             await link.send(frame)
 

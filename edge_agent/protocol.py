@@ -106,6 +106,14 @@ FIELD_KINDS: dict[str, Callable[[Any], bool]] = {
     "map": lambda v: isinstance(v, dict) and all(isinstance(k, str) for k in v),
     "tensor": lambda v: True,  # checked by _decode_tensor
     "tensors": lambda v: isinstance(v, dict) and all(isinstance(k, str) for k in v),
+    # a round and a cosine: {"round": int, "cos": finite float in [-1, 1]}
+    "aligned": lambda v: (
+        isinstance(v, dict)
+        and v.keys() == {"round", "cos"}
+        and _is_int(v["round"])
+        and _is_float(v["cos"])
+        and -1.0 <= v["cos"] <= 1.0
+    ),
 }
 
 # type -> {field: (kind, required)}; direction "a" = agent to orchestrator, "o" = the other way.
@@ -145,7 +153,13 @@ SCHEMAS: dict[str, dict[str, tuple[str, bool]]] = {
         "loss": ("float", True),
         "hold": ("bool", False),  # true: do not step yet; upload client_grad, wait for align
     },
-    "client_grad": {"round": ("int", True), "grad": ("tensor", True), "compute_s": ("float", True)},
+    "client_grad": {
+        "round": ("int", True),
+        "grad": ("tensor", True),
+        "compute_s": ("float", True),
+        # cos(g', g_L) of the last round this device aligned (its GDA step), absent before one
+        "aligned": ("aligned", False),
+    },
     "align": {
         "round": ("int", True),
         "leader": ("tensor", True),

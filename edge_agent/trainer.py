@@ -18,7 +18,8 @@ import torch
 
 from models import build_split, select_device
 
-from .align import alignment_penalty, blend, track
+from .align import alignment_penalty, blend, cosine, track
+from .anchor import LeaderTrajectory
 from .errors import CheckpointError
 from .jobspec import JobSpec
 from .schedule import round_lr
@@ -125,22 +126,20 @@ class ClientTrainer:
         # tracking GDA: the device's reference for its own client gradient (None until the first)
         self._track_ref: torch.Tensor | None = None
         self._track_beta = job.track_beta
-        # leader-trajectory anchor: theta_bar, the shared initial weights moved by every leader
-        # this device receives, with an optimizer of this device's own kind (so every device
-        # that receives the same leaders holds the same theta_bar)
-        self._bar: list[torch.Tensor] = []
-        self._bar_opt: torch.optim.SGD | None = None
-        if job.gda_mode == "anchor":
-            self._bar = [p.detach().clone() for p in self._params]
-            self._bar_opt = torch.optim.SGD(
-                self._bar, lr=job.lr, momentum=job.momentum, weight_decay=job.weight_decay
-            )
+        # the leader-trajectory anchor's common reference theta_bar (edge_agent.anchor)
+        self._trajectory = (
+            LeaderTrajectory(self._params, job.lr, job.momentum, job.weight_decay)
+            if job.gda_mode == "anchor"
+            else None
+        )
         self._lr = job.lr
         self._decay = job.lr_decay
         self._rounds = job.rounds  # only a schedule needs it
         # How activations and gradients travel (edge_agent.compress); the connection packs them.
         self.compression = job.compression
         self.applied_round = 0
+        # (round, cos(g', g_L)) of the last alignment, g' what it stepped by (see align)
+        self.aligned: tuple[int, float] | None = None
 
     def forward(self, round_: int, batch_size: int) -> tuple[np.ndarray, np.ndarray, float]:
         """Sample a batch and run the client partition; returns (activations, labels, seconds)."""
@@ -195,7 +194,8 @@ class ClientTrainer:
         return flat, time.perf_counter() - start
 
     def align(self, round_: int, leader: np.ndarray, mode: str, lam: float) -> float:
-        """Turn the held client gradient toward the leader (GDA), then step."""
+        """Turn the held client gradient toward the leader (GDA), then step; keep in
+        :attr:`aligned` cos(g', g_L), g' the mode's aligned gradient (or update) it steps by."""
         if self._held != round_:
             raise ValueError(f"alignment for round {round_} but no held gradient of that round")
         start = time.perf_counter()
@@ -213,24 +213,35 @@ class ClientTrainer:
                     g = p.grad.detach() if p.grad is not None else torch.zeros_like(p)
                     p.grad = g + lam * e if e is not None else g
         elif self.leader_kind == "update":
-            own = flatten(self._own)
-            self._apply_update(blend(mode, own, g_l, lam))
+            update = blend(mode, flatten(self._own), g_l, lam)
+            self._keep_aligned(round_, update, g_l)
+            self._apply_update(update)
             self._held = None
             self.applied_round = round_
             return time.perf_counter() - start
         elif mode == "tracking":
             self._track(g_l, lam)
-        elif mode == "anchor":
-            self._anchor_pull(lam)
+        elif mode == "anchor" and self._trajectory is not None:
+            self._trajectory.pull(self._params, lam)
         else:
             with torch.no_grad():
                 set_flat_grad(self._params, blend(mode, flat_grad(self._params), g_l, lam))
+        self._keep_aligned(round_, flat_grad(self._params), g_l)
         self._step(round_)
-        if mode == "anchor":
-            self._replay(g_l)
+        if mode == "anchor" and self._trajectory is not None:
+            self._trajectory.replay(g_l, self.optimizer.param_groups[0]["lr"])
         self._held = None
         self.applied_round = round_
         return time.perf_counter() - start
+
+    @torch.no_grad()
+    def _keep_aligned(self, round_: int, aligned: torch.Tensor, leader: torch.Tensor) -> None:
+        c = float(cosine(aligned.detach().to(leader.dtype), leader))
+        self.aligned = (round_, min(1.0, max(-1.0, c))) if np.isfinite(c) else None
+
+    def aligned_report(self) -> dict[str, Any] | None:
+        """The next ``client_grad`` upload's ``aligned`` field."""
+        return None if self.aligned is None else dict(zip(("round", "cos"), self.aligned))
 
     @torch.no_grad()
     def _track(self, leader: torch.Tensor, lam: float) -> None:
@@ -242,24 +253,6 @@ class ClientTrainer:
         set_flat_grad(self._params, track(g, leader, ref, lam))
         b = self._track_beta
         self._track_ref = g.clone() if b == 0 else b * ref + (1.0 - b) * g
-
-    @torch.no_grad()
-    def _anchor_pull(self, mu: float) -> None:
-        """Add mu * (theta - theta_bar) to the client gradient: the gradient of
-        mu/2 |theta - theta_bar|^2, theta_bar as it stands before this round's leader."""
-        if mu == 0:  # PSL bit for bit
-            return
-        for p, b in zip(self._params, self._bar):
-            if p.grad is not None:
-                p.grad.add_(p - b, alpha=mu)
-
-    def _replay(self, leader: torch.Tensor) -> None:
-        """Move theta_bar by the leader, as this device's optimizer would at this round's rate."""
-        assert self._bar_opt is not None
-        set_flat_grad(self._bar, leader.to(self._bar[0].dtype))
-        for group in self._bar_opt.param_groups:
-            group["lr"] = self.optimizer.param_groups[0]["lr"]
-        self._bar_opt.step()
 
     def _prepare(self, round_: int) -> None:
         """What comes before every step: the anchor's pull on .grad and the round's rate."""
@@ -370,12 +363,7 @@ class ClientTrainer:
             "sampler": self.sampler.state(),
             "applied_round": self.applied_round,
             "track_ref": None if self._track_ref is None else self._track_ref.detach().cpu(),
-            "anchor": None
-            if self._bar_opt is None
-            else {
-                "bar": [b.detach().cpu().clone() for b in self._bar],
-                "optimizer": self._bar_opt.state_dict(),
-            },
+            "anchor": None if self._trajectory is None else self._trajectory.state_dict(),
         }
 
     def restore(self, state: Mapping[str, Any]) -> None:
@@ -388,11 +376,8 @@ class ClientTrainer:
             ref = state.get("track_ref")  # absent from checkpoints of before tracking GDA
             self._track_ref = None if ref is None else ref.to(self.device)
             anchor = state.get("anchor")  # absent from checkpoints of before the anchor
-            if self._bar_opt is not None and anchor is not None:
-                with torch.no_grad():
-                    for b, saved in zip(self._bar, anchor["bar"], strict=True):
-                        b.copy_(saved)
-                self._bar_opt.load_state_dict(anchor["optimizer"])
+            if self._trajectory is not None and anchor is not None:
+                self._trajectory.load_state_dict(anchor)
         except (RuntimeError, KeyError, ValueError, TypeError) as exc:
             raise CheckpointError(f"{type(exc).__name__}: {exc}") from exc
         self._pending = None

@@ -8,7 +8,7 @@ model       cut     client params  server params  cut floats / sample
 ==========  ======  =============  =============  ===================
 digits_cnn  conv1   192            9,834          1,024 (16x8x8)
 digits_cnn  conv2   4,896          5,130          512 (32x4x4)
-digits_cnn_fc  fc1  21,504         330            32
+digits_cnn_fc  fc1  21,312         330            32
 fmnist_cnn  conv1   192            206,826        3,136 (16x14x14)
 fmnist_cnn  conv2   4,896          202,122        1,568 (32x7x7)
 fmnist_cnn  fc1     205,728        1,290          128
@@ -16,7 +16,7 @@ cifar_cnn   block1  960            356,298        8,192 (32x16x16)
 cifar_cnn   block2  19,584         337,674        4,096 (64x8x8)
 ==========  ======  =============  =============  ===================
 
-Totals: digits_cnn 10,026; digits_cnn_fc 21,834; fmnist_cnn 207,018; cifar_cnn 357,258.
+Totals: digits_cnn 10,026; digits_cnn_fc 21,642; fmnist_cnn 207,018; cifar_cnn 357,258.
 """
 
 from __future__ import annotations

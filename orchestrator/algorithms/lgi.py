@@ -95,7 +95,8 @@ def client_alignment(
     The devices apply GDA, but for the blend modes what they step by follows from what they
     uploaded and the leader, so ``align_after`` is computed here as in the server space. The
     exact, tracking and anchor modes use state only the device holds (the graph, its reference,
-    its anchor): their ``align_after`` stays None rather than a guess.
+    its anchor): their ``align_after`` stays None rather than a guess. For every mode the devices
+    report their own figure with the next upload (the loop's ``align_after_prev``).
     """
     grads = torch.stack([g.reshape(-1) for g in client_grads])
     res = tracker(grads, sizes)

@@ -22,7 +22,7 @@ from orchestrator.errors import FleetError, RunError
 from orchestrator.fleet.probe import PROBE_MIN_BATCH, PROBE_MIN_BYTES, probe
 from orchestrator.fleet.sessions import DeviceAbsent, DeviceSession
 from orchestrator.names import DeviceStatus
-from orchestrator.training.devices import Batch, ForwardOut, Weights
+from orchestrator.training.devices import Batch, ClientGrad, ForwardOut, Weights
 from orchestrator.training.latency import DeviceProfile
 
 
@@ -171,7 +171,7 @@ class SessionGroup:
 
     async def backward(
         self, r: int, grads: dict[str, np.ndarray], losses: dict[str, float], hold: bool
-    ) -> dict[str, np.ndarray]:
+    ) -> dict[str, ClientGrad]:
         """Send this round's participants their gradients; in the client space, collect theirs."""
         sessions = [s for s in self.sessions if s.id in grads]
         frames = {
@@ -199,7 +199,9 @@ class SessionGroup:
                     raise FleetError(str(reply)) from reply
                 if isinstance(reply, BaseException):
                     raise reply
-                out[s.id] = reply["grad"]
+                report = reply.get("aligned")
+                aligned = None if report is None else (report["round"], float(report["cos"]))
+                out[s.id] = ClientGrad(reply["grad"], aligned)
             return out
         for s in sessions:
             s.last_gradient = (r, frames[s.id])

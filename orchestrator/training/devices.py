@@ -14,7 +14,7 @@ import numpy as np
 
 from orchestrator.algorithms.base import Weights
 
-__all__ = ["Batch", "DeviceGroup", "ForwardOut", "Weights"]
+__all__ = ["Batch", "ClientGrad", "DeviceGroup", "ForwardOut", "Weights"]
 
 Batch = dict[str, int]  # device id -> its batch size this round
 
@@ -29,6 +29,15 @@ class ForwardOut:
     nbytes: int = 0  # activation and label bytes uploaded
 
 
+@dataclass
+class ClientGrad:
+    """A held round's upload (GAPSL, client space): the device's client gradient, and what it
+    reported of its previous alignment, ``(round, cos(g', g_L))``, when it reported one."""
+
+    grad: np.ndarray
+    aligned: tuple[int, float] | None = None
+
+
 class DeviceGroup(Protocol):
     """The devices of a run, however they are reached. Results are keyed by device id."""
 
@@ -40,7 +49,7 @@ class DeviceGroup(Protocol):
 
     async def backward(
         self, r: int, grads: dict[str, np.ndarray], losses: dict[str, float], hold: bool
-    ) -> dict[str, np.ndarray]: ...
+    ) -> dict[str, ClientGrad]: ...
 
     async def align(
         self, r: int, ids: list[str], leader: np.ndarray, mode: str, lam: float

@@ -19,7 +19,7 @@ from edge_agent.compress import CompressionError, roundtrip
 from edge_agent.trainer import ClientTrainer
 from orchestrator.config.manifest import Manifest
 from orchestrator.errors import RunError
-from orchestrator.training.devices import Batch, ForwardOut, Weights
+from orchestrator.training.devices import Batch, ClientGrad, ForwardOut, Weights
 
 
 @contextlib.contextmanager
@@ -65,14 +65,15 @@ class InProcessGroup:
 
     async def backward(
         self, r: int, grads: dict[str, np.ndarray], losses: dict[str, float], hold: bool
-    ) -> dict[str, np.ndarray]:
+    ) -> dict[str, ClientGrad]:
         flats = {}
         with _one_thread():
             for i in grads:
+                t = self.trainers[i]
                 grad = self._wire(grads[i], f"device {i}: the gradient of round {r}")
-                flat, _ = self.trainers[i].backward(r, grad, hold)
-                if flat is not None:
-                    flats[i] = flat
+                flat, _ = t.backward(r, grad, hold)
+                if flat is not None:  # what an agent's client_grad carries
+                    flats[i] = ClientGrad(flat, t.aligned)
         return flats
 
     def _wire(self, arr: np.ndarray, what: str) -> np.ndarray:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ from orchestrator.config.manifest import Manifest
 from orchestrator.errors import RunError, RunInterrupted
 from orchestrator.names import Phase
 from orchestrator.records import checkpoint
-from orchestrator.training.devices import DeviceGroup, Weights
+from orchestrator.training.devices import ClientGrad, DeviceGroup, Weights
 from orchestrator.training.evaluation import client_spread, evaluate
 from orchestrator.training.guard import StabilityGuard
 from orchestrator.training.recorder import Recorder
@@ -37,6 +38,13 @@ from orchestrator.training.transfer import to_device, to_host
 STOP_FETCH_MIN_S = 10.0  # a stopping run waits this long at least for the devices' weights
 FETCH_MIN_S = 5.0  # with a deadline policy, the least a weight collection waits
 FETCH_ROUNDS = 10  # recent rounds whose slowest sets the weight collection's deadline
+
+
+def align_after_prev(r: int, uploads: Iterable[ClientGrad]) -> float | None:
+    """Mean cos(g', g_L) of round ``r - 1`` over the devices whose round-``r`` upload reported
+    it; None when none did (the first round, old agents, or no one aligned in ``r - 1``)."""
+    cos = [u.aligned[1] for u in uploads if u.aligned is not None and u.aligned[0] == r - 1]
+    return float(np.mean(cos)) if cos else None
 
 
 class Runner:
@@ -127,9 +135,10 @@ class Runner:
         if hold:
             # a device that went away after its forward pass is aligned without
             held = [i for i in ids if i in client_grads]
-            g_list = [torch.from_numpy(np.array(client_grads[i])) for i in held]
+            g_list = [torch.from_numpy(np.array(client_grads[i].grad)) for i in held]
             aligned = rule.align(g_list, [len(fwd[i].labels) for i in held])
             diag.update(aligned.diag)
+            diag["align_after_prev"] = align_after_prev(r, client_grads.values())
             await self.group.align(r, held, aligned.leader, aligned.mode, aligned.lam)
         downlink_s = time.perf_counter() - t_down
         if rule.averages(r):

@@ -290,12 +290,19 @@ class RunFold:
         if isinstance(leaders, list) and isinstance(cos, list) and cos:
             # The cosine matrix's rows are the round's participants, in their order.
             order = ids if len(ids) == len(cos) else [f"#{k + 1}" for k in range(len(cos))]
+            # After GDA: this round's when the orchestrator knows it (the blend modes), else
+            # the latest the devices reported (the round before's, with their next upload).
+            after = finite(rec.get("align_after"))
+            if after is None:
+                after = finite(rec.get("align_after_prev"))
+            if after is None and self.gapsl is not None:
+                after = self.gapsl.align_after
             self.gapsl = GapslView(
                 leaders=tuple(str(x) for x in leaders),
                 cosine=tuple(tuple(_num(v) for v in row) for row in cos),
                 device_ids=tuple(order),
                 align_before=finite(rec.get("align_before")),
-                align_after=finite(rec.get("align_after")),
+                align_after=after,
                 churn=finite(rec.get("churn")),
             )
 

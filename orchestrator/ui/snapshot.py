@@ -87,7 +87,8 @@ class GapslView:
     cosine: tuple[tuple[float, ...], ...]  # rows and columns ordered as `device_ids`
     device_ids: tuple[str, ...]
     align_before: float | None = None  # mean cos(g_i, g_L) before alignment
-    align_after: float | None = None  # ... and after it
+    # ... and after it: the latest known (the devices report theirs a round late)
+    align_after: float | None = None
     churn: float | None = None  # mean share of the leader set replaced per round, recent rounds
 
 

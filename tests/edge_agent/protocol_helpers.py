@@ -180,6 +180,7 @@ SAMPLES: dict[str, dict[str, Any]] = {
         "round": 1,
         "grad": np.linspace(-1, 1, 200, dtype=np.float32),
         "compute_s": 0.004,
+        "aligned": {"round": 0, "cos": 0.81},
     },
     "align": {
         "round": 1,

@@ -181,6 +181,13 @@ def test_optional_field_may_be_left_out_or_none() -> None:
     assert "resume" not in msg.fields
 
 
+def test_a_client_grad_without_aligned_still_decodes() -> None:
+    """An agent from before the field, or one that has aligned no round yet, leaves it out."""
+    fields = dict(SAMPLES["client_grad"], aligned=None)
+    msg = decode(encode("client_grad", **fields), AGENT_TYPES)
+    assert "aligned" not in msg.fields and msg.get("aligned") is None
+
+
 def test_numpy_scalars_travel_as_plain_numbers() -> None:
     msg = decode(
         encode("ready", shard_size=np.int64(7), load_s=np.float32(0.5), torch_device="cpu")

@@ -98,6 +98,22 @@ INVALID_1007: list[tuple[str, bytes]] = [
         pack({"type": "gradients", "round": 1, "grad": _without(GOOD_GRAD, "data"), "loss": 0.0}),
     ),
     ("tensor with extra key", gradients_frame(order="C", **GOOD_GRAD)),
+    *(
+        (
+            f"client_grad.aligned {name}",
+            pack(dict(raw("client_grad", **SAMPLES["client_grad"]), aligned=value)),
+        )
+        for name, value in [
+            ("not a map", [1, 0.5]),
+            ("without cos", {"round": 1}),
+            ("with an extra key", {"round": 1, "cos": 0.5, "device": "a"}),
+            ("float round", {"round": 1.0, "cos": 0.5}),
+            ("str cos", {"round": 1, "cos": "0.5"}),
+            ("NaN cos", {"round": 1, "cos": math.nan}),
+            ("cos beyond 1", {"round": 1, "cos": 1.5}),
+            ("nil", None),
+        ]
+    ),
     ("bad tensor inside tensors", BAD_WEIGHTS),
 ]
 

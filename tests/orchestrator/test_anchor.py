@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from edge_agent.align import cosine
 from models import build_split
 from orchestrator.config.manifest import ManifestError, parse_manifest
 
@@ -47,7 +48,12 @@ def test_each_step_pulls_toward_the_replayed_leaders() -> None:
         leader = torch.randn(g.shape, generator=gen)
         before = _flat(t.model)
         t.align(r, leader.numpy(), "anchor", mu)
-        torch.testing.assert_close(_flat(t.model), before - lr * (g + mu * (before - bar)))
+        stepped = g + mu * (before - bar)
+        torch.testing.assert_close(_flat(t.model), before - lr * stepped)
+        # what the device reports with its next upload: cos of what it stepped by to g_L
+        assert t.aligned is not None and t.aligned[0] == r
+        assert t.aligned[1] == pytest.approx(float(cosine(stepped, leader)), abs=1e-5)
+        assert t.aligned_report() == {"round": r, "cos": t.aligned[1]}
         bar = bar - lr * leader
 
 
@@ -67,7 +73,9 @@ def test_devices_with_other_data_share_the_reference_and_keep_it_across_a_restar
     assert not torch.equal(_flat(low.model), _flat(high.model))  # their own data moved them
     restarted = _trainer(0.0, "anchor", momentum=0.9, labels=3)
     restarted.restore(copy.deepcopy(low.checkpoint()))  # as written to disk and read back
-    for bar_a, bar_b, bar_c in zip(low._bar, high._bar, restarted._bar):
+    trajectories = [t._trajectory for t in (low, high, restarted)]
+    assert all(tr is not None for tr in trajectories)
+    for bar_a, bar_b, bar_c in zip(*(tr.bar for tr in trajectories if tr is not None)):
         assert torch.equal(bar_a, bar_b) and torch.equal(bar_a, bar_c)
     leader = np.ones_like(leader)
     for t in (low, restarted):

@@ -181,6 +181,21 @@ def test_simulate_reproduces_every_rounds_training_loss(runs: Path, name: str) -
     assert summaries[0]["final_acc_mean"] == pytest.approx(summaries[1]["final_acc_mean"], abs=TOL)
 
 
+@pytest.mark.parametrize("name", ["gapsl-client", "gapsl-tracking", "gapsl-anchor"])
+def test_simulate_records_the_devices_alignment_as_the_fleet_reports_it(
+    runs: Path, name: str
+) -> None:
+    """The devices' cos(g', g_L), piggybacked on the next client_grad upload by a real agent and
+    handed over by the trainer in-process, is the same figure in both engines."""
+    ref = _jsonl(runs / name / "simulate" / "rounds.jsonl")
+    dist = _jsonl(runs / name / "distributed" / "rounds.jsonl")
+    assert ref[0]["align_after_prev"] is None and dist[0]["align_after_prev"] is None
+    for a, b in zip(ref[1:], dist[1:]):
+        after = a["align_after_prev"]
+        assert isinstance(after, float) and -1.0 <= after <= 1.0, f"{name}, round {a['round']}"
+        assert abs(after - b["align_after_prev"]) <= TOL, f"{name}, round {a['round']}"
+
+
 def test_concurrently_prepared_jobs_start_from_the_same_weights(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from edge_agent.align import cosine
 from edge_agent.data import load_dataset
 from edge_agent.trainer import ClientTrainer
 from edge_agent.weights import flat_grad, state_to_numpy
@@ -118,6 +119,8 @@ def test_each_step_is_the_gradient_plus_lambda_times_leader_minus_reference(beta
         r_i = g if ref is None else ref  # the first round's reference is its own gradient
         torch.testing.assert_close(after, before - 0.1 * (g + lam * (leader - r_i)))
         torch.testing.assert_close(flat_grad(list(t.model.parameters())), g + lam * (leader - r_i))
+        assert t.aligned is not None and t.aligned[0] == r
+        assert t.aligned[1] == pytest.approx(float(cosine(g + lam * (leader - r_i), leader)))
         ref = g if ref is None or beta == 0 else beta * ref + (1 - beta) * g
 
 

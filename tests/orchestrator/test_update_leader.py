@@ -83,6 +83,7 @@ def test_an_update_leader_uploads_the_momentum_step_and_keeps_its_own_momentum(
         moved = torch.cat([(b - p.detach()).reshape(-1) for b, p in zip(before, t._params)])
         # the step went along the leader with the length of the device's own update
         assert float(cosine(moved, leader)) > 0.999
+        assert t.aligned is not None and t.aligned[0] == r and t.aligned[1] > 0.999  # reported
         assert float(moved.norm()) == pytest.approx(0.05 * float(np.linalg.norm(update)), rel=1e-4)
 
 
