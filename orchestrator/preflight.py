@@ -60,6 +60,10 @@ def preflight(m: Manifest, network: bool = True) -> Preflight:
     if network:
         check_tls(m)
         check_listen(m)
+        if any(d.launch == "ray" for d in m.devices):  # Ray installed, its head answering
+            from orchestrator.fleet.rayfleet import check_reachable
+
+            check_reachable(m)
     check_devices(m)
     ds = load_data(m)
     model, cut = check_model(m, ds)

@@ -21,6 +21,7 @@ OPTIONAL = {
     "matplotlib": ("matplotlib", "report"),
     "cryptography": ("cryptography", "tls"),
     "prometheus_client": ("prometheus-client", "metrics"),
+    "ray": ("ray", "ray"),
 }
 DIST = {
     "sklearn": "scikit-learn",

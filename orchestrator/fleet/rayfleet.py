@@ -63,6 +63,18 @@ def _probe(address: str, timeout_s: float) -> None:
         pass
 
 
+def check_reachable(m: Manifest) -> None:
+    """Ray installed and the head answering (a TCP connect): a preflight, before anything
+    starts; :func:`connect` joins the cluster later."""
+    import_ray(m)
+    try:
+        _probe(m.ray.address, m.ray.connect_timeout_s)
+    except (OSError, ValueError) as exc:
+        raise ManifestError(
+            m.source, "ray.address", f"no Ray cluster at {m.ray.address}: {exc}"
+        ) from exc
+
+
 def connect(m: Manifest, namespace: str) -> None:
     """Connect this process to ``ray.address`` in ``namespace`` (reusing a connection already
     there), then check that the cluster can reach ``testbed.listen``. Blocking."""
@@ -71,12 +83,7 @@ def connect(m: Manifest, namespace: str) -> None:
         if ray.get_runtime_context().namespace == namespace:
             return
         ray.shutdown()
-    try:
-        _probe(cfg.address, cfg.connect_timeout_s)
-    except (OSError, ValueError) as exc:
-        raise ManifestError(
-            m.source, "ray.address", f"no Ray cluster at {cfg.address}: {exc}"
-        ) from exc
+    check_reachable(m)
     failure: list[BaseException] = []
 
     def init() -> None:

@@ -67,7 +67,7 @@ def _job_answer(job: dict[str, Any]) -> tuple[AgentExit, list[Any]]:
         ({k: v for k, v in WIRE.items() if k != "seed"}, "job.seed: missing"),
         ({**WIRE, "rank": "2"}, "job.rank: expected int, got str"),
         # a job the agent could always read but not run: the answer the others must match
-        ({**WIRE, "dataset_fingerprint": "ffffffffffffffff"}, "label fingerprints disagree"),
+        ({**WIRE, "dataset_fingerprint": "ffffffffffffffff"}, "fingerprints disagree"),
     ],
     ids=["unknown key", "missing key", "mistyped key", "fingerprint mismatch"],
 )

@@ -80,7 +80,8 @@ def test_gradients_go_down_packed_and_a_diverged_server_fails_the_run() -> None:
 def test_the_job_names_the_codec() -> None:
     m = _manifest(["training.compression=int8"])
     # job_spec reads only these of a prepared job; preparing one would cost seconds
-    dataset = SimpleNamespace(num_classes=10, y_train=np.arange(20, dtype=np.int64) % 10)
+    labels = np.arange(20, dtype=np.int64) % 10
+    dataset = SimpleNamespace(num_classes=10, y_train=labels, fingerprint="f" * 16)
     job = SimpleNamespace(model="digits_mlp", cut="default", dataset=dataset)
     assert job_spec(m, job, 0)["compression"] == "int8"  # type: ignore[arg-type]
     m = _manifest([])
