@@ -172,7 +172,7 @@ def load_digits_dataset() -> Dataset:
     except ImportError as exc:
         raise DataError(
             "the digits dataset comes with scikit-learn, which is not installed: "
-            "pip install 'gapsl-testbed[digits]'  (or: pip install scikit-learn)"
+            "pip install scikit-learn  (a dependency of gapsl-testbed: the install is incomplete)"
         ) from exc
     bunch = load_digits()
     x = np.asarray(bunch.data).reshape(-1, *SHAPES["digits"]).astype(np.uint8)
