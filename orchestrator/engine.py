@@ -386,7 +386,7 @@ class Engine:
         done = self.state.round if status != "completed" else self.m.training.rounds
         cp = self.runner.checkpointed_round if self.runner else None
         ids = [s.id for s in self.sessions.values()]
-        summary = run_summary(self.m, status, done, cp, self.fold.last_eval, wall_s, ids)
+        last = self.fold.last_eval
         self.records.write_summary(
-            {**summary, "run_id": self.run_id, **({"error": error} if error else {})}
+            run_summary(self.m, status, done, cp, last, wall_s, ids, self.run_id, error)
         )

@@ -276,7 +276,9 @@ class RayFleet:
             late = [self.actors[d] for d, w in self._watch_of.items() if not w.done()]
             stops = [asyncio.ensure_future(_wait(a.stop.remote())) for a in late]
             if stops:
-                await asyncio.wait(stops, timeout=STOP_GRACE_S)
+                _, slow = await asyncio.wait(stops, timeout=STOP_GRACE_S)
+                for s in slow:  # the actors are killed below: nothing waits for these
+                    s.cancel()
         finally:
             self.close()
             for w in self._watchers:

@@ -94,11 +94,6 @@ class DeviceAbsent(Exception):
 class DeviceSession:
     """One device listed in the manifest, whatever connection it currently has."""
 
-    def ping_ms(self) -> float | None:
-        """The websockets keepalive's last measured ping round trip, in ms."""
-        latency = getattr(self.ws, "latency", 0.0) if self.ws is not None else 0.0
-        return latency * 1000.0 if latency else None
-
     def __init__(self, cfg: DeviceConfig, rank: int) -> None:
         self.cfg = cfg
         self.id = cfg.id
@@ -176,6 +171,11 @@ class DeviceSession:
                 if item.type == reply_type and item.get(key) == round_:
                     return item  # type: ignore[no-any-return]
                 # anything else is a stale reply to an earlier, resent request: drop it
+
+    def ping_ms(self) -> float | None:
+        """The websockets keepalive's last measured ping round trip, in ms."""
+        latency = getattr(self.ws, "latency", 0.0) if self.ws is not None else 0.0
+        return latency * 1000.0 if latency else None
 
     def away_s(self) -> float:
         """How long the device has been disconnected (0 while it is connected)."""

@@ -35,11 +35,13 @@ def run_summary(
     last_eval: Any,
     wall_s: float,
     devices: Sequence[str],
+    run_id: str,
+    error: str = "",
 ) -> dict[str, Any]:
-    """The summary's fields (the caller adds ``run_id`` and any ``error``); ``last_eval`` is the
-    last evaluation (``acc_mean``, ``acc_min``, ``acc_max``) or None."""
+    """The summary's fields; ``last_eval`` is the last evaluation (``acc_mean``, ``acc_min``,
+    ``acc_max``) or None; ``error`` is written only when there is one."""
     t = m.training
-    return {
+    summary: dict[str, Any] = {
         "status": status,
         "rounds": rounds,
         "checkpoint_round": checkpoint_round,
@@ -51,5 +53,9 @@ def run_summary(
         "dataset": t.dataset,
         "seed": t.seed,
         "devices": list(devices),
+        "run_id": run_id,
         "versions": versions(),
     }
+    if error:
+        summary["error"] = error
+    return summary
