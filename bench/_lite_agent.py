@@ -8,14 +8,18 @@ Also the event-loop lag probe, which the worker processes and the orchestrator p
 from __future__ import annotations
 
 import asyncio
+import gc
+import random
 import sys
 import time
 from multiprocessing.connection import Connection
 from typing import Any
 
 import numpy as np
+from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
 from edge_agent import protocol
+from edge_agent.config import REDIAL_FIRST_S, REDIAL_JITTER, REDIAL_MAX_S
 from edge_agent.protocol import decode, encode
 
 LAG_TICK_S = 0.005  # event-loop lag probe period; lags above one tick are recorded
@@ -86,33 +90,53 @@ class LiteAgent:
         self.fresh_ms: list[float] = []  # the same, only when a new pong came in since round 1
         self.seen_latency = -1.0
         self.outcome = "no bye"
+        self.redials = 0  # dials refused before the job (the pending-connection cap)
 
     async def run(self, url: str, ping_interval_s: float, telemetry_s: float) -> dict[str, Any]:
-        """Connect once and serve until bye; a dropped link ends this agent (it is counted)."""
+        """Serve until bye; a link dropped after the job ends this agent (it is counted).
+
+        Before its job, a refused dial (1013 or a reset: the orchestrator's cap on connections
+        that have not said hello yet, met when a whole fleet dials at once) is redialled with
+        the reference agent's jittered exponential backoff.
+        """
+        delay = REDIAL_FIRST_S
+        while True:
+            try:
+                await self._connect(url, ping_interval_s, telemetry_s)
+            except (ConnectionClosed, InvalidHandshake, OSError) as exc:
+                if self.model is not None:  # admitted and then dropped: that is a failure
+                    self.outcome = f"{type(exc).__name__}: {exc}"
+                    break
+                self.redials += 1
+                await asyncio.sleep(delay * random.uniform(REDIAL_JITTER, 1.0))
+                delay = min(delay * 2, REDIAL_MAX_S)
+                continue
+            except Exception as exc:  # reported, not raised: one lost agent must not hide the rest
+                self.outcome = f"{type(exc).__name__}: {exc}"
+            break
+        return {"applied": self.applied, "latency_ms": self.latency_ms, "fresh_ms": self.fresh_ms,
+                "outcome": self.outcome, "redials": self.redials}  # fmt: skip
+
+    async def _connect(self, url: str, ping_interval_s: float, telemetry_s: float) -> None:
         from websockets.asyncio.client import connect
 
-        try:
-            async with connect(
-                url, compression=None, max_size=64 << 20, open_timeout=120,
-                ping_interval=ping_interval_s, ping_timeout=60, close_timeout=10,
-            ) as ws:  # fmt: skip
-                facts = {"hostname": "lite", "platform": sys.platform, "torch_device": "cpu"}
-                await ws.send(
-                    encode("hello", protocol=protocol.PROTOCOL_VERSION, device_id=self.id,
-                           token=self.token, facts=facts)
-                )  # fmt: skip
-                beat = asyncio.create_task(self._telemetry(ws, telemetry_s))
-                try:
-                    async for frame in ws:
-                        if await self._handle(ws, decode(frame, protocol.ORCHESTRATOR_TYPES)):
-                            break
-                finally:
-                    beat.cancel()
-                    await asyncio.gather(beat, return_exceptions=True)
-        except Exception as exc:  # reported, not raised: one lost agent must not hide the rest
-            self.outcome = f"{type(exc).__name__}: {exc}"
-        return {"applied": self.applied, "latency_ms": self.latency_ms, "fresh_ms": self.fresh_ms,
-                "outcome": self.outcome}  # fmt: skip
+        async with connect(
+            url, compression=None, max_size=64 << 20, open_timeout=120,
+            ping_interval=ping_interval_s, ping_timeout=60, close_timeout=10,
+        ) as ws:  # fmt: skip
+            facts = {"hostname": "lite", "platform": sys.platform, "torch_device": "cpu"}
+            await ws.send(
+                encode("hello", protocol=protocol.PROTOCOL_VERSION, device_id=self.id,
+                       token=self.token, facts=facts)
+            )  # fmt: skip
+            beat = asyncio.create_task(self._telemetry(ws, telemetry_s))
+            try:
+                async for frame in ws:
+                    if await self._handle(ws, decode(frame, protocol.ORCHESTRATOR_TYPES)):
+                        break
+            finally:
+                beat.cancel()
+                await asyncio.gather(beat, return_exceptions=True)
 
     async def _telemetry(self, ws: Any, every_s: float) -> None:
         while every_s > 0:  # as the reference agent: small live figures every couple of seconds
@@ -196,6 +220,9 @@ def worker(ks: list[int], ping_s: float, telemetry_s: float, conn: Connection) -
     data = (np.ascontiguousarray(x, np.float32), ds.y_train, labels_fingerprint(ds.y_train))
     agents = [LiteAgent(k, data) for k in ks]
     lags: list[tuple[float, float]] = []
+    # Hundreds of devices share this process (a real agent is one to a process, its heap
+    # small): keep the collector's full walks of sklearn's and numpy's objects out of its loop.
+    gc.freeze()
     url = conn.recv()
 
     async def run_all() -> list[dict[str, Any]]:

@@ -2,8 +2,9 @@
 difference goes.
 
 Run ``python -m bench.round [--rounds N] [--repeats K] [--torch-threads T] [--quick]
-[--profile]``. For one small manifest and seed (digits, 4 local CPU agents, PSL) the distributed
-:class:`Engine` (real agent subprocesses over loopback WebSockets) and the reference engine
+[--profile] [--devices N]``. For one small manifest and seed (digits, N local CPU agents,
+default 4, PSL) the distributed :class:`Engine` (real agent subprocesses over loopback
+WebSockets) and the reference engine
 (``in_process=True``: the same round loop calling the same trainers directly) run alternately,
 K times each, after an unmeasured warm-up run. From ``rounds.jsonl`` (round 1 skipped) it
 reports ``ratio_vs_reference`` = mean distributed round time / mean reference round time, and
@@ -37,15 +38,15 @@ DEVICES = 4
 SEED = 0
 
 
-def manifest_text(rounds: int, eval_every: int) -> str:
-    """Digits, 4 local CPU agents, PSL, listening on a free loopback port."""
+def manifest_text(rounds: int, eval_every: int, devices: int = DEVICES) -> str:
+    """Digits, ``devices`` local CPU agents, PSL, listening on a free loopback port."""
     text = (
         '[testbed]\nname = "round"\nlisten = "127.0.0.1:0"\n'
         f'[training]\nalgorithm = "psl"\ndataset = "digits"\nrounds = {rounds}\n'
         f"batch_size = 32\neval_every = {eval_every}\nseed = {SEED}\n"
         '[data]\npartition = "iid"\n'
     )
-    for k in range(DEVICES):
+    for k in range(devices):
         text += local_device_toml(f"dev-{k}", f"tok-{k}")
     return text
 
@@ -240,13 +241,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=3, help="runs of each engine, alternating")
     parser.add_argument("--quick", action="store_true", help="4 rounds, one run each, no floor")
+    parser.add_argument(
+        "--devices", type=int, default=DEVICES,
+        help=f"local agents (default {DEVICES}; at most the cores to keep CPU contention out)",
+    )  # fmt: skip
     parser.add_argument("--profile", action="store_true", help="cProfile one distributed run")
     parser.add_argument(
         "--torch-threads", type=int, default=0, help="torch threads here (0: torch's default)"
     )
     args = parser.parse_args(argv)
     rounds, repeats = (4, 1) if args.quick else (max(args.rounds, 2), max(args.repeats, 1))
-    text = manifest_text(rounds, eval_every=rounds if args.quick else 10)
+    devices = max(args.devices, 1)
+    text = manifest_text(rounds, eval_every=rounds if args.quick else 10, devices=devices)
     import torch
 
     if args.torch_threads > 0:  # the orchestrator's server step and the reference's everything
@@ -288,7 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     share = statistics.median(critical_path_s(r) / r["round_time_s"] for r in recs["distributed"])
     ref_share = statistics.median(critical_path_s(r) / r["round_time_s"] for r in recs["reference"])
     parts = {n: breakdown(recs[n], clocks[n]) for n in recs}
-    print(f"\n{DEVICES} devices, digits, PSL, {rounds} rounds x {repeats} runs of each engine; "
+    print(f"\n{devices} devices ({os.cpu_count()} cores), digits, PSL, {rounds} rounds x "
+          f"{repeats} runs of each engine; "
           f"medians over rounds 2..{rounds}, in ms\n")  # fmt: skip
     print("| part | distributed | reference |\n|---|---|---|")
     for key, label in _PARTS:
@@ -329,7 +336,8 @@ def main(argv: list[str] | None = None) -> int:
         "median_parts_ms": {n: {k: round(v, 3) for k, v in p.items()} for n, p in parts.items()},
         "floor_ms": {k: round(v, 3) for k, v in floor.items()},
         "torch_threads": torch.get_num_threads(),
-        "devices": DEVICES,
+        "devices": devices,
+        "cores": os.cpu_count(),
         "rounds": rounds,
         "repeats": repeats,
         "quick": args.quick,

@@ -55,6 +55,7 @@ def manifest_text(agents: int, rounds: int, ping_interval_s: float) -> str:
 def _orchestrator(text: str, run_dir: str, profile: bool, threads: int, conn: Connection) -> None:
     """The real Engine in this process; it reports its port, then CPU time and time per phase."""
     import cProfile
+    import gc
     import io
     import pstats
     import resource
@@ -72,6 +73,20 @@ def _orchestrator(text: str, run_dir: str, profile: bool, threads: int, conn: Co
     marks: dict[str, tuple[float, float]] = {}
     spans: dict[str, list[float]] = {}
     profiler = cProfile.Profile()
+    gc_started: list[float] = []
+    full_gcs: list[tuple[float, float]] = []
+    windows: dict[str, list[tuple[float, float]]] = {}  # (start, end) of each timed call
+
+    def gc_clock(phase: str, info: dict[str, Any]) -> None:  # every collection's pause, by gen
+        if phase == "start":
+            gc_started[:] = [time.perf_counter()]
+        elif gc_started:
+            took = time.perf_counter() - gc_started[0]
+            spans.setdefault(f"gc{info['generation']}", []).append(took)
+            if info["generation"] == 2:  # when, to tell the rounds' full collections apart
+                full_gcs.append((time.monotonic(), took))
+
+    gc.callbacks.append(gc_clock)
 
     def mark(name: str) -> None:
         use = resource.getrusage(resource.RUSAGE_SELF)
@@ -79,9 +94,10 @@ def _orchestrator(text: str, run_dir: str, profile: bool, threads: int, conn: Co
 
     def timed(name: str, fn: Any) -> Any:  # the same call, its duration recorded
         async def run_async(*args: Any, **kw: Any) -> Any:
-            t0 = time.perf_counter()
+            t0, m0 = time.perf_counter(), time.monotonic()
             out = await fn(*args, **kw)
             spans.setdefault(name, []).append(time.perf_counter() - t0)
+            windows.setdefault(name, []).append((m0, time.monotonic()))
             return out
 
         def run_sync(*args: Any, **kw: Any) -> Any:
@@ -120,10 +136,13 @@ def _orchestrator(text: str, run_dir: str, profile: bool, threads: int, conn: Co
     mark("end")
     text_out = io.StringIO()
     if profile:
-        pstats.Stats(profiler, stream=text_out).sort_stats("tottime").print_stats(25)
+        stats = pstats.Stats(profiler, stream=text_out)
+        stats.sort_stats("tottime").print_stats(25)
+        stats.sort_stats("cumulative").print_stats(r"orchestrator|edge_agent", 30)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
     conn.send(("done", {"status": status, "marks": marks, "spans": spans, "lags": lags,
-                        "maxrss": peak, "profile": text_out.getvalue()}))  # fmt: skip
+                        "maxrss": peak, "profile": text_out.getvalue(), "full_gcs": full_gcs,
+                        "windows": windows}))  # fmt: skip
 
 
 def _quantile(values: list[float], q: float) -> float | None:
@@ -134,6 +153,11 @@ def _quantile(values: list[float], q: float) -> float | None:
 def _max_ms(lags: list[Any], marks: dict[str, Any], a: str, b: str) -> float:
     """The longest loop lag that began between marks ``a`` and ``b`` (it ends at ``t``)."""
     return 1e3 * max((lag for t, lag in lags if marks[a][0] <= t - lag <= marks[b][0]), default=0.0)
+
+
+def _outside(lags: list[Any], windows: list[Any]) -> list[Any]:
+    """The lags that began outside every window (start, end)."""
+    return [(t, lag) for t, lag in lags if not any(a <= t - lag <= b for a, b in windows)]
 
 
 def _phase(marks: dict[str, tuple[float, float]], a: str, b: str, k: int) -> float | None:
@@ -200,10 +224,18 @@ def run_fleet(agents: int, rounds: int, workers: int, ping_interval_s: float, ag
         "agents_completed": sum(a["outcome"] == "bye" for a in results),
         "min_rounds_applied": min((a["applied"] for a in results), default=0),
         "failures": sorted({a["outcome"] for a in results if a["outcome"] != "bye"})[:5],
+        "redials": sum(a["redials"] for a in results),  # dials refused before admission
         "mean_round_s": statistics.fmean(steady),
         "median_round_s": statistics.median(steady),
         "eval_s": statistics.fmean(spans.get("evaluate", [0.0])),
         "eval_parts_s": {k: statistics.fmean(spans[k]) for k in spans if k.startswith("eval_")},
+        # The garbage collector's pauses of the orchestrator's process, per generation.
+        "gc_pause_max_ms": {k: 1e3 * max(spans[k]) for k in spans if k.startswith("gc")},
+        "gc_total_s": {k: sum(spans[k]) for k in spans if k.startswith("gc")},
+        "gc2_rounds_max_ms": _max_ms(report["full_gcs"], marks, "rounds", "end"),
+        "gc2_rounds": sum(
+            marks["rounds"][0] <= t <= marks["end"][0] for t, _ in report["full_gcs"]
+        ),
         "latency_samples": len(lat),
         "p50_ms": _quantile(lat, 0.50),
         "p99_ms": _quantile(lat, 0.99),
@@ -213,6 +245,9 @@ def run_fleet(agents: int, rounds: int, workers: int, ping_interval_s: float, ag
         # Orchestrator loop lags while the fleet joins (up to the probes) and during rounds.
         "orch_lag_join_max_ms": _max_ms(report["lags"], marks, "listening", "probes"),
         "orch_lag_rounds_max_ms": _max_ms(report["lags"], marks, "rounds", "end"),
+        "orch_lag_outside_eval_max_ms": _max_ms(
+            _outside(report["lags"], report["windows"].get("evaluate", [])), marks, "rounds", "end"
+        ),
         "worker_lag_rounds_max_ms": _max_ms(worker_lags, marks, "rounds", "end"),
         "rss_listen_mib": rss_listen / 2**20,
         "rss_peak_mib": max(rss_peak, report["maxrss"]) / 2**20,
@@ -238,8 +273,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--agents", type=int, default=256, help="agents in the headline run")
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--workers", type=int, default=4, help="agent processes")
-    parser.add_argument("--ping-interval-s", type=float, default=1.0, help="orchestrator's")
-    parser.add_argument("--agent-ping-s", type=float, default=1.0, help="agents' keepalive")
+    parser.add_argument(
+        "--ping-interval-s", type=float, default=10.0,
+        help="the orchestrator's keepalive (testbed.ping_interval_s; default: the manifest's)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--agent-ping-s", type=float, default=1.0,
+        help="the agents' keepalive, whose latency is sampled (the agent's default is 10)",
+    )  # fmt: skip
     parser.add_argument("--telemetry-s", type=float, default=2.0, help="0: agents send none")
     parser.add_argument("--no-sweep", action="store_true", help="only the headline run")
     parser.add_argument("--profile", action="store_true", help="cProfile the orchestrator")

@@ -198,10 +198,12 @@ class Agent:
         elif kind == "align":
             trainer = self._trainer()
             if trainer._held == msg["round"]:  # a resent alignment already applied is ignored
-                seconds = await asyncio.to_thread(
-                    trainer.align, msg["round"], msg["leader"], msg["mode"], msg["lam"]
-                )
-                await asyncio.to_thread(pad_compute, seconds, self.cfg.emulation)
+
+                def align() -> None:  # the step and its emulated padding in one thread hop
+                    seconds = trainer.align(msg["round"], msg["leader"], msg["mode"], msg["lam"])
+                    pad_compute(seconds, self.cfg.emulation)
+
+                await asyncio.to_thread(align)
         elif kind == "echo":
             size = msg.get("reply_bytes")
             payload = msg["payload"] if size is None else np.zeros(size, dtype=np.uint8)
@@ -294,14 +296,16 @@ class Agent:
             if hold:  # the orchestrator waits for a reply: say this round is lost here
                 await link.send(encode("missed", round=r))
             return
-        try:
-            grad = await asyncio.to_thread(
-                unpack, msg["grad"], msg.get("grad_scale"), trainer.compression
-            )
-        except CompressionError as exc:
-            raise JobFailed(f"the gradient of round {r}: {exc}") from exc
-        flat, seconds = await asyncio.to_thread(trainer.backward, r, grad, hold)
-        seconds = await asyncio.to_thread(pad_compute, seconds, self.cfg.emulation)
+
+        def backward() -> tuple[Any, float]:  # one thread hop for the whole step: each costs
+            try:
+                grad = unpack(msg["grad"], msg.get("grad_scale"), trainer.compression)
+            except CompressionError as exc:
+                raise JobFailed(f"the gradient of round {r}: {exc}") from exc
+            flat, seconds = trainer.backward(r, grad, hold)
+            return flat, pad_compute(seconds, self.cfg.emulation)
+
+        flat, seconds = await asyncio.to_thread(backward)
         self._backward_s = seconds
         if flat is not None:
             frame = encode(
@@ -318,15 +322,15 @@ class Agent:
             await link.send(self._last_activations[1])
             return
 
-        def forward() -> tuple[Any, float | None, Any, float]:
+        def forward() -> tuple[Any, float | None, Any, float]:  # one thread hop, padding included
             acts, labels, seconds = trainer.forward(round_, batch_size)
-            return (*pack(acts, trainer.compression), labels, seconds)  # as the job's codec says
+            x, x_scale = pack(acts, trainer.compression)  # as the job's codec says
+            return x, x_scale, labels, pad_compute(seconds, self.cfg.emulation)
 
         try:
             x, x_scale, labels, seconds = await asyncio.to_thread(forward)
         except CompressionError as exc:  # a diverged partition: NaN, or beyond float16
             raise JobFailed(f"the activations of round {round_}: {exc}") from exc
-        seconds = await asyncio.to_thread(pad_compute, seconds, self.cfg.emulation)
         frame = encode(
             "activations",
             round=round_,

@@ -31,6 +31,7 @@ from orchestrator.fleet.launcher import LocalFleet, dial_host
 from orchestrator.fleet.rayfleet import RayFleet
 from orchestrator.fleet.sessions import DeviceSession, wait_ready
 from orchestrator.fleet.tls import server_ssl_context
+from orchestrator.heap import long_lived_frozen
 from orchestrator.names import DeviceStatus
 from orchestrator.preflight import bind_problem
 from orchestrator.records import checkpoint
@@ -336,7 +337,8 @@ class Engine:
             runner.load_state_dict(self.resume)
             st.round = runner.start_round - 1
             st.event("resumed", None, {"round": st.round})
-        await runner.train()
+        with long_lived_frozen():  # no full collection walks the fleet's objects every round
+            await runner.train()
 
     # --- bookkeeping --------------------------------------------------------------------------
 

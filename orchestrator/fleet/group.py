@@ -9,6 +9,7 @@ Every wait is bounded: each request by ``testbed.round_timeout_s``, an absent de
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Iterable
 from typing import Any, Callable
@@ -20,7 +21,7 @@ from edge_agent.compress import CompressionError, pack, unpack
 from edge_agent.protocol import encode
 from orchestrator.errors import FleetError, RunError
 from orchestrator.fleet.probe import PROBE_MIN_BATCH, PROBE_MIN_BYTES, probe
-from orchestrator.fleet.sessions import DeviceAbsent, DeviceSession
+from orchestrator.fleet.sessions import DeviceAbsent, DeviceSession, within
 from orchestrator.names import DeviceStatus
 from orchestrator.training.devices import Batch, ClientGrad, ForwardOut, Weights
 from orchestrator.training.latency import DeviceProfile
@@ -40,6 +41,46 @@ def _failure(task: asyncio.Task[Any]) -> BaseException | None:
     if task.cancelled():
         return asyncio.CancelledError()
     return task.exception()
+
+
+# Work done for every device in turn gives the event loop back this often, so that a large
+# fleet's keepalives and telemetry are read between slices instead of after all of them.
+SLICE_DEVICES = 64
+
+
+async def breathe(k: int) -> None:
+    """After the ``k``-th device of a loop (from 0): every SLICE_DEVICES, let the loop run."""
+    if k % SLICE_DEVICES == SLICE_DEVICES - 1:
+        await asyncio.sleep(0)
+
+
+class _Arrivals:
+    """Tasks as they finish, each handled once: ``asyncio.wait(FIRST_COMPLETED)`` would hook
+    and unhook every pending task on each call, quadratic in the fleet over a round."""
+
+    def __init__(self) -> None:
+        self._done: list[asyncio.Task[Any]] = []
+        self._event = asyncio.Event()
+
+    def watch(self, task: asyncio.Task[Any]) -> None:
+        task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[Any]) -> None:
+        self._done.append(task)
+        self._event.set()
+
+    def take(self) -> list[asyncio.Task[Any]]:
+        """The tasks finished since the last take."""
+        self._event.clear()
+        done, self._done = self._done, []
+        return done
+
+    async def wait(self, timeout_s: float) -> None:
+        """Until a task finishes (or has finished since the last take), or ``timeout_s``."""
+        if self._done:
+            return
+        with contextlib.suppress(TimeoutError):
+            await within(self._event.wait(), timeout_s)
 
 
 # A round short of scheduler.min_participants logs a "waiting" event this often while it waits.
@@ -95,19 +136,35 @@ class SessionGroup:
 
         sessions = [s for s in self.sessions if s.id in batch]
         need = min(min_participants, len(sessions))
-        tasks = {asyncio.create_task(ask(s, self.patience_s, self.timeout_s)): s for s in sessions}
+        tasks: dict[asyncio.Task[ForwardOut], DeviceSession] = {}
+        arrivals = _Arrivals()
+        pending: set[asyncio.Task[ForwardOut]] = set()
+        answered: list[asyncio.Task[ForwardOut]] = []
+        absent: list[asyncio.Task[ForwardOut]] = []
+
+        def start(s: DeviceSession, patience: float | None, timeout_s: float) -> None:
+            task = asyncio.create_task(ask(s, patience, timeout_s))
+            tasks[task] = s
+            pending.add(task)
+            arrivals.watch(task)
+
         started = time.monotonic()
         short_since: float | None = None  # when fewer than ``need`` could still answer
         noted = 0.0
         try:
+            for k, s in enumerate(sessions):
+                start(s, self.patience_s, self.timeout_s)
+                await breathe(k)  # the requests go out in slices, keepalives answered between
             while True:
-                for t in tasks:
+                for t in arrivals.take():  # each finished call is looked at once
+                    pending.discard(t)
                     problem = _failure(t)
-                    if problem is not None and not isinstance(problem, DeviceAbsent):
+                    if problem is None:
+                        answered.append(t)
+                    elif isinstance(problem, DeviceAbsent):
+                        absent.append(t)
+                    else:
                         raise problem  # a timeout or a failed job ends the run
-                pending = {t for t in tasks if not t.done()}
-                answered = [t for t in tasks if t.done() and _failure(t) is None]
-                absent = [t for t in tasks if isinstance(_failure(t), DeviceAbsent)]
                 late = deadline_s is not None and time.monotonic() - started >= deadline_s
                 # Once short of the quorum, the devices asked again are not waited for beyond it.
                 if not pending or late or short_since is not None:
@@ -142,15 +199,13 @@ class SessionGroup:
                         s = tasks.pop(t)
                         # the quorum check above ends the wait first; this bound only backs it up
                         left = self.lost_timeout_s - (now - short_since) + self.timeout_s
-                        tasks[asyncio.create_task(ask(s, None, left))] = s
-                    pending = {t for t in tasks if not t.done()}
+                        start(s, None, left)
+                    absent = []
                 wait_s = QUORUM_CHECK_S
                 if deadline_s is not None and not late:
                     wait_s = min(wait_s, deadline_s - (time.monotonic() - started))
                 if pending:
-                    await asyncio.wait(
-                        pending, timeout=max(wait_s, 0.0), return_when=asyncio.FIRST_COMPLETED
-                    )
+                    await arrivals.wait(max(wait_s, 0.0))
             for t, s in tasks.items():
                 if _failure(t) is not None or not t.done():
                     s.status = DeviceStatus.STRAGGLING if s.ws is not None else s.status
@@ -174,13 +229,13 @@ class SessionGroup:
     ) -> dict[str, ClientGrad]:
         """Send this round's participants their gradients; in the client space, collect theirs."""
         sessions = [s for s in self.sessions if s.id in grads]
-        frames = {
-            s.id: encode(
+        frames = {}
+        for k, s in enumerate(sessions):
+            frames[s.id] = encode(
                 "gradients", round=r, **_packed_grad(s.id, r, grads[s.id], self.compression),
                 loss=losses[s.id], hold=hold or None,
-            )
-            for s in sessions
-        }  # fmt: skip
+            )  # fmt: skip
+            await breathe(k)
         if hold:
             replies = await asyncio.gather(
                 *[
@@ -203,9 +258,10 @@ class SessionGroup:
                 aligned = None if report is None else (report["round"], float(report["cos"]))
                 out[s.id] = ClientGrad(reply["grad"], aligned)
             return out
-        for s in sessions:
+        for k, s in enumerate(sessions):
             s.last_gradient = (r, frames[s.id])
             await s.send(frames[s.id])  # a device that is away gets it again when it rejoins
+            await breathe(k)
         return {}
 
     async def align(

@@ -10,7 +10,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
-from typing import Any, Callable
+from collections.abc import Awaitable
+from typing import Any, Callable, TypeVar
 
 from edge_agent import protocol
 from edge_agent.protocol import Message, ProtocolError
@@ -41,6 +42,19 @@ CLOSE_TIMEOUT_S = 10.0
 READY_TICK_S = 1.0
 
 
+T = TypeVar("T")
+_timeout = getattr(asyncio, "timeout", None)  # Python 3.11+
+
+
+async def within(aw: Awaitable[T], timeout_s: float) -> T:
+    """``asyncio.wait_for(aw, timeout_s)`` without the task it wraps ``aw`` in where Python has
+    ``asyncio.timeout``: every device's sends and calls go through here, every round."""
+    if _timeout is None:
+        return await asyncio.wait_for(aw, timeout_s)
+    async with _timeout(timeout_s):
+        return await aw
+
+
 async def close_within(ws: Any, code: int, reason: str, timeout_s: float = CLOSE_TIMEOUT_S) -> None:
     """Close ``ws`` with ``code`` and ``reason``; abort the connection if that takes too long.
 
@@ -69,7 +83,7 @@ async def send_within(
     from websockets.exceptions import ConnectionClosed
 
     try:
-        await asyncio.wait_for(ws.send(frame), timeout_s)
+        await within(ws.send(frame), timeout_s)
     except ConnectionClosed:
         return False
     except asyncio.TimeoutError:
@@ -144,9 +158,7 @@ class DeviceSession:
         disconnected that long. Cancelling is safe: a late reply is discarded by its round.
         """
         try:
-            return await asyncio.wait_for(
-                self._call(frame, reply_type, round_, key, patience_s), timeout_s
-            )
+            return await within(self._call(frame, reply_type, round_, key, patience_s), timeout_s)
         except asyncio.TimeoutError:
             raise TimeoutError(
                 f"device {self.id} did not answer {reply_type} of round {round_} within {timeout_s:.0f} s"

@@ -61,7 +61,10 @@ class RunRecords:
 
     def append(self, name: str, record: dict[str, Any]) -> None:
         f = self._files[name]
-        line = json.dumps(_clean(record), separators=(",", ":"))
+        try:  # the common case, no NaN or inf anywhere: no walk through the record first
+            line = json.dumps(record, separators=(",", ":"), allow_nan=False)
+        except ValueError:
+            line = json.dumps(_clean(record), separators=(",", ":"))
         f.write(line + "\n")
         f.flush()
         if self._subscribers:

@@ -20,7 +20,6 @@ import torch
 
 from edge_agent.compress import wire_dtype
 from edge_agent.schedule import round_lr
-from edge_agent.weights import load_numpy_state
 from orchestrator.algorithms.base import ServerPart, ServerStepResult
 from orchestrator.algorithms.dispatch import rule_for
 from orchestrator.config.manifest import Manifest
@@ -28,7 +27,7 @@ from orchestrator.errors import RunError, RunInterrupted
 from orchestrator.names import Phase
 from orchestrator.records import checkpoint
 from orchestrator.training.devices import ClientGrad, DeviceGroup, Weights
-from orchestrator.training.evaluation import client_spread, evaluate
+from orchestrator.training.evaluation import client_spread, evaluate_many
 from orchestrator.training.guard import StabilityGuard
 from orchestrator.training.recorder import Recorder
 from orchestrator.training.scheduler import Planner
@@ -113,6 +112,7 @@ class Runner:
             if i not in fwd:
                 st.event("straggler", i, {"round": r, "deadline_s": round(deadline or 0.0, 3)})
         dev = job.server_device
+        await asyncio.sleep(0)  # as below: the loop reads its sockets between per-device passes
         acts = to_device([fwd[i].acts for i in ids], dev)  # pinned + non-blocking on CUDA
         labels = to_device([fwd[i].labels for i in ids], dev)
         rule.begin_round(r, ids)
@@ -143,7 +143,11 @@ class Runner:
         downlink_s = time.perf_counter() - t_down
         if rule.averages(r):
             await self._average(r)
+        # Each pass below visits every device: with a thousand of them, keepalives and
+        # telemetry are read in between rather than after all of them (bench.scale).
+        await asyncio.sleep(0)
         self.planner.observe(r, {i: fwd[i] for i in ids}, server_s)
+        await asyncio.sleep(0)
         self.recorder.round(
             r, ids, time.perf_counter() - start, fwd, losses, result.loss, server_s, downlink_s,
             diag, predicted,
@@ -185,15 +189,10 @@ class Runner:
     def _score(self, states: list[Weights]) -> tuple[list[tuple[float, float]], float | None]:
         """Accuracy and loss of every device's model, and the spread of the partitions."""
         job = self.job
-        out = []
-        for w in states:
-            try:
-                load_numpy_state(job.client_template, w)
-            except (RuntimeError, KeyError) as exc:
-                raise RunError(
-                    f"a device returned weights that do not fit the model: {exc}"
-                ) from exc
-            out.append(evaluate(job.client_template, job.server, job.x_test, job.y_test))
+        try:
+            out = evaluate_many(job.client_template, job.server, states, job.x_test, job.y_test)
+        except (RuntimeError, KeyError) as exc:
+            raise RunError(f"a device returned weights that do not fit the model: {exc}") from exc
         return out, client_spread(states)
 
     # --- checkpoints --------------------------------------------------------------------------
