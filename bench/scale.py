@@ -1,11 +1,11 @@
 """Fleet scale: many lightweight agents on real WebSockets against one real orchestrator.
 
-Run ``python -m bench.scale [--agents 256] [--rounds 20] [--quick]``. The orchestrator is the
+Run ``python -m bench.scale [--agents 1024] [--rounds 20] [--quick]``. The orchestrator is the
 real :class:`~orchestrator.engine.Engine` in a process of its own (so its RSS and CPU time are
 its own), serving a manifest that lists every agent (``launch = "remote"``). The agents are
 coroutines, many to a worker process, each with its own connection and device id, speaking
 protocol v1 exactly; only their model is small: ``digits_mlp`` cut at ``fc1``, computed with
-numpy from the job's weights. The run is repeated for 8, 32, 64, 128 and 256 agents (up to
+numpy from the job's weights. The run is repeated for 8, 64, 256, 512 and 1,024 agents (up to
 ``--agents``). The last line printed is a JSON object with ``agents``, ``rounds``, ``p99_ms``
 (keepalive ping-to-pong latency seen by the agents) and ``rss_mib`` (orchestrator peak RSS).
 """
@@ -30,7 +30,7 @@ from typing import Any
 
 from bench._lite_agent import with_lag_probe, worker
 
-SWEEP = (8, 32, 64, 128, 256)
+SWEEP = (8, 64, 256, 512, 1024)
 START_TIMEOUT_S = 120.0  # spawning the orchestrator imports torch: slow on a busy machine
 SAMPLE_EVERY_S = 0.25  # orchestrator RSS sampling period
 
@@ -270,7 +270,7 @@ def _fmt(v: Any, spec: str = ".1f") -> str:
 def main(argv: list[str] | None = None) -> int:
     """Run the sweep, print a table, then the JSON summary as the last line."""
     parser = argparse.ArgumentParser(prog="python -m bench.scale", description=__doc__)
-    parser.add_argument("--agents", type=int, default=256, help="agents in the headline run")
+    parser.add_argument("--agents", type=int, default=1024, help="agents in the headline run")
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--workers", type=int, default=4, help="agent processes")
     parser.add_argument(
@@ -304,14 +304,16 @@ def main(argv: list[str] | None = None) -> int:
             if row["profile"]:
                 print(row["profile"])
     print("| agents | rounds | mean round s | eval s | ping p50 / p99 / max ms | fresh p99 ms "
-          "| orchestrator loop lag max ms: join / rounds | RSS listening / peak MiB | orchestrator "
+          "| orchestrator loop lag max ms: join / rounds / rounds outside evaluation "
+          "| full GC max ms in rounds | RSS listening / peak MiB | orchestrator "
           "CPU s per round | worker CPU s | probes wall s |\n"
-          "|---|---|---|---|---|---|---|---|---|---|---|")  # fmt: skip
+          "|---|---|---|---|---|---|---|---|---|---|---|---|")  # fmt: skip
     for r in rows:
         print(f"| {r['agents']} | {r['rounds']} | {r['mean_round_s']:.3f} | {r['eval_s']:.2f} "
               f"| {_fmt(r['p50_ms'])} / {_fmt(r['p99_ms'])} / {_fmt(r['max_ms'])} "
               f"| {_fmt(r['fresh_p99_ms'])} "
               f"| {r['orch_lag_join_max_ms']:.0f} / {r['orch_lag_rounds_max_ms']:.0f} "
+              f"/ {r['orch_lag_outside_eval_max_ms']:.0f} | {r['gc2_rounds_max_ms']:.0f} "
               f"| {r['rss_listen_mib']:.0f} / {r['rss_peak_mib']:.0f} "
               f"| {_fmt(r['cpu_per_round_s'], '.3f')} | {r['worker_cpu_s']:.1f} "
               f"| {_fmt(r['wall_probes_s'], '.2f')} |")  # fmt: skip

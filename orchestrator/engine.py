@@ -184,7 +184,8 @@ class Engine:
                 try:
                     await self._start_fleet(f"{scheme}://{dial_host(host)}:{port}")
                     await self._start_ray_fleet(scheme, port)
-                    await self._train()
+                    with long_lived_frozen() as freeze:  # torch, the data, the job frames
+                        await self._train(freeze)
                     status = "completed"
                 except (RunInterrupted, asyncio.CancelledError):
                     status = "interrupted"
@@ -305,7 +306,7 @@ class Engine:
         for s in self.sessions.values():
             s.status = "done"
 
-    async def _train(self) -> None:
+    async def _train(self, freeze: Callable[[], None]) -> None:
         m, st = self.m, self.state
         sessions = list(self.sessions.values())
         last_tick = [0.0]
@@ -337,8 +338,8 @@ class Engine:
             runner.load_state_dict(self.resume)
             st.round = runner.start_round - 1
             st.event("resumed", None, {"round": st.round})
-        with long_lived_frozen():  # no full collection walks the fleet's objects every round
-            await runner.train()
+        freeze()  # the fleet's sessions too: no full collection walks them every round
+        await runner.train()
 
     # --- bookkeeping --------------------------------------------------------------------------
 

@@ -83,7 +83,7 @@ def _batches_well(client: torch.nn.Module) -> bool:
 def _tensors(
     w: Mapping[str, np.ndarray], like: Mapping[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
-    return {k: torch.as_tensor(np.asarray(w[k])).to(t.device, t.dtype) for k, t in like.items()}
+    return {k: torch.from_numpy(np.array(w[k])).to(t.device, t.dtype) for k, t in like.items()}
 
 
 def _batched(
@@ -111,7 +111,7 @@ def _batched(
     for first in range(0, len(states), per_pass):
         chunk = states[first : first + per_pass]
         params = {
-            k: torch.from_numpy(np.stack([np.asarray(w[k]) for w in chunk])).to(t.device, t.dtype)
+            k: torch.from_numpy(np.stack([w[k] for w in chunk])).to(t.device, t.dtype)
             for k, t in template.items()
         }
         correct = torch.zeros(len(chunk), dtype=torch.int64, device=y.device)
