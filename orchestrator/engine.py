@@ -34,6 +34,7 @@ from orchestrator.fleet.tls import server_ssl_context
 from orchestrator.names import DeviceStatus
 from orchestrator.preflight import bind_problem
 from orchestrator.records import checkpoint
+from orchestrator.records.reader import last_rounds
 from orchestrator.records.summary import run_summary
 from orchestrator.records.writer import RunRecords
 from orchestrator.training.job import Job, job_message, prepare_job
@@ -335,7 +336,11 @@ class Engine:
         if self.resume is not None:
             runner.load_state_dict(self.resume)
             st.round = runner.start_round - 1
-            st.event("resumed", None, {"round": st.round})
+            # Rounds past the checkpoint that the records already hold (an orchestrator killed
+            # between checkpoints) are recorded again, each copy marked as a repeat.
+            runner.recorder.held = last_rounds(self.records.dir)
+            recorded = runner.recorder.held["rounds"]
+            st.event("resumed", None, {"round": st.round, "recorded_round": recorded})
         await runner.train()
 
     # --- bookkeeping --------------------------------------------------------------------------
