@@ -35,6 +35,7 @@ from orchestrator.heap import long_lived_frozen
 from orchestrator.names import DeviceStatus
 from orchestrator.preflight import bind_problem
 from orchestrator.records import checkpoint
+from orchestrator.records.reader import last_rounds
 from orchestrator.records.summary import run_summary
 from orchestrator.records.writer import RunRecords
 from orchestrator.training.job import Job, job_message, prepare_job
@@ -337,7 +338,11 @@ class Engine:
         if self.resume is not None:
             runner.load_state_dict(self.resume)
             st.round = runner.start_round - 1
-            st.event("resumed", None, {"round": st.round})
+            # Rounds past the checkpoint that the records already hold (an orchestrator killed
+            # between checkpoints) are recorded again, each copy marked as a repeat.
+            runner.recorder.held = last_rounds(self.records.dir)
+            recorded = runner.recorder.held["rounds"]
+            st.event("resumed", None, {"round": st.round, "recorded_round": recorded})
         freeze()  # the fleet's sessions too: no full collection walks them every round
         await runner.train()
 

@@ -14,7 +14,7 @@ import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 from orchestrator.config.manifest import Manifest, parse_manifest
 from orchestrator.errors import ManifestError, RunError
@@ -26,6 +26,7 @@ __all__ = [
     "by_round",
     "collect",
     "finite",
+    "last_rounds",
     "load_run",
     "read_jsonl",
 ]
@@ -124,6 +125,20 @@ def read_jsonl(path: Path) -> tuple[list[dict[str, Any]], int]:
     return records, dropped
 
 
+def last_rounds(run_dir: Path) -> dict[str, int]:
+    """The highest round ``rounds.jsonl`` and ``metrics.jsonl`` hold (0 for none), by name:
+    what a resumed run will record again when it goes back to an earlier checkpoint."""
+    held = {}
+    for name in ("rounds", "metrics"):
+        rows, _ = read_jsonl(Path(run_dir) / f"{name}.jsonl")
+        held[name] = max((r for r in (rec.get("round") for rec in rows) if _is_round(r)), default=0)
+    return held
+
+
+def _is_round(value: Any) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _read_summary(path: Path) -> dict[str, Any]:
     try:
         text = path.read_text(encoding="utf-8")
@@ -201,11 +216,12 @@ def finite(value: Any) -> float | None:
 
 
 def by_round(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Records keyed by ``round``, the latest kept: a resumed run may repeat rounds."""
+    """Records keyed by ``round``, the latest kept: a resumed run records the rounds past its
+    checkpoint again (those copies carry ``"repeat": true``), and the later copy is the run's."""
     latest: dict[int, dict[str, Any]] = {}
     for rec in records:
         r = rec.get("round")
-        if isinstance(r, int) and not isinstance(r, bool):
+        if _is_round(r):
             latest[r] = rec
     return [latest[r] for r in sorted(latest)]
 

@@ -1,9 +1,11 @@
 """The run directory: the resolved manifest, append-only JSONL records, and the summary.
 
 Every JSONL line is written whole and flushed at once, so a killed orchestrator loses nothing it
-had written; ``summary.json`` is replaced atomically (write, fsync, rename). Subscribers hear of
-every record once it is in its file, as a reader of the file will get it back: the live
-dashboard folds exactly what ``watch`` will read (STYLE.md, "one source of truth").
+had written; ``summary.json`` is replaced atomically (write, fsync, rename). A line a kill cut
+short is cut off when the files are opened again (``run --resume``), so the resumed run's first
+line does not glue onto it; a ``torn_line`` event says so. Subscribers hear of every record
+once it is in its file, as a reader of the file will get it back: the live dashboard folds
+exactly what ``watch`` will read (STYLE.md, "one source of truth").
 """
 
 from __future__ import annotations
@@ -34,6 +36,37 @@ def _clean(value: Any) -> Any:
     return value
 
 
+def _cut_torn_tail(path: Path) -> int:
+    """Cut off a last line without its newline (a kill mid-write); how many bytes went.
+
+    Such a line never held a whole record (the newline is the last byte written). A round's
+    ``rounds.jsonl`` and ``metrics.jsonl`` lines are written before its checkpoint, so a resumed
+    run records a torn one's round again. Left in place, the next line appended would extend it
+    into a damaged line in the middle of the file.
+    """
+    try:
+        with open(path, "rb+") as f:
+            size = f.seek(0, os.SEEK_END)
+            if size == 0:
+                return 0
+            f.seek(size - 1)
+            if f.read(1) == b"\n":
+                return 0
+            # A torn line is at most one record long: read back from the end to its start.
+            back = min(size, 1 << 20)
+            while True:
+                f.seek(size - back)
+                keep = f.read(back).rfind(b"\n")
+                if keep >= 0 or back == size:
+                    break
+                back = min(size, back * 2)
+            end = size - back + keep + 1  # keep == -1: the file is one torn line
+            f.truncate(end)
+            return size - end
+    except FileNotFoundError:
+        return 0
+
+
 class RunRecords:
     """Writer of one run directory. Times in records are seconds since the run started."""
 
@@ -42,10 +75,14 @@ class RunRecords:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.started = time.monotonic()
         (self.dir / "manifest.toml").write_text(manifest_toml, encoding="utf-8")
+        torn = {name: _cut_torn_tail(self.dir / f"{name}.jsonl") for name in RECORD_FILES}
         self._files: dict[str, IO[str]] = {
             name: open(self.dir / f"{name}.jsonl", "a", encoding="utf-8") for name in RECORD_FILES
         }
         self._subscribers: list[Subscriber] = []
+        for name, cut in torn.items():
+            if cut:
+                self.event("torn_line", None, file=f"{name}.jsonl", bytes=cut)
 
     def elapsed(self) -> float:
         return time.monotonic() - self.started

@@ -178,10 +178,13 @@ class Runner:
             if i not in states:
                 st.event("straggler", i, {"round": r, "during": "evaluation"})
         scores, spread = await asyncio.to_thread(self._score, [states[i] for i in ids])
+        # The record before the checkpoint: killed in between, a resumed run starts from the
+        # previous checkpoint and records this evaluation again (marked a repeat). The other way
+        # round it would start after this round, and its evaluation would be missing for good.
+        self.recorder.evaluation(r, ids, scores, spread)
         if keep:
             self.client_weights.update(states)
             await asyncio.to_thread(self._save_checkpoint, r)
-        self.recorder.evaluation(r, ids, scores, spread)
         if self.planner.profiles:
             self.recorder.refined(self.planner.profiles)
         st.phase = Phase.TRAINING

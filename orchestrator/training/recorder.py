@@ -31,6 +31,10 @@ class Recorder:
         # Per device, the compute time per sample its last round measured (devices.jsonl shows
         # it for a device the probe has not measured).
         self.compute_ms: dict[str, float] = {}
+        # In a resumed run, the last round rounds.jsonl and metrics.jsonl already held: a round
+        # recorded again (the rounds past the checkpoint the run went back to) is marked
+        # ``"repeat": true``, and readers keep the later copy (``records.reader.by_round``).
+        self.held = {"rounds": 0, "metrics": 0}
 
     def profiled(self, profiles: Mapping[str, Any]) -> None:
         """The probe's measurement of every device, before the first round."""
@@ -110,6 +114,8 @@ class Recorder:
         record.update(diag)
         if record["leaders"] is not None and "cos" in record:
             record["churn"] = self._churn(record["leaders"])
+        if r <= self.held["rounds"]:
+            record["repeat"] = True
         self.records.append("rounds", record)
         self.state.round_times.append(round_s)
 
@@ -140,6 +146,8 @@ class Recorder:
             "acc": dict(zip(ids, accs)),
             "client_spread": spread,
         }
+        if r <= self.held["metrics"]:
+            record["repeat"] = True
         self.records.append("metrics", record)
 
     def state_dict(self) -> dict[str, Any]:

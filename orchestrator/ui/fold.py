@@ -12,7 +12,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, MutableSequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,6 +57,14 @@ def _phase_of(value: Any) -> Phase | None:
         return Phase(value)
     except ValueError:
         return None
+
+
+def _drop_from(points: MutableSequence[Any], r: int) -> None:
+    """Forget the points of round ``r`` and later: a resumed run records the rounds past its
+    checkpoint again, and the later copy is the run's (as ``records.reader.by_round`` keeps).
+    Only the file's own order decides, so a tail of one file folds the same as the writer."""
+    while points and points[-1].round >= r:
+        points.pop()
 
 
 def _int(value: Any) -> int:
@@ -276,6 +284,7 @@ class RunFold:
             dev.round_ms = None if compute is None else 1000.0 * compute / max(batch, 1)
             dev.last_loss = finite(x.get("loss"))
         slowest = max(devs.values(), key=lambda x: finite(x.get("wait_s")) or 0.0, default={})
+        _drop_from(self.rounds, r)
         self.rounds.append(
             RoundPoint(
                 round=r, round_time_s=_num(rec.get("round_time_s")), loss=_num(rec.get("loss")),
@@ -312,6 +321,7 @@ class RunFold:
             return
         keys = ("time_s", "acc_mean", "acc_min", "acc_max", "loss")
         point = EvalPoint(r, *(_num(rec.get(k)) for k in keys))
+        _drop_from(self.evals, r)
         self.evals.append(point)
         for dev, acc in (rec.get("acc") or {}).items():
             d = self._device(dev)

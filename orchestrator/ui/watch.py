@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import heapq
 import json
 import math
 import os
@@ -39,9 +40,10 @@ __all__ = [
 _READ_ORDER = ("events", "devices", "rounds", "metrics")
 
 
-def _num(value: Any) -> float:
+def _time(value: Any) -> float:
+    """A record's time for ordering; a missing one sorts last."""
     v = finite(value)
-    return math.nan if v is None else v
+    return math.inf if v is None else v
 
 
 class _Tail:
@@ -163,13 +165,17 @@ class RunWatcher:
         for name in ("devices", "rounds"):
             for rec in new[name]:
                 f.add(name, rec)
+
         # Events and evaluations interleaved in time order, as the headless log printed them
-        # (the fold's state does not depend on this order, only the printed lines do).
-        timed = [(_num(r.get("t")), 0, r) for r in new["events"]]
-        timed += [(_num(r.get("time_s")), 1, r) for r in new["metrics"]]
-        timed.sort(key=lambda x: x[0] if x[0] == x[0] else math.inf)
-        for _, kind, rec in timed:
-            f.add("metrics" if kind else "events", rec)
+        # (the fold's state does not depend on this order, only the printed lines do). A merge,
+        # not a sort: each file keeps its own order, which is what says that a resumed run's
+        # repeated evaluation replaces the earlier copy, whatever their clocks say.
+        def timed(name: str, key: str) -> list[tuple[float, str, dict[str, Any]]]:
+            return [(_time(r.get(key)), name, r) for r in new[name]]
+
+        merged = heapq.merge(timed("events", "t"), timed("metrics", "time_s"), key=lambda x: x[0])
+        for _, name, rec in merged:
+            f.add(name, rec)
 
     @property
     def status(self) -> str:
