@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import os
 import random
 import sys
 import time
@@ -208,10 +209,17 @@ class LiteAgent:
         return False  # "error" needs nothing: the close that follows ends the loop
 
 
-def worker(ks: list[int], ping_s: float, telemetry_s: float, conn: Connection) -> None:
+def worker(
+    ks: list[int], ping_s: float, telemetry_s: float, conn: Connection, nice: int = 0
+) -> None:
     """One worker process: load the digits once, wait for the orchestrator's URL, run its
-    agents concurrently, report them. (Started early: its imports overlap the orchestrator's.)"""
+    agents concurrently, report them. (Started early: its imports overlap the orchestrator's.)
+    ``nice`` lowers its scheduling priority: the stand-in devices then take the CPU the
+    orchestrator leaves, as devices of their own would not compete with it for one."""
     import resource
+
+    if nice:
+        os.nice(nice)
 
     from edge_agent.data import labels_fingerprint, load_dataset
 

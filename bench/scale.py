@@ -166,7 +166,7 @@ def _phase(marks: dict[str, tuple[float, float]], a: str, b: str, k: int) -> flo
 
 def run_fleet(agents: int, rounds: int, workers: int, ping_interval_s: float, agent_ping_s: float,
               telemetry_s: float, work: Path, profile: bool = False, threads: int = 0,
-              ) -> dict[str, Any]:  # fmt: skip
+              nice: int = 0) -> dict[str, Any]:  # fmt: skip
     """One run: the orchestrator process and ``workers`` agent processes; what was measured."""
     import psutil
 
@@ -184,7 +184,7 @@ def run_fleet(agents: int, rounds: int, workers: int, ping_interval_s: float, ag
         for w in range(workers):
             ks = list(range(w * per, min(agents, (w + 1) * per)))
             ours, theirs = ctx.Pipe()
-            args = (ks, agent_ping_s, telemetry_s, theirs)
+            args = (ks, agent_ping_s, telemetry_s, theirs, nice)
             procs.append(ctx.Process(target=worker, args=args, daemon=True))
             procs[-1].start()
             pipes.append(ours)
@@ -282,6 +282,10 @@ def main(argv: list[str] | None = None) -> int:
         help="the agents' keepalive, whose latency is sampled (the agent's default is 10)",
     )  # fmt: skip
     parser.add_argument("--telemetry-s", type=float, default=2.0, help="0: agents send none")
+    parser.add_argument(
+        "--nice", type=int, default=0,
+        help="the agent workers' niceness (0: the orchestrator's priority)",
+    )  # fmt: skip
     parser.add_argument("--no-sweep", action="store_true", help="only the headline run")
     parser.add_argument("--profile", action="store_true", help="cProfile the orchestrator")
     parser.add_argument("--torch-threads", type=int, default=0, help="orchestrator's (0: default)")
@@ -297,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         for n in sizes:
             row = run_fleet(n, rounds, min(workers, n), args.ping_interval_s, args.agent_ping_s,
                             args.telemetry_s, Path(tmp), args.profile and n == agents,
-                            args.torch_threads)  # fmt: skip
+                            args.torch_threads, args.nice)  # fmt: skip
             rows.append(row)
             print(f"{n} agents: {row['status']}, {row['rounds']} rounds, load average "
                   f"{os.getloadavg()[0]:.2f}", flush=True)  # fmt: skip
@@ -328,6 +332,7 @@ def main(argv: list[str] | None = None) -> int:
         "ping->pong latency (websockets) the agents saw, sampled each round; orchestrator peak RSS",
         "quick": args.quick,
         "workers": workers,
+        "nice": args.nice,
         "torch_threads": args.torch_threads or "default",
         "load_avg_before": [round(v, 2) for v in load],
         "load_avg_after": [round(v, 2) for v in os.getloadavg()],
