@@ -79,7 +79,8 @@ class _Arrivals:
         """Until a task finishes (or has finished since the last take), or ``timeout_s``."""
         if self._done:
             return
-        with contextlib.suppress(TimeoutError):
+        # asyncio.TimeoutError is TimeoutError from Python 3.11 on, another class in 3.10
+        with contextlib.suppress(TimeoutError, asyncio.TimeoutError):
             await within(self._event.wait(), timeout_s)
 
 
