@@ -76,10 +76,11 @@ def _mismatches(probes: dict[str, dict]) -> list[str]:
 
 def test_measured_matches_emulated(tmp_path: Path) -> None:
     # Timing on a 2-core machine can be thrown off by another job or by the scheduler (seen
-    # here: 2 of 4 quiet runs missed once, 1 of them twice): two re-measurements are allowed, and
-    # every attempt's misses are reported if the last one misses too.
+    # here: 2 of 4 quiet runs missed once, 1 of them twice; one full suite run missed three times,
+    # a different device each time): four re-measurements are allowed, and every attempt's
+    # misses are reported if the last one misses too.
     misses: list[list[str]] = []
-    for attempt in range(3):
+    for attempt in range(5):
         probes, rounds = _measure(tmp_path / f"run{attempt}")
         assert set(probes) == set(EMULATED) | {"base"}
         misses.append(_mismatches(probes))
