@@ -27,7 +27,6 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 NODE_STORE = 80 * 2**20  # each node's object store: the run puts nothing in it
 
@@ -46,10 +45,6 @@ def manifest_text(address: str, agents: int, rounds: int) -> str:
     return text
 
 
-def _jsonl(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.ray_fleet", description=__doc__)
     parser.add_argument("--agents", type=int, default=32)
@@ -61,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from orchestrator.config.manifest import manifest_to_toml, parse_manifest
     from orchestrator.engine import Engine
+    from orchestrator.records.reader import read_jsonl
 
     nodes = max(args.nodes, 1)
     # Logical CPUs per node, one an agent: they book placement (the agents share this
@@ -92,10 +88,10 @@ def main(argv: list[str] | None = None) -> int:
             m = parse_manifest(manifest_text(cluster.address, args.agents, args.rounds))
             status = asyncio.run(Engine(m, run_dir, manifest_to_toml(m), "ray-fleet").run())
             wall = time.monotonic() - started
-            events = _jsonl(run_dir / "events.jsonl")
-            rounds = _jsonl(run_dir / "rounds.jsonl")
-            metrics = _jsonl(run_dir / "metrics.jsonl")
-            devices = _jsonl(run_dir / "devices.jsonl")
+            events = read_jsonl(run_dir / "events.jsonl")[0]
+            rounds = read_jsonl(run_dir / "rounds.jsonl")[0]
+            metrics = read_jsonl(run_dir / "metrics.jsonl")[0]
+            devices = read_jsonl(run_dir / "devices.jsonl")[0]
     finally:
         done.set()
         sampler.join()

@@ -9,6 +9,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from edge_agent.weights import load_numpy_state
+
 
 @torch.no_grad()
 def evaluate(
@@ -68,7 +70,7 @@ def evaluate_many(
         pass
     out = []
     for w in states:
-        client.load_state_dict(_tensors(w, template), strict=True)
+        load_numpy_state(client, w)
         out.append(evaluate(client, server, x, y, batch_size))
     return out
 
@@ -78,12 +80,6 @@ def _batches_well(client: torch.nn.Module) -> bool:
     become one batched matmul; vmap turns a convolution into a grouped one, measured 2-3x
     slower here than the devices one at a time (digits_cnn, digits_cnn_fc, 64 devices)."""
     return not any(isinstance(m, torch.nn.modules.conv._ConvNd) for m in client.modules())
-
-
-def _tensors(
-    w: Mapping[str, np.ndarray], like: Mapping[str, torch.Tensor]
-) -> dict[str, torch.Tensor]:
-    return {k: torch.from_numpy(np.array(w[k])).to(t.device, t.dtype) for k, t in like.items()}
 
 
 def _batched(
