@@ -76,6 +76,7 @@ class Agent:
         from websockets.asyncio.client import connect
         from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
+        from .arrival import StampedConnection
         from .errors import TlsConfigError
         from .tlsctx import client_ssl_context, describe_tls_failure
 
@@ -98,6 +99,7 @@ class Agent:
                         ping_timeout=self.cfg.ping_timeout_s,
                         close_timeout=self.cfg.close_timeout_s,
                         ssl=ssl_context,
+                        create_connection=StampedConnection,  # the downlink's first bytes
                     ) as ws
                 ):
                     delay = REDIAL_FIRST_S

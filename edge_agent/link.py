@@ -1,12 +1,14 @@
 """One connection to the orchestrator as the agent's handlers use it: frames out through the
-emulated uplink, frames in stamped on arrival and delayed by the emulated downlink, and every
-send and receive bounded by a timeout from :class:`~edge_agent.config.AgentConfig`.
+emulated uplink, frames in stamped when their first byte arrived and delayed by the emulated
+downlink, and every send and receive bounded by a timeout from
+:class:`~edge_agent.config.AgentConfig`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 from . import protocol
@@ -23,6 +25,18 @@ REASON_CHARS = 120
 INBOX_FRAMES = 64
 
 
+def first_byte_at(ws: Any) -> float:
+    """When the message just received from ``ws`` began to arrive, as a
+    :class:`~edge_agent.arrival.StampedConnection` noted it (now, when not known); the next
+    message's stamp starts afresh."""
+    now = time.monotonic()
+    stamp = getattr(ws, "first_byte", None)
+    if stamp is None:
+        return now
+    ws.first_byte = None
+    return min(stamp, now)
+
+
 class Link:
     """A websockets connection with the link emulation applied and every wait bounded."""
 
@@ -32,16 +46,24 @@ class Link:
         self.inbox: asyncio.Queue[Any] = asyncio.Queue(maxsize=INBOX_FRAMES)
 
     async def send(self, frame: bytes) -> None:
-        """Send through the emulated uplink; LinkTimeout after ``send_timeout_s`` on the wire."""
-        await self._up.pass_frame(len(frame))
-        await self._send_now(frame)
+        """Send through the emulated uplink; LinkTimeout after ``send_timeout_s`` on the wire
+        (beyond the time the emulated link itself takes)."""
+        paced = self._up.paced(frame)
+        if paced is None:
+            await self._up.pass_frame(len(frame))
+            await self._send_now(frame)
+        else:  # fragments of one message (RFC 6455 section 5.4), so the real send overlaps
+            await self._send_now(paced[0], len(frame), paced[1])
 
-    async def _send_now(self, frame: bytes) -> None:
+    async def _send_now(
+        self, frame: bytes | AsyncIterator[bytes], size: int = 0, shaped_s: float = 0.0
+    ) -> None:
+        limit = self._cfg.send_timeout_s
         try:
-            await asyncio.wait_for(self.ws.send(frame), self._cfg.send_timeout_s)
+            await asyncio.wait_for(self.ws.send(frame), limit + shaped_s)
         except asyncio.TimeoutError:  # TimeoutError itself only from Python 3.11
-            limit = self._cfg.send_timeout_s
-            raise LinkTimeout(f"a {len(frame)}-byte frame was not sent in {limit:g} s") from None
+            size = size or len(frame)  # type: ignore[arg-type]
+            raise LinkTimeout(f"a {size}-byte frame was not sent in {limit:g} s") from None
 
     async def close(self, code: int, reason: str) -> None:
         """The closing handshake, bounded by websockets' ``close_timeout``."""
@@ -63,8 +85,9 @@ class Link:
         return frame
 
     async def read(self) -> None:
-        """Run as a task: stamp each frame's arrival, so the emulated downlink delays frames from
-        when they reached this device, not from when a busy handler got round to them. Ends
+        """Run as a task: stamp each frame with when its first byte arrived, so the emulated
+        downlink delays frames from when they reached this device, not from when the last byte
+        was read or a busy handler got round to them. Ends
         with None (clean close), the closing exception, or a LinkTimeout in the inbox."""
         from websockets.exceptions import ConnectionClosed, ConnectionClosedOK
 
@@ -82,7 +105,7 @@ class Link:
             except asyncio.TimeoutError:
                 await self.inbox.put(LinkTimeout(f"no frame from the orchestrator in {idle_s:g} s"))
                 return
-            await self.inbox.put((time.monotonic(), frame))
+            await self.inbox.put((first_byte_at(self.ws), frame))
 
     async def telemetry(self) -> None:
         """Run as a task: load figures every ``telemetry_every_s``, past the link emulation (they
