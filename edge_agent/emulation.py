@@ -68,12 +68,15 @@ class LinkShaper:
         self._free_at = 0.0  # when the emulated link finishes the previous frame
         self._clock, self._sleep = clock, sleep
 
-    def _book(self, size: int, entered: float | None) -> float:
-        """Queue ``size`` bytes that entered at ``entered`` (default: now) behind the frames
-        before them; returns when the link starts on them."""
+    def _book(self, size: int, entered: float | None, arrived: float | None = None) -> float:
+        """Queue ``size`` bytes that entered at ``entered`` (default: now) and were all in at
+        ``arrived`` behind the frames before them; returns when the link starts on them."""
         now = self._clock()
         start = max(self._free_at, now if entered is None else entered)
-        self._free_at = start + (size / self._bytes_per_s if self._bytes_per_s else 0.0)
+        busy = size / self._bytes_per_s if self._bytes_per_s else 0.0
+        # Through once both the emulated serialisation and the real bytes are: with no rate of
+        # its own (unlimited, or the kernel's), the real transfer is the serialisation.
+        self._free_at = max(start + busy, start if arrived is None else arrived)
         return start
 
     async def _until(self, t: float) -> None:
@@ -82,10 +85,13 @@ class LinkShaper:
         if delay > 0:
             await self._sleep(delay)
 
-    async def pass_frame(self, size: int, entered: float | None = None) -> None:
-        """Wait until a frame of ``size`` bytes that entered the link at ``entered`` (default:
-        now) would have come out of it. Safe to cancel."""
-        self._book(size, entered)
+    async def pass_frame(
+        self, size: int, entered: float | None = None, arrived: float | None = None
+    ) -> None:
+        """Wait until a frame of ``size`` bytes whose first byte entered the link at ``entered``
+        (default: now) and whose last came at ``arrived`` would have come out of it. Safe to
+        cancel."""
+        self._book(size, entered, arrived)
         await self._until(self._free_at + self._one_way_s)
 
     def paced(self, frame: bytes) -> tuple[AsyncIterator[bytes], float] | None:

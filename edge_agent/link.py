@@ -80,8 +80,8 @@ class Link:
             return None
         if isinstance(item, BaseException):
             raise item
-        arrived, frame = item
-        await self._down.pass_frame(len(frame), arrived)
+        first, arrived, frame = item
+        await self._down.pass_frame(len(frame), first, arrived)
         return frame
 
     async def read(self) -> None:
@@ -105,7 +105,7 @@ class Link:
             except asyncio.TimeoutError:
                 await self.inbox.put(LinkTimeout(f"no frame from the orchestrator in {idle_s:g} s"))
                 return
-            await self.inbox.put((first_byte_at(self.ws), frame))
+            await self.inbox.put((first_byte_at(self.ws), time.monotonic(), frame))
 
     async def telemetry(self) -> None:
         """Run as a task: load figures every ``telemetry_every_s``, past the link emulation (they

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -28,6 +29,8 @@ from orchestrator.fleet.admission import Admission
 from orchestrator.fleet.gate import PendingGate, RefusalLog, raise_fd_limit
 from orchestrator.fleet.group import SessionGroup
 from orchestrator.fleet.launcher import LocalFleet, dial_host
+from orchestrator.fleet.listen import listener
+from orchestrator.fleet.netns import kernel_links
 from orchestrator.fleet.rayfleet import RayFleet
 from orchestrator.fleet.sessions import DeviceSession, wait_ready
 from orchestrator.fleet.tls import server_ssl_context
@@ -46,8 +49,6 @@ from orchestrator.ui.prometheus import MetricsServer, require_metrics, start_met
 from orchestrator.ui.snapshot import RunSnapshot
 from orchestrator.ui.watch import read_records
 
-HANDSHAKE_TIMEOUT_S = 10.0  # a peer that has not finished its WebSocket opening by then is dropped
-CLOSE_TIMEOUT_S = 5.0  # the closing handshake's bound; a silent peer is then cut off
 WAITING_EVERY_S = 10.0  # while devices are missing, how often a `waiting` event says who
 BYE_WAIT_S = 5.0  # how long a device told `bye` may take to close before we close it
 
@@ -95,8 +96,6 @@ class Engine:
 
     async def run(self, on_listening: Callable[[str], None] | None = None) -> str:
         """Run to the end; returns the final status. Cancelling marks the run interrupted."""
-        from websockets.asyncio.server import serve
-
         m, st = self.m, self.state
         started = time.monotonic()
         status, error = "failed", ""
@@ -159,22 +158,10 @@ class Engine:
                 hello_timeout_s=tb.hello_timeout_s,
             )
             host, port = m.listen_host_port()
-            listener = serve(
-                admission.handler,
-                host,
-                port,
-                create_connection=gate.connection_class(),  # counts connections from accept
-                compression=None,  # dense float tensors do not deflate; it would only cost CPU
-                max_size=m.testbed.max_message_bytes,
-                ping_interval=m.testbed.ping_interval_s,
-                ping_timeout=m.testbed.ping_timeout_s,
-                open_timeout=HANDSHAKE_TIMEOUT_S,
-                close_timeout=CLOSE_TIMEOUT_S,
-                ssl=ssl_context,  # with TLS on, a plain ws:// client fails its handshake
-            )
+            listen = functools.partial(listener, m, admission, gate, ssl_context)
             async with contextlib.AsyncExitStack() as stack:
                 try:
-                    server = await stack.enter_async_context(listener)
+                    server = await stack.enter_async_context(listen(host, port))
                 except OSError as exc:  # taken since the preflight bound it: a failed run, named
                     raise m.error("testbed.listen", bind_problem(exc, host, port)) from exc
                 port = server.sockets[0].getsockname()[1]
@@ -183,7 +170,8 @@ class Engine:
                 if on_listening is not None:
                     on_listening(st.listen)
                 try:
-                    await self._start_fleet(f"{scheme}://{dial_host(host)}:{port}")
+                    url = f"{scheme}://{dial_host(host)}:{port}"
+                    await self._start_fleet(url, stack, lambda hosts: listen(hosts, port))
                     await self._start_ray_fleet(scheme, port)
                     with long_lived_frozen() as freeze:  # torch, the data, the job frames
                         await self._train(freeze)
@@ -225,14 +213,17 @@ class Engine:
             self.records.close()
         return status
 
-    async def _start_fleet(self, url: str) -> None:
+    async def _start_fleet(self, url: str, stack: contextlib.AsyncExitStack, listen: Any) -> None:
         local = [s.cfg for s in self.sessions.values() if s.cfg.launch == "local"]
         if not local:
             return
+        # the namespaces go when the stack unwinds: after the agents stopped, whatever ended it
+        wires = await kernel_links(self.m, self.run_id, stack, listen, self.state.event)
         self.fleet = LocalFleet(self.records.dir / "agents", self._agent_exited)
         tls = self.m.tls_files()
         ca_file = tls.ca if tls is not None else None
-        await self.fleet.start(local, url, self.m.data_dir(), self.m.data.download, ca_file)
+        m = self.m
+        await self.fleet.start(local, url, m.data_dir(), m.data.download, ca_file, wires)
         self.state.event("fleet_started", None, {"local_agents": len(local)})
 
     async def _start_ray_fleet(self, scheme: str, port: int) -> None:

@@ -26,6 +26,7 @@ from models.spec import is_spec
 from orchestrator.config.manifest import Manifest
 from orchestrator.config.sections import split_listen
 from orchestrator.errors import PreflightError
+from orchestrator.fleet import netns
 from orchestrator.fleet.tls import TlsError, server_ssl_context
 from orchestrator.ui.prometheus import METRICS_KEY, require_metrics
 
@@ -60,6 +61,7 @@ def preflight(m: Manifest, network: bool = True) -> Preflight:
     if network:
         check_tls(m)
         check_listen(m)
+        netns.check(m)  # testbed.link_shaper = "kernel": root, iproute2, namespaces allowed
         if any(d.launch == "ray" for d in m.devices):  # Ray installed, its head answering
             from orchestrator.fleet.rayfleet import check_reachable
 

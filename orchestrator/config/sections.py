@@ -113,6 +113,10 @@ class TestbedConfig:
     # Refusals before admission repeated within this interval (same source, reason, device) are
     # counted into one `refused` line per interval (`count`); 0 writes every refusal.
     refusal_summary_s: float = _opt(10.0, check=_non_negative)
+    # Who shapes the emulated links of local agents ([devices.emulate] uplink_mbps,
+    # downlink_mbps, rtt_ms): "agent" (its own transport) or "kernel" (tbf on a veth pair into a
+    # network namespace per agent, netem for the RTT where the kernel has it; root on Linux).
+    link_shaper: str = _opt("agent", choices=("agent", "kernel"))
 
 
 @dataclass(frozen=True)

@@ -17,11 +17,12 @@ import shutil
 import signal
 import sys
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import IO, Any, Callable
 
 from orchestrator.config.manifest import DeviceConfig
+from orchestrator.fleet.netns import Wire
 
 _PR_SET_PDEATHSIG = 1
 # A local agent whose orchestrator is gone (or not yet listening) stops redialing after this
@@ -124,7 +125,10 @@ class LocalFleet:
         data_dir: Path | None,
         download: bool,
         ca_file: Path | None = None,
+        wires: Mapping[str, Wire] | None = None,
     ) -> None:
+        """Start an agent per device; one in ``wires`` runs in its network namespace, dials the
+        orchestrator at its veth pair's host end and leaves the shaping to the kernel."""
         self.log_dir.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ)
         # Local agents share this machine's cores: one torch thread each avoids oversubscription.
@@ -138,8 +142,12 @@ class LocalFleet:
         self.token_dir = private_dir()
         for device in devices:
             token_file = write_secret(self.token_dir / f"{device.id}.token", device.token)
-            cmd = agent_command(device, url, token_file, data_dir, download, ca_file)
+            wire = (wires or {}).get(device.id)
+            dial = url if wire is None else wire.url(url)
+            told = device if wire is None else wire.device(device)
+            cmd = agent_command(told, dial, token_file, data_dir, download, ca_file)
             cmd += ["--threads", "1", "--checkpoint-dir", str(self.log_dir / "checkpoints")]
+            cmd = cmd if wire is None else wire.command(cmd)
             self._commands[device.id] = cmd
             await self._launch(device.id)
 

@@ -206,14 +206,20 @@ def link_from_samples(
     """(rtt_ms, jitter_ms, downlink_mbps, uplink_mbps) from echo timings.
 
     An echo with a payload of S bytes one way takes RTT + S / bandwidth; the echo's small
-    frames cost the RTT alone, which is subtracted (median of the samples).
+    frames cost the RTT alone. The RTT reported is their median (what a round typically pays);
+    a rate is the fastest transfer's, less the fastest echo. A busy machine only ever adds time
+    to a sample (a late wake-up, a process waiting for a core), never removes it, so the
+    fastest is the one closest to the link: BBR's filters for the same reason (Cardwell et al.,
+    "BBR: Congestion-Based Congestion Control", ACM Queue 14(5), 2016: bottleneck bandwidth as
+    the maximum of its samples, propagation delay as the minimum).
     """
     rtt = statistics.median(rtts_s)
     jitter = statistics.pstdev(rtts_s) if len(rtts_s) > 1 else 0.0
+    floor = min(rtts_s)
 
     def rate(samples: list[tuple[int, float]]) -> float:
-        rates = [n * 8 / (t - rtt) / 1e6 for n, t in samples if t - rtt > 1e-5]
-        return statistics.median(rates) if rates else math.inf
+        rates = [n * 8 / (t - floor) / 1e6 for n, t in samples if t - floor > 1e-5]
+        return max(rates) if rates else math.inf
 
     return rtt * 1000.0, jitter * 1000.0, rate(down), rate(up)
 

@@ -6,12 +6,15 @@ import asyncio
 import json
 import math
 import os
+import subprocess
+import uuid
 from pathlib import Path
 
 import pytest
 
 from orchestrator.config.manifest import local_device_toml, manifest_to_toml, parse_manifest
 from orchestrator.engine import Engine
+from orchestrator.fleet import netns
 from orchestrator.fleet.probe import PROBE_MIN_BATCH
 from orchestrator.training.latency import DeviceProfile, predict_round
 from orchestrator.training.scheduler import balance_batches
@@ -25,8 +28,9 @@ EMULATED = {  # id: (compute_slowdown, uplink_mbps, downlink_mbps, rtt_ms)
 }
 
 
-def _manifest() -> str:
-    text = '[testbed]\nlisten = "127.0.0.1:0"\n[training]\nrounds = 3\neval_every = 3\n'
+def _manifest(shaper: str = "agent") -> str:
+    text = f'[testbed]\nlisten = "127.0.0.1:0"\nlink_shaper = "{shaper}"\n'
+    text += "[training]\nrounds = 3\neval_every = 3\n"
     # An unshaped device: the reference for relative compute speed.
     text += local_device_toml("base", "t-base")
     for i, (slow, up, down, rtt) in EMULATED.items():
@@ -36,9 +40,10 @@ def _manifest() -> str:
     return text
 
 
-def _measure(run_dir: Path) -> tuple[dict[str, dict], list[dict]]:
-    m = parse_manifest(_manifest())
-    engine = Engine(m, run_dir, manifest_to_toml(m), run_id="profile")
+def _measure(run_dir: Path, shaper: str) -> tuple[dict[str, dict], list[dict]]:
+    m = parse_manifest(_manifest(shaper))
+    # a run id of its own: the kernel's namespaces are named after it
+    engine = Engine(m, run_dir, manifest_to_toml(m), run_id=uuid.uuid4().hex[:12])
 
     async def run() -> str:
         async with asyncio.timeout(180 * SCALE):
@@ -49,6 +54,9 @@ def _measure(run_dir: Path) -> tuple[dict[str, dict], list[dict]]:
     probes = {r["device"]: r for r in map(json.loads, lines) if r.get("source") == "probe"}
     rounds = [json.loads(x) for x in (run_dir / "rounds.jsonl").read_text().splitlines()]
     return probes, rounds
+
+
+LINK_TOLERANCE = 0.1  # what either shaper holds under load (docs/performance.md)
 
 
 def _mismatches(probes: dict[str, dict]) -> list[str]:
@@ -65,8 +73,8 @@ def _mismatches(probes: dict[str, dict]) -> list[str]:
         p = probes[i]
         for name, want, got, tol in (
             ("rtt_ms", rtt, p["rtt_ms"], 0.2),
-            ("uplink_mbps", up, p["uplink_mbps"], 0.2),
-            ("downlink_mbps", down, p["downlink_mbps"], 0.2),
+            ("uplink_mbps", up, p["uplink_mbps"], LINK_TOLERANCE),
+            ("downlink_mbps", down, p["downlink_mbps"], LINK_TOLERANCE),
             ("relative compute", slowdown, step_ms(p) / base, 0.25),
         ):
             if got is None or abs(got - want) > tol * want:
@@ -74,14 +82,16 @@ def _mismatches(probes: dict[str, dict]) -> list[str]:
     return bad
 
 
-def test_measured_matches_emulated(tmp_path: Path) -> None:
-    # Timing on a 2-core machine can be thrown off by another job or by the scheduler (seen
-    # here: 2 of 4 quiet runs missed once, 1 of them twice; one full suite run missed three times,
-    # a different device each time): four re-measurements are allowed, and every attempt's
-    # misses are reported if the last one misses too.
+@pytest.mark.parametrize("shaper", ["agent", "kernel"])
+def test_measured_matches_emulated(tmp_path: Path, shaper: str) -> None:
+    if shaper == "kernel" and (why := netns.unavailable()) is not None:
+        pytest.skip(f'link_shaper = "kernel": {why}')
+    # The links hold their rates under load (docs/performance.md, "Link shaping under load");
+    # compute timing on a 2-core machine can still be thrown off by another job or by the
+    # scheduler, so one re-measurement is allowed, and both attempts' misses are reported.
     misses: list[list[str]] = []
-    for attempt in range(5):
-        probes, rounds = _measure(tmp_path / f"run{attempt}")
+    for attempt in range(2):
+        probes, rounds = _measure(tmp_path / f"run{attempt}", shaper)
         assert set(probes) == set(EMULATED) | {"base"}
         misses.append(_mismatches(probes))
         if not misses[-1]:
@@ -89,6 +99,12 @@ def test_measured_matches_emulated(tmp_path: Path) -> None:
     assert not misses[-1], misses
     assert all(r["predicted_s"] is not None and r["predicted_s"] > 0 for r in rounds)
     assert rounds[-1]["predicted"]["critical"] == "slow"
+    if shaper == "kernel":  # its namespaces were made, said so, and are gone again
+        lines = (tmp_path / f"run{attempt}" / "events.jsonl").read_text().splitlines()
+        said = [e for e in map(json.loads, lines) if e["event"] == "kernel_links"]
+        assert [e["agents"] for e in said] == [3]
+        left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+        assert "gapsl-" not in left, left
 
 
 def _profiles() -> dict[str, DeviceProfile]:
