@@ -4,7 +4,12 @@ Six emulated devices (compute slowdown 1-4x, uplinks 5-100 Mbps, RTT 2-80 ms) tr
 with the same total batch under each policy. Reported: mean round time, time to a target
 accuracy, final accuracy, the latency model's error, and measured-vs-emulated device figures::
 
-    python -m bench.scheduling [--rounds 60] [--quick]
+    python -m bench.scheduling [--rounds 60] [--quick] [--seeds N] [--set KEY=VALUE]...
+    python -m bench.scheduling --setup default --seeds 4   # the default manifest, emulated
+
+``--setup default`` runs the default ``testbed.toml`` (GAPSL, non-IID, its own rounds) with its
+four devices emulated as the first four of the bench's fleet. ``--seeds N`` pairs uniform with
+latency_balanced, with and without ``scheduler.step_scaling``, on seeds 0..N.
 
 The last line printed is a JSON object (keys ``speedup_balanced``, ``median_model_error``, ...).
 """
@@ -13,7 +18,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
+import re
 import statistics
 import sys
 import tempfile
@@ -36,6 +43,8 @@ FLEET = [  # id, compute_slowdown, uplink_mbps, downlink_mbps, rtt_ms
 POLICIES = {
     "uniform": ["scheduler.policy=uniform"],
     "latency_balanced": ["scheduler.policy=latency_balanced"],
+    # the same batches, every device at the full lr whatever its batch (before step_scaling)
+    "balanced, full lr": ["scheduler.policy=latency_balanced", "scheduler.step_scaling=none"],
     "uniform+deadline": [
         "scheduler.policy=uniform",
         "scheduler.deadline_factor=1.2",
@@ -47,12 +56,21 @@ POLICIES = {
 def manifest(
     rounds: int, fleet: list[tuple[str, float, float, float, float]], seed: int = 0
 ) -> str:
+    """The bench's own manifest: PSL on IID digits, ``rounds`` rounds, the given fleet."""
     text = (
         '[testbed]\nname = "sched"\nlisten = "127.0.0.1:0"\n'
         f"[training]\nrounds = {rounds}\nbatch_size = 32\neval_every = 10\nseed = {seed}\n"
         '[data]\npartition = "iid"\n'
     )
     return text + fleet_toml(fleet)
+
+
+def default_manifest(fleet: list[tuple[str, float, float, float, float]]) -> str:
+    """The default ``testbed.toml`` with its devices replaced by emulated ones, ids kept."""
+    text = (ROOT / "testbed.toml").read_text()
+    ids = re.findall(r'^id = "([^"]+)"', text, flags=re.M)
+    head = text[: text.index("\n[[devices]]")] + "\n"
+    return head + fleet_toml([(i, *f[1:]) for i, f in zip(ids, fleet)])
 
 
 def fleet_toml(fleet: list[tuple[str, float, float, float, float]]) -> str:
@@ -66,12 +84,24 @@ def fleet_toml(fleet: list[tuple[str, float, float, float, float]]) -> str:
 
 
 def run_policy(
-    name: str, rounds: int, fleet: list[Any], work: Path, seed: int = 0
+    name: str,
+    rounds: int,
+    fleet: list[Any],
+    work: Path,
+    seed: int = 0,
+    setup: str = "bench",
+    sets: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     from orchestrator.config.manifest import manifest_to_toml, parse_manifest
     from orchestrator.engine import Engine
 
-    m = parse_manifest(manifest(rounds, fleet, seed), overrides=POLICIES[name])
+    if setup == "default":  # its own rounds, unless --set says otherwise
+        text, sets = default_manifest(fleet), (f"training.seed={seed}", *sets)
+    else:
+        text = manifest(rounds, fleet, seed)
+    # a deadline round needs most of the fleet: four of the six, or all of a smaller one
+    policy = [o.replace("=4", f"={min(4, len(fleet))}") for o in POLICIES[name]]
+    m = parse_manifest(text, overrides=[*policy, *sets])
     run_dir = work / f"{name}-s{seed}"
     status = asyncio.run(Engine(m, run_dir, manifest_to_toml(m), run_id=name).run())
     rounds_rec = [json.loads(x) for x in (run_dir / "rounds.jsonl").read_text().splitlines()]
@@ -108,15 +138,24 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=0,
         metavar="N",
-        help="also run uniform and latency_balanced with seeds 1..N: accuracy paired by seed",
+        help="also run the policies but the deadline with seeds 1..N: accuracy paired by seed",
     )
+    p.add_argument("--setup", choices=("bench", "default"), default="bench",
+                   help="the bench's manifest (PSL, IID) or the default testbed.toml, emulated")  # fmt: skip
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="sets",
+                   help="a manifest override for every run (e.g. scheduler.min_batch_fraction=0.5)")  # fmt: skip
     args = p.parse_args(argv)
-    fleet = FLEET[::2] if args.quick else FLEET
+    if args.setup == "default":
+        fleet = FLEET[:4]
+    else:
+        fleet = FLEET[::2] if args.quick else FLEET
     rounds = 4 if args.quick else args.rounds
+    sets = (*args.sets, *(["training.rounds=4"] if args.quick else []))
+    run = functools.partial(run_policy, rounds=rounds, fleet=fleet, setup=args.setup, sets=sets)
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in POLICIES:
-            results[name] = run_policy(name, rounds, fleet, Path(tmp))
+            results[name] = run(name, work=Path(tmp))
             r = results[name]
             print(f"{name}: mean round {r['mean_round_s']:.3f} s, final acc {r['final_acc']:.3f}, "
                   f"model error {r['median_model_error']}", flush=True)  # fmt: skip
@@ -141,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     md = "\n".join(lines) + "\n"
     print(md)
-    if not args.quick:
+    if not args.quick and args.setup == "bench" and not args.sets:
         OUT.mkdir(parents=True, exist_ok=True)
         (OUT / "scheduling.md").write_text(md)
     uni, bal = results["uniform"], results["latency_balanced"]
@@ -152,40 +191,50 @@ def main(argv: list[str] | None = None) -> int:
         "deadline_left_out": results["uniform+deadline"]["stragglers_left_out"],
     }  # fmt: skip
     if args.seeds:
-        summary.update(_paired(rounds, fleet, args.seeds, uni, bal))
+        summary.update(_paired(run, args.seeds, results))
     print(json.dumps(summary))
     return 0
 
 
-def _paired(
-    rounds: int, fleet: list[Any], seeds: int, uni0: dict[str, Any], bal0: dict[str, Any]
-) -> dict[str, Any]:
-    """Uniform and latency_balanced on seeds 1..N beside seed 0: accuracy paired by seed."""
-    per_seed = [(0, uni0, bal0)]
+PAIRED = ("uniform", "latency_balanced", "balanced, full lr")
+
+
+def _paired(run: Any, seeds: int, seed0: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Uniform and both balanced variants on seeds 1..N beside seed 0: accuracy paired by seed."""
+    per_seed = [(0, [seed0[n] for n in PAIRED])]
     with tempfile.TemporaryDirectory() as tmp:
         for seed in range(1, seeds + 1):
-            uni = run_policy("uniform", rounds, fleet, Path(tmp), seed)
-            bal = run_policy("latency_balanced", rounds, fleet, Path(tmp), seed)
-            per_seed.append((seed, uni, bal))
-            print(f"seed {seed}: uniform {uni['final_acc']:.4f} ({uni['mean_round_s']:.3f} s), "
-                  f"balanced {bal['final_acc']:.4f} ({bal['mean_round_s']:.3f} s)", flush=True)  # fmt: skip
-    diffs = [100 * (b["final_acc"] - u["final_acc"]) for _, u, b in per_seed]
-    speedups = [u["mean_round_s"] / b["mean_round_s"] for _, u, b in per_seed]
-    lines = ["| seed | uniform acc | balanced acc | Δ pts | uniform round s | balanced round s | speedup |",
-             "|---|---|---|---|---|---|---|"]  # fmt: skip
-    for (seed, u, b), d, sp in zip(per_seed, diffs, speedups):
+            rs = [run(n, work=Path(tmp), seed=seed) for n in PAIRED]
+            per_seed.append((seed, rs))
+            print(f"seed {seed}: " + ", ".join(f"{n} {r['final_acc']:.4f} ({r['mean_round_s']:.3f} s)"
+                                             for n, r in zip(PAIRED, rs)), flush=True)  # fmt: skip
+    lines = ["| seed | uniform acc | balanced acc | Δ pts | balanced, full lr acc | Δ pts | uniform round s | balanced round s | speedup |",
+             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    diffs: dict[str, list[float]] = {n: [] for n in PAIRED[1:]}
+    speedups = []
+    for seed, (u, b, f) in per_seed:
+        for n, r in zip(PAIRED[1:], (b, f)):
+            diffs[n].append(100 * (r["final_acc"] - u["final_acc"]))
+        speedups.append(u["mean_round_s"] / b["mean_round_s"])
         lines.append(
-            f"| {seed} | {u['final_acc']:.4f} | {b['final_acc']:.4f} | {d:+.2f} | "
-            f"{u['mean_round_s']:.3f} | {b['mean_round_s']:.3f} | {sp:.2f}× |"
+            f"| {seed} | {u['final_acc']:.4f} | {b['final_acc']:.4f} | {diffs[PAIRED[1]][-1]:+.2f} | "
+            f"{f['final_acc']:.4f} | {diffs[PAIRED[2]][-1]:+.2f} | {u['mean_round_s']:.3f} | "
+            f"{b['mean_round_s']:.3f} | {speedups[-1]:.2f}× |"
         )
-    sd = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
-    lines.append(f"| mean | | | {statistics.fmean(diffs):+.2f} ± {sd:.2f} | | | "
-                 f"{statistics.fmean(speedups):.2f}× |")  # fmt: skip
+
+    def mean_sd(xs: list[float]) -> tuple[float, float]:
+        return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+    (bm, bs), (fm, fs) = mean_sd(diffs[PAIRED[1]]), mean_sd(diffs[PAIRED[2]])
+    lines.append(f"| mean | | | **{bm:+.2f} ± {bs:.2f}** | | {fm:+.2f} ± {fs:.2f} | | | "
+                 f"**{statistics.fmean(speedups):.2f}×** |")  # fmt: skip
     print("\n".join(lines) + "\n")
     return {
         "seeds": len(per_seed),
-        "acc_delta_pts_mean": round(statistics.fmean(diffs), 3),
-        "acc_delta_pts_std": round(sd, 3),
+        "acc_delta_pts_mean": round(bm, 3),
+        "acc_delta_pts_std": round(bs, 3),
+        "acc_delta_full_lr_pts_mean": round(fm, 3),
+        "acc_delta_full_lr_pts_std": round(fs, 3),
         "speedup_mean": round(statistics.fmean(speedups), 3),
     }
 

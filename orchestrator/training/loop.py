@@ -128,6 +128,8 @@ class Runner:
         norms = {i: float(np.linalg.norm(grads[i])) for i in ids}
         for dev, fields in self.guard.check(r, losses, norms):
             st.event("unstable", dev, fields)
+        for i, scale in self.planner.step_scales({i: len(fwd[i].labels) for i in ids}).items():
+            grads[i] = grads[i] * np.float32(scale)
         t_down = time.perf_counter()
         hold = rule.holds_client_grads
         client_grads = await self.group.backward(r, grads, losses, hold)

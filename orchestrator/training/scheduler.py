@@ -41,12 +41,12 @@ class Planner:
             return ids, {i: b * len(m.devices) for i in ids}, None
         batch = {i: b for i in ids}
         if sc.policy == "latency_balanced" and self.profiles:
-            # A floor of a quarter batch keeps a slow device's partition learning at all.
+            # The floor keeps a slow device's partition learning, and its shard in use at all.
             batch = balance_batches(
                 {i: self.profiles[i] for i in ids},
                 b * len(ids),
                 self.act_bytes_per_sample,
-                max(1, b // 4),
+                max(1, int(b * sc.min_batch_fraction)),
             )
         predicted = None
         if self.profiles:
@@ -58,6 +58,22 @@ class Planner:
                 after_first=r > 1,
             )
         return ids, batch, predicted
+
+    def step_scales(self, batch: Mapping[str, int]) -> dict[str, float]:
+        """The factor on each device's activation gradient: b_i / batch_size for a device
+        planned below ``training.batch_size`` (``scheduler.step_scaling = "linear"``), so it
+        steps lr * b_i / batch_size; devices at or above it are not listed (factor 1).
+
+        A device's gradient is that of its own mean loss, so a quarter batch would otherwise
+        take a full step on a quarter of the samples: four times the noise per sample seen.
+        Scaled, each sample moves a partition as far as under uniform batches (the linear
+        scaling rule of large-batch SGD, read downwards). What travels is the scaled gradient;
+        uniform batches are untouched, bit for bit.
+        """
+        if self.m.scheduler.step_scaling != "linear":
+            return {}
+        b = self.m.training.batch_size
+        return {i: n / b for i, n in batch.items() if 0 < n < b}
 
     def deadline_s(self, r: int, predicted: Prediction | None) -> float | None:
         """How long round r waits for activations; None waits for everyone."""
