@@ -219,7 +219,7 @@ class SchedulerConfig:
 
     policy: str = _opt("uniform", choices=("uniform", "latency_balanced"))
     # latency_balanced: no device is planned below this share of training.batch_size
-    min_batch_fraction: float = _opt(0.25, check=_rule(lambda v: 0 < v <= 1, "in (0, 1]"))
+    min_batch_fraction: float = _opt(0.5, check=_rule(lambda v: 0 < v <= 1, "in (0, 1]"))
     # a device planned below training.batch_size steps lr * b_i / batch_size ("linear")
     step_scaling: str = _opt("linear", choices=("linear", "none"))
     deadline_factor: float = _opt(0.0, check=_deadline)

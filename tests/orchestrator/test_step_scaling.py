@@ -31,15 +31,15 @@ def _planner(*sets: str) -> Planner:
 def test_linear_scaling_scales_only_devices_below_the_batch() -> None:
     p = _planner()
     _, batch, _ = p.plan(2, ["fast", "slow"])
-    assert batch == {"fast": 56, "slow": 8}  # the floor: a quarter of 32
-    assert p.step_scales(batch) == {"slow": 8 / 32}
+    assert batch == {"fast": 48, "slow": 16}  # the floor: half of 32
+    assert p.step_scales(batch) == {"slow": 16 / 32}
     assert p.step_scales({"fast": 32, "slow": 32}) == {}  # uniform batches: untouched
 
 
 def test_none_keeps_the_full_step_and_the_floor_follows_its_key() -> None:
-    p = _planner("scheduler.step_scaling=none", "scheduler.min_batch_fraction=0.5")
+    p = _planner("scheduler.step_scaling=none", "scheduler.min_batch_fraction=0.25")
     _, batch, _ = p.plan(2, ["fast", "slow"])
-    assert batch == {"fast": 48, "slow": 16}
+    assert batch == {"fast": 56, "slow": 8}
     assert p.step_scales(batch) == {}
 
 
