@@ -106,6 +106,7 @@ def test_a_flood_from_another_address_is_penalised_while_the_agents_train(tmp_pa
         ("127.0.0.2", 3, 60.0)
     ]
     resets = [e for e in events if e["event"] == "refused" and e["reason"] == RESET_PENALISED]
-    assert resets and sum(int(e.get("count", 1)) for e in resets) >= stats.hello_codes["reset"]
+    counted = sum(int(e.get("count", 1)) for e in resets)
+    assert counted >= 0.8 * (stats.hello_codes["reset"] + stats.held_codes["reset"])
     assert len(resets) <= FLOOD_S + 4  # one line, then a summary per refusal_summary_s
     assert {str(e["peer"]).rsplit(":", 1)[0] for e in resets} == {"127.0.0.2"}
