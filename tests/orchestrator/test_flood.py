@@ -96,10 +96,11 @@ def test_a_flood_during_a_run_is_capped_and_summarised(tmp_path: Path) -> None:
 
 def test_a_flood_from_another_address_is_penalised_while_the_agents_train(tmp_path: Path) -> None:
     text = MANIFEST.replace("[training]", "penalty_after = 3\npenalty_s = 60.0\n[training]")
-    stats, events = flooded_run(tmp_path, text, HELD // 4, source="127.0.0.2")
-    # A few wrong tokens and idle connections are refused with their codes; from then on the
+    stats, events = flooded_run(tmp_path, text, CAP // 5, source="127.0.0.2")  # within the cap
+    # A few wrong tokens (and idle connections) are refused with their codes; from then on the
     # source is reset at accept (no handshake), for the whole of the flood.
     assert 3 <= stats.hello_codes["1008"] < 50, stats.as_dict()
+    assert stats.held_codes["1002"] <= CAP // 5, stats.as_dict()
     assert stats.hello_codes["reset"] > 50 and stats.held_codes["reset"] > 0, stats.as_dict()
     penalised = [e for e in events if e["event"] == "penalised"]
     assert [(e["peer"], e["failures"], e["penalty_s"]) for e in penalised] == [
