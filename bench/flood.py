@@ -6,6 +6,9 @@ with emulated compute and links) is measured twice: quiet, then with a flood fro
 process that starts when the first round does and lasts until the run ends. The flood keeps
 ``--held`` WebSocket connections open that never say hello (each one closed is opened again a
 second later) and sends wrong-token hellos for a listed device at ``--hello-rate`` per second.
+It dials from ``--source`` (default 127.0.0.2, which Linux routes on the loopback as it is), as
+an attacker's address differs from the devices'; ``--source ""`` dials from the agents' own
+address, which a listed device's admission exempts from per-source penalties.
 The last line printed is a JSON object with ``ratio`` (mean round time under the flood over
 quiet), ``rss_mib`` (the orchestrator's peak RSS, quiet and flooded) and what the flood saw.
 """
@@ -28,6 +31,9 @@ from typing import Any
 START_TIMEOUT_S = 180.0  # spawning the orchestrator imports torch: slow on a busy machine
 REOPEN_S = 1.0  # a held connection that was closed is opened again after this long
 HELLO_WORKERS = 16  # concurrent wrong-token dialers sharing the hello rate
+
+
+DEFAULT_SOURCE = "127.0.0.2"  # the flood's own loopback address: the agents dial from 127.0.0.1
 
 
 def manifest_text(rounds: int, max_pending: int, extra: str = "") -> str:
@@ -79,15 +85,22 @@ def _code(exc: BaseException | None, ws: Any) -> str:
     return "timeout" if isinstance(exc, TimeoutError) else "reset"
 
 
-async def hold(url: str, stats: FloodStats, stop: asyncio.Event) -> None:
-    """Keep one connection open without a hello; when it is closed, open another a bit later."""
+def dial(url: str, source: str | None) -> Any:
+    """websockets' ``connect`` to ``url`` from ``source`` (an address of this machine; None:
+    whichever the kernel picks), without keepalive: the flood's connections only sit there."""
     from websockets.asyncio.client import connect
 
+    local: dict[str, Any] = {"local_addr": (source, 0)} if source else {}
+    return asyncio.wait_for(connect(url, open_timeout=10, ping_interval=None, **local), 15)
+
+
+async def hold(url: str, stats: FloodStats, stop: asyncio.Event, source: str | None = None) -> None:
+    """Keep one connection open without a hello; when it is closed, open another a bit later."""
     while not stop.is_set():
         ws = None
         exc: BaseException | None = None
         try:
-            ws = await asyncio.wait_for(connect(url, open_timeout=10, ping_interval=None), 15)
+            ws = await dial(url, source)
             stats.opened += 1
             stats.held_open += 1
             stats.held_peak = max(stats.held_peak, stats.held_open)
@@ -112,11 +125,14 @@ async def hold(url: str, stats: FloodStats, stop: asyncio.Event) -> None:
 
 
 async def wrong_hellos(
-    url: str, device: str, rate: float, stats: FloodStats, stop: asyncio.Event
+    url: str,
+    device: str,
+    rate: float,
+    stats: FloodStats,
+    stop: asyncio.Event,
+    source: str | None = None,
 ) -> None:
     """One dialer: connect, send a hello with a wrong token, read the close; at ``rate`` per s."""
-    from websockets.asyncio.client import connect
-
     from edge_agent.protocol import PROTOCOL_VERSION, encode
 
     frame = encode(
@@ -128,7 +144,7 @@ async def wrong_hellos(
         ws = None
         exc: BaseException | None = None
         try:
-            ws = await asyncio.wait_for(connect(url, open_timeout=10, ping_interval=None), 15)
+            ws = await dial(url, source)
             await ws.send(frame)
             stats.hellos += 1
             await asyncio.wait_for(ws.wait_closed(), 10)
@@ -143,21 +159,29 @@ async def wrong_hellos(
 
 
 async def flood(
-    url: str, device: str, held: int, hello_rate: float, stop: asyncio.Event
+    url: str,
+    device: str,
+    held: int,
+    hello_rate: float,
+    stop: asyncio.Event,
+    source: str | None = None,
 ) -> FloodStats:
-    """Run both floods until ``stop`` is set; every task ends with it."""
+    """Run both floods from ``source`` until ``stop`` is set; every task ends with it."""
     stats = FloodStats()
     workers = min(HELLO_WORKERS, max(1, int(hello_rate)))
     async with asyncio.TaskGroup() as tg:
         for _ in range(held):
-            tg.create_task(hold(url, stats, stop))
+            tg.create_task(hold(url, stats, stop, source))
         if hello_rate > 0:
             for _ in range(workers):
-                tg.create_task(wrong_hellos(url, device, hello_rate / workers, stats, stop))
+                rate = hello_rate / workers
+                tg.create_task(wrong_hellos(url, device, rate, stats, stop, source))
     return stats
 
 
-def _flood_process(url: str, held: int, hello_rate: float, nice: int, conn: Connection) -> None:
+def _flood_process(
+    url: str, held: int, hello_rate: float, nice: int, source: str, conn: Connection
+) -> None:
     """A flooding peer in its own process, until told to stop (or a bound of 30 minutes)."""
     import os
 
@@ -177,7 +201,7 @@ def _flood_process(url: str, held: int, hello_rate: float, nice: int, conn: Conn
 
         loop.add_reader(conn.fileno(), told)
         loop.call_later(1800.0, stop.set)
-        return await flood(url, "dev-0", held, hello_rate, stop)
+        return await flood(url, "dev-0", held, hello_rate, stop, source or None)
 
     import resource
 
@@ -214,7 +238,12 @@ def _orchestrator(text: str, run_dir: str, conn: Connection) -> None:
 
 
 def run_once(
-    text: str, run_dir: Path, held: int, hello_rate: float, nice: int = 0
+    text: str,
+    run_dir: Path,
+    held: int,
+    hello_rate: float,
+    nice: int = 0,
+    source: str = DEFAULT_SOURCE,
 ) -> dict[str, Any]:
     """One run of ``text``; with ``held`` or ``hello_rate``, flooded from its first round."""
     ctx = multiprocessing.get_context("spawn")
@@ -240,7 +269,8 @@ def run_once(
             elif kind == "training" and (held or hello_rate):
                 to_flood, flood_end = ctx.Pipe()
                 flooder = ctx.Process(
-                    target=_flood_process, args=(f"ws://{addr}", held, hello_rate, nice, flood_end)
+                    target=_flood_process,
+                    args=(f"ws://{addr}", held, hello_rate, nice, source, flood_end),
                 )
                 flooder.start()
             elif kind == "done":
@@ -262,15 +292,24 @@ def run_once(
         summary = json.loads((run_dir / "summary.json").read_text())
         raise RuntimeError(f"the run made no rounds: {summary.get('error')}")
     refused = [e for e in events if e["event"] == "refused"]
+    penalised = [e for e in events if e["event"] == "penalised"]
     result.update(
         rounds=len(rounds),
         mean_round_s=statistics.fmean(times),
         median_round_s=statistics.median(times),
         refused_lines=len(refused),
         refusals_counted=sum(int(e.get("count", 1)) for e in refused),
+        reset_penalised=sum(int(e.get("count", 1)) for e in refused if _penalised_reset(e)),
+        penalised_lines=len(penalised),
+        penalties=sum(int(e.get("count", 1)) for e in penalised),
+        penalty_s=[e["penalty_s"] for e in penalised if "penalty_s" in e],
         fd_limit=[e for e in events if e["event"] == "fd_limit"],
     )
     return result
+
+
+def _penalised_reset(event: dict[str, Any]) -> bool:
+    return str(event.get("reason", "")).endswith("source penalised")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -282,11 +321,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--flood-nice", type=int, default=0, help="run the flooding process at this niceness"
     )
+    ap.add_argument(
+        "--source",
+        default=DEFAULT_SOURCE,
+        help='the address the flood dials from; "" = the agents\' own (exempt from penalties)',
+    )
+    ap.add_argument(
+        "--penalty-after", type=int, default=None, help="testbed.penalty_after (0 = off)"
+    )
     args = ap.parse_args(argv)
-    text = manifest_text(args.rounds, args.max_pending)
+    extra = f"penalty_after = {args.penalty_after}\n" if args.penalty_after is not None else ""
+    text = manifest_text(args.rounds, args.max_pending, extra)
     with tempfile.TemporaryDirectory(prefix="gapsl-flood-") as tmp:
         quiet = run_once(text, Path(tmp) / "quiet", 0, 0.0)
-        flooded = run_once(text, Path(tmp) / "flood", args.held, args.hello_rate, args.flood_nice)
+        flooded = run_once(
+            text, Path(tmp) / "flood", args.held, args.hello_rate, args.flood_nice, args.source
+        )
     mib = 1 << 20
     print(
         "| run | status | rounds | mean round s | median round s | peak RSS MiB | refused lines |"
@@ -308,6 +358,12 @@ def main(argv: list[str] | None = None) -> int:
         "status": [quiet["status"], flooded["status"]],
         "refused_lines": flooded["refused_lines"],
         "refusals_counted": flooded["refusals_counted"],
+        "reset_penalised": flooded["reset_penalised"],
+        "penalised_lines": flooded["penalised_lines"],
+        "penalties": flooded["penalties"],
+        "penalty_s": flooded["penalty_s"],
+        "source": args.source,
+        "penalty_after": args.penalty_after,
         "flood": f,
         "held": args.held,
         "hello_rate": args.hello_rate,

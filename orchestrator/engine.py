@@ -26,7 +26,7 @@ from orchestrator.config import secrets
 from orchestrator.config.manifest import Manifest
 from orchestrator.errors import GapslError, RunError, RunInterrupted
 from orchestrator.fleet.admission import Admission
-from orchestrator.fleet.gate import PendingGate, RefusalLog, raise_fd_limit
+from orchestrator.fleet.gate import guards, raise_fd_limit
 from orchestrator.fleet.group import SessionGroup
 from orchestrator.fleet.launcher import LocalFleet, dial_host
 from orchestrator.fleet.listen import listener
@@ -141,12 +141,7 @@ class Engine:
             raised = raise_fd_limit()  # every pending connection holds a descriptor
             if raised is not None:
                 st.event("fd_limit", None, {"soft_was": raised[0], "soft": raised[1]})
-            refusals = RefusalLog(st.event, tb.refusal_summary_s)
-            reset = "reset at accept: too many pending connections"
-            gate = PendingGate(
-                tb.max_pending_connections,
-                lambda h: refusals.note("refused", None, {"reason": reset, "peer": h}),
-            )
+            refusals, gate = guards(tb, st.event)  # the pending cap, penalties, the summaries
             admission = Admission(
                 self.sessions,
                 self.run_id,

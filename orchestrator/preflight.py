@@ -24,7 +24,7 @@ from models import available_models, build_split, model_info, resolve_model, sel
 from models.errors import ModelError, SpecError, UnknownChoiceError
 from models.spec import is_spec
 from orchestrator.config.manifest import Manifest
-from orchestrator.config.sections import split_listen
+from orchestrator.config.values import split_listen
 from orchestrator.errors import PreflightError
 from orchestrator.fleet import netns
 from orchestrator.fleet.tls import TlsError, server_ssl_context

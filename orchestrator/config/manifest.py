@@ -248,6 +248,11 @@ def _validate(raw: dict[str, Any], ctx: _Context, base_dir: Path) -> Manifest:
         raise ctx.error(
             "testbed.tls_ca", "missing (local and Ray-placed agents must trust the CA of tls_cert)"
         )
+    if tb.penalty_max_s < tb.penalty_s:
+        raise ctx.error(
+            "testbed.penalty_max_s",
+            f"is {tb.penalty_max_s}, below testbed.penalty_s ({tb.penalty_s})",
+        )
     sections["gapsl"] = resolve_gapsl(sections["gapsl"], raw.get("gapsl", {}), ctx.error)
     if "listen" not in raw.get("testbed", {}) and all(d.launch == "local" for d in devices):
         # Only this machine's own agents dial in, and they are told the bound port: any free

@@ -15,7 +15,7 @@ from typing import Any, Callable, NamedTuple, Optional
 from edge_agent.datasets import DATASETS
 from models.spec import is_spec, spec_problem
 from orchestrator.algorithms.registry import RULE_NAMES
-from orchestrator.config.values import toml_value
+from orchestrator.config.values import split_listen, toml_value
 from orchestrator.errors import ManifestError
 
 Check = Callable[[Any], Optional[str]]  # returns a problem, or None when the value is fine
@@ -29,18 +29,6 @@ _DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
 
 def _rule(ok: Callable[[Any], bool], rule: str) -> Check:
     return lambda v: None if ok(v) else f"must be {rule}, got {toml_value(v)}"
-
-
-def split_listen(listen: str) -> tuple[str, int]:
-    """Split ``"HOST:PORT"`` (``"[::1]:PORT"`` for IPv6) into host and port; ValueError if bad."""
-    host, sep, port = listen.rpartition(":")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    if not sep or not host or any(c.isspace() for c in host) or "[" in host or "]" in host:
-        raise ValueError(f'must be "HOST:PORT", got {toml_value(listen)}')
-    if not (port.isascii() and port.isdigit()) or int(port) > 65535:
-        raise ValueError(f"port must be an integer in 0..65535, got {toml_value(port)}")
-    return host, int(port)
 
 
 def _listen(v: str) -> str | None:
@@ -113,6 +101,12 @@ class TestbedConfig:
     # Refusals before admission repeated within this interval (same source, reason, device) are
     # counted into one `refused` line per interval (`count`); 0 writes every refusal.
     refusal_summary_s: float = _opt(10.0, check=_non_negative)
+    # A source address failing before admission (1002, 1003, 1007, 1008, 1009) penalty_after
+    # times within a minute is reset at accept for penalty_s, twice as long on each repeat up to
+    # penalty_max_s; a source a listed device was admitted from is exempt. 0 = no penalties.
+    penalty_after: int = _opt(5, check=_non_negative)
+    penalty_s: float = _opt(10.0, check=_positive)
+    penalty_max_s: float = _opt(600.0, check=_positive)
     # Who shapes the emulated links of local agents ([devices.emulate] uplink_mbps,
     # downlink_mbps, rtt_ms): "agent" (its own transport) or "kernel" (tbf on a veth pair into a
     # network namespace per agent, netem for the RTT where the kernel has it; root on Linux).

@@ -1,4 +1,5 @@
-"""Single values written as TOML text: for the manifest writer and for error messages.
+"""Single values written as TOML text (for the manifest writer and for error messages), and
+``"HOST:PORT"`` read back.
 
 Kept apart from the manifest modules so the section constraints, the loader and the writer quote
 values one way without importing each other.
@@ -40,3 +41,15 @@ def toml_value(v: Any) -> str:
 def toml_key(k: str) -> str:
     """``k`` as a TOML key: bare when TOML allows it, else quoted."""
     return k if _BARE_KEY.fullmatch(k) else toml_str(k)
+
+
+def split_listen(listen: str) -> tuple[str, int]:
+    """Split ``"HOST:PORT"`` (``"[::1]:PORT"`` for IPv6) into host and port; ValueError if bad."""
+    host, sep, port = listen.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host or any(c.isspace() for c in host) or "[" in host or "]" in host:
+        raise ValueError(f'must be "HOST:PORT", got {toml_value(listen)}')
+    if not (port.isascii() and port.isdigit()) or int(port) > 65535:
+        raise ValueError(f"port must be an integer in 0..65535, got {toml_value(port)}")
+    return host, int(port)

@@ -4,7 +4,9 @@ The wire behaviour of DESIGN.md lives here: bad token or unknown device closes 1
 undecodable or out-of-protocol frame 1002/1003/1007, an oversized one 1009 — each with a reason
 and an event — and the orchestrator keeps serving everyone else. A connection past the
 pending cap closes 1013 (``orchestrator.fleet.gate``), and refusals before admission go to the
-event log through its summary.
+event log through its summary. They also count against their source, which is reset at accept
+once it has failed too often (``orchestrator.fleet.penalty``), unless a device was admitted
+from there.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any, Callable
 from edge_agent import protocol
 from edge_agent.protocol import Message, ProtocolError, decode, encode
 from orchestrator.fleet.gate import PendingGate, RefusalLog
+from orchestrator.fleet.penalty import FAILURE_CODES
 from orchestrator.fleet.sessions import (
     REPLY_TYPES,
     DeviceSession,
@@ -55,7 +58,7 @@ class Admission:
     ``job_frame(session)`` returns the job to send a device that does not hold the current run;
     ``on_event(event, device, fields)`` and ``on_telemetry(session)`` report to the run state.
     ``gate`` caps the connections not yet admitted (``testbed.max_pending_connections``; None:
-    no cap), ``refusals`` writes refusals before admission (None: one event each) and
+    no cap) and holds the per-source penalties that failures here count towards, ``refusals`` writes refusals before admission (None: one event each) and
     ``hello_timeout_s`` bounds the wait for the first frame.
     """
 
@@ -73,6 +76,7 @@ class Admission:
     ) -> None:
         self.sessions = sessions
         self.gate = gate
+        self.penalty = gate.penalty if gate is not None else None
         self.refusals = refusals
         self.hello_timeout_s = hello_timeout_s
         self.run_id = run_id
@@ -119,15 +123,13 @@ class Admission:
         except ConnectionClosed as exc:
             code = exc.sent.code if exc.sent is not None else None
             if code == protocol.CLOSE_MESSAGE_TOO_BIG:
-                self.on_event(
-                    "bad_frame",
-                    session.id if session else None,
-                    {
-                        "code": code,
-                        "peer": peer,
-                        "reason": "frame larger than testbed.max_message_bytes",
-                    },
-                )
+                reason = "frame larger than testbed.max_message_bytes"
+                if session is None:  # before admission: summarised, and held against the source
+                    self._note("bad_frame", None, code, reason, peer)
+                else:
+                    self.on_event(
+                        "bad_frame", session.id, {"code": code, "peer": peer, "reason": reason}
+                    )
         finally:
             if session is not None and session.detach(ws) and not self.closing:
                 session.status = DeviceStatus.LOST
@@ -158,6 +160,8 @@ class Admission:
                 ws, hello["device_id"][:64], peer, protocol.CLOSE_POLICY_VIOLATION, reason
             )
             return None
+        if self.penalty is not None:
+            self.penalty.admitted(_host(peer))  # a listed device proved itself from there
         resume = hello.get("resume") or {}
         if not isinstance(resume.get("run_id", ""), str) or not _is_int(resume.get("round", 0)):
             reason = "hello.resume must hold a string run_id and an integer round"
@@ -273,6 +277,8 @@ class Admission:
             self.on_event(event, device, fields)
         else:
             self.refusals.note(event, device, fields)
+        if self.penalty is not None and code in FAILURE_CODES and peer != "?":
+            self.penalty.failed(_host(peer))
 
 
 def reported_facts(facts: dict[str, Any]) -> dict[str, Any]:
@@ -297,6 +303,11 @@ def _unasked(session: DeviceSession, msg: Message) -> str:
     entry = session.expected.get(msg.type)
     key = entry[0] if entry is not None else ("seq" if "seq" in msg.fields else "round")
     return f"{msg.type} {key}={msg.get(key)} answers no request sent on this session"
+
+
+def _host(peer: str) -> str:
+    """The host of a ``_peer`` string ("host:port"; IPv6 hosts hold colons of their own)."""
+    return peer.rsplit(":", 1)[0]
 
 
 def _peer(ws: Any) -> str:

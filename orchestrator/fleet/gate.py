@@ -1,4 +1,5 @@
-"""What stands before admission: a cap on unauthenticated connections, and refusals summarised.
+"""What stands before admission: a cap on unauthenticated connections, penalised sources reset
+at accept, and refusals summarised.
 
 Anyone who can reach ``testbed.listen`` can open connections and send hellos. A connection costs
 a file descriptor and buffers from the moment it is accepted, and a refusal costs an event line,
@@ -10,12 +11,27 @@ from __future__ import annotations
 
 import asyncio
 import resource
+import socket
+import struct
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
+
+from orchestrator.fleet.penalty import PenaltyBox
+
+if TYPE_CHECKING:
+    from orchestrator.config.sections import TestbedConfig
 
 # Beyond this many keys (source, reason, ...) being summarised at once, further sources are
 # folded into one key with source "*": many source addresses must not mean many lines either.
 MAX_SUMMARY_KEYS = 64
+# The refusals of connections reset at accept (no code: no WebSocket close was ever sent).
+RESET_PENDING = "reset at accept: too many pending connections"
+RESET_PENALISED = "reset at accept: source penalised"
+# One accept() resets at most this many connections in a row before it hands the loop back;
+# the listening socket stays readable, so the rest wait one turn of the loop, not longer.
+MAX_RESETS_PER_ACCEPT = 64
+# SO_LINGER on, timeout 0: close() sends a TCP RST and leaves no TIME_WAIT socket behind.
+_LINGER_RESET = struct.pack("ii", 1, 0)
 
 
 def raise_fd_limit() -> tuple[int, int] | None:
@@ -45,13 +61,27 @@ class PendingGate:
     reset at accept, before it costs a handshake. An admitted connection no longer counts.
     """
 
-    def __init__(self, cap: int, on_reset: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        cap: int,
+        on_reset: Callable[[str, str], None] | None = None,
+        penalty: PenaltyBox | None = None,
+    ) -> None:
         self.cap = cap
         self.pending = 0
         self.peak = 0
-        self.on_reset = on_reset  # called with the peer's host for a connection reset at accept
+        self.on_reset = on_reset  # (peer "host:port", reason) of a connection reset at accept
+        self.penalty = penalty
         self._counted: set[int] = set()
         self._over: set[int] = set()
+
+    def screen(self, host: str) -> str | None:
+        """Why a connection from ``host`` just accepted must be reset at once, or None."""
+        if self.penalty is not None and self.penalty.blocked(host):
+            return RESET_PENALISED
+        if self.pending >= 2 * self.cap:
+            return RESET_PENDING
+        return None
 
     def accepted(self, conn: Any) -> bool:
         """A connection was accepted; False if it must be reset now (far over the cap)."""
@@ -93,7 +123,7 @@ class PendingGate:
                 self.reset = True
                 if gate.on_reset is not None:
                     addr = transport.get_extra_info("peername")
-                    gate.on_reset(str(addr[0]) if addr else "?")
+                    gate.on_reset(f"{addr[0]}:{addr[1]}" if addr else "?", RESET_PENDING)
                 transport.abort()  # type: ignore[attr-defined]
 
             def connection_lost(self, exc: Exception | None) -> None:
@@ -103,6 +133,50 @@ class PendingGate:
                 super().connection_lost(exc)
 
         return GatedConnection
+
+
+class ScreenedSocket(socket.socket):
+    """A listening socket whose ``accept`` resets what its gate screens out (``PendingGate.screen``).
+
+    The event loop's accept loop calls ``accept``; a connection refused here costs the accept
+    and the reset only: no transport, no WebSocket handshake, no handler task, no buffers.
+    """
+
+    __slots__ = ("gate",)
+    gate: PendingGate
+
+    def accept(self) -> tuple[socket.socket, Any]:
+        for _ in range(MAX_RESETS_PER_ACCEPT):
+            conn, addr = super().accept()  # BlockingIOError once none is waiting
+            reason = self.gate.screen(str(addr[0]))
+            if reason is None:
+                return conn, addr
+            try:
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+            except OSError:
+                pass  # already reset by the peer: closing is all there is left to do
+            conn.close()
+            if self.gate.on_reset is not None:
+                self.gate.on_reset(f"{addr[0]}:{addr[1]}", reason)
+        raise BlockingIOError  # the loop's turn; the listening socket is still readable
+
+
+def guards(
+    tb: TestbedConfig, emit: Callable[[str, str | None, dict[str, Any]], None]
+) -> tuple[RefusalLog, PendingGate]:
+    """The refusal log and the pending gate (with its per-source penalties) of ``tb``'s limits."""
+    refusals = RefusalLog(emit, tb.refusal_summary_s)
+
+    def penalised(host: str, fields: dict[str, Any]) -> None:
+        refusals.note("penalised", None, {"peer": host, **fields}, host=host)
+
+    def reset(peer: str, reason: str) -> None:
+        refusals.note("refused", None, {"reason": reason, "peer": peer})
+
+    penalty = None
+    if tb.penalty_after > 0:
+        penalty = PenaltyBox(tb.penalty_after, tb.penalty_s, tb.penalty_max_s, penalised)
+    return refusals, PendingGate(tb.max_pending_connections, reset, penalty)
 
 
 @dataclass
@@ -132,12 +206,16 @@ class RefusalLog:
         self.total = 0  # every refusal noted, written or counted
         self._hot: dict[tuple[Any, ...], _Hot] = {}
 
-    def note(self, event: str, device: str | None, fields: dict[str, Any]) -> None:
+    def note(
+        self, event: str, device: str | None, fields: dict[str, Any], host: str | None = None
+    ) -> None:
+        """One refusal; ``host`` is the source it is summarised under (default: ``peer``'s)."""
         self.total += 1
         if self.interval_s <= 0:
             self.emit(event, device, fields)
             return
-        host = str(fields.get("peer", "?")).rsplit(":", 1)[0]
+        if host is None:
+            host = str(fields.get("peer", "?")).rsplit(":", 1)[0]
         key = (event, host, fields.get("code"), fields.get("reason"), device)
         if key not in self._hot and len(self._hot) >= MAX_SUMMARY_KEYS:
             key = (event, "*", fields.get("code"), fields.get("reason"), None)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from orchestrator.config.manifest import Manifest
-from orchestrator.config.sections import split_listen
+from orchestrator.config.values import split_listen
 from orchestrator.errors import RunError
 from orchestrator.records.reader import finite
 from orchestrator.records.writer import RunRecords
