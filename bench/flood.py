@@ -78,10 +78,13 @@ class FloodStats:
 
 
 def _code(exc: BaseException | None, ws: Any) -> str:
-    """The close code a connection ended with, or why there was none ("reset", "timeout")."""
+    """The close code a connection ended with, or why there was none ("reset", "refused",
+    "timeout")."""
     code = getattr(ws, "close_code", None) if ws is not None else None
     if code is not None:
         return str(code)
+    if isinstance(exc, ConnectionRefusedError):  # nobody listens: the run is over
+        return "refused"
     return "timeout" if isinstance(exc, TimeoutError) else "reset"
 
 
