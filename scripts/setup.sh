@@ -17,7 +17,7 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     echo "setup: installing $torch_spec" >&2
     "${pip[@]}" install --quiet "$torch_spec"
 fi
-if ! .venv/bin/python -c "import orchestrator, rich, sklearn, pytest, hypothesis, prometheus_client, ray" 2>/dev/null \
+if ! .venv/bin/python -c "import orchestrator, rich, sklearn, pytest, hypothesis, prometheus_client, ray, grpc" 2>/dev/null \
     || [ pyproject.toml -nt .venv/.gapsl-installed ]; then
     echo "setup: installing the project and its extras" >&2
     "${pip[@]}" install --quiet -e ".[orchestrator,dev]"

@@ -4,7 +4,8 @@ The head offers one CPU and the worker two, and each agent asks for one, so thre
 placed across both nodes. A run there writes the metrics of ``simulate`` on the same manifest;
 an agent actor killed mid-run is placed again and the run completes; Ctrl-C on an
 orchestrator process leaves no actor of its run alive; ``address = "local"`` gives a run its
-own one-machine instance, with local agents beside. Skipped only where Ray cannot start.
+own one-machine instance, with local agents beside; ``ray://`` joins through Ray Client (the
+head serves it) to the same metrics. Skipped only where Ray (or, for ray://, grpcio) is missing.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -43,10 +45,17 @@ def cluster() -> Iterator[Any]:
     made = None
     try:
         try:
+            client_port = _free_port()
             made = Cluster(
                 initialize_head=True,
-                head_node_args={"num_cpus": 1, "object_store_memory": NODE_MEMORY},
+                head_node_args={
+                    "num_cpus": 1,
+                    "object_store_memory": NODE_MEMORY,
+                    # Ray Client's server on the head, for ray:// (needs grpcio: ray[client])
+                    "ray_client_server_port": client_port,
+                },
             )
+            made.client_port = client_port  # type: ignore[attr-defined]
             made.add_node(num_cpus=2, object_store_memory=NODE_MEMORY)
             made.wait_for_nodes(timeout=120 * SCALE)
         except Exception as exc:  # no Ray on this machine (ports, shared memory, ...)
@@ -57,6 +66,12 @@ def cluster() -> Iterator[Any]:
             ray.shutdown()
         if made is not None:
             made.shutdown()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def _text(address: str, rounds: int, eval_every: int) -> str:
@@ -149,6 +164,24 @@ def test_a_run_placed_across_the_nodes_equals_simulate(cluster: Any, tmp_path: P
         where = nodes[view.id]
         assert view.node == f"{where['node_ip']}/{where['node_id'][:8]}"
         assert view.node in render_host(view)
+
+
+def test_ray_client_address_places_the_fleet(cluster: Any, tmp_path: Path) -> None:
+    """``address = "ray://HOST:PORT"``: the orchestrator joins through Ray Client, as from a
+    machine outside the cluster, and the run equals the one placed through the GCS address."""
+    pytest.importorskip("grpc", reason="Ray Client needs grpcio (ray[client])")
+    port = cluster.client_port
+    m = _manifest(f"ray://127.0.0.1:{port}", rounds=4, eval_every=2)
+    ref = _manifest(cluster.address, rounds=4, eval_every=2)
+    for side, man in (("client", m), ("gcs", ref)):
+        engine = Engine(man, tmp_path / side, manifest_to_toml(man), side)
+        assert _run(engine) == "completed", (tmp_path / side / "summary.json").read_text()
+    a, b = (_jsonl(tmp_path / side / "metrics.jsonl") for side in ("client", "gcs"))
+    assert [r["round"] for r in a] == [r["round"] for r in b] == [2, 4]
+    for x, y in zip(a, b):
+        assert max(abs(x[k] - y[k]) for k in METRICS) <= TOL, (x, y)
+    placed = [e for e in _jsonl(tmp_path / "client" / "events.jsonl") if e["event"] == "placed"]
+    assert sorted(e["device"] for e in placed) == ["dev0", "dev1", "dev2"]
 
 
 def test_a_killed_agent_actor_is_placed_again(cluster: Any, tmp_path: Path) -> None:
