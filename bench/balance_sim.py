@@ -9,7 +9,8 @@ planned from the emulated figures rather than measured ones, so they can differ 
     python -m bench.balance_sim [--setup bench|default] [--seeds 20] [--set KEY=VALUE]...
 
 Per seed: uniform, latency_balanced (as configured), the same with ``step_scaling = "none"``,
-and the frozen control (uniform, ``client_lr_scale = 0``). The last line is a JSON object.
+the frozen control (uniform, ``client_lr_scale = 0``) and SFL (for the gate, SFL − frozen);
+a run ending below 1.5× chance counts as diverged. The last line is a JSON object.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from bench.accuracy import DIVERGED_BELOW
 from bench.scheduling import FLEET, default_manifest, manifest
 
 # The emulated fleet's unslowed compute per sample, forward and backward each, and fixed cost
@@ -36,6 +38,7 @@ VARIANTS = {
     "balanced": ["scheduler.policy=latency_balanced"],
     "balanced, full lr": ["scheduler.policy=latency_balanced", "scheduler.step_scaling=none"],
     "frozen": ["scheduler.policy=uniform", "training.client_lr_scale=0"],
+    "sfl": ["scheduler.policy=uniform", "training.algorithm=sfl"],  # for the gate: SFL - frozen
 }
 
 
@@ -105,6 +108,12 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(accs)
             print(f"seed {seed}: " + ", ".join(f"{n} {a:.4f}" for n, a in accs.items()), flush=True)
     summary: dict[str, Any] = {"setup": args.setup, "seeds": args.seeds, "sets": args.sets}
+    summary["diverged"] = {n: sum(r[n] < DIVERGED_BELOW for r in rows) for n in VARIANTS}
+    gate = [100 * (r["sfl"] - r["frozen"]) for r in rows]
+    print(
+        f"gate (sfl - frozen): {statistics.fmean(gate):+.2f} points; diverged {summary['diverged']}"
+    )
+    summary["gate_pts"] = round(statistics.fmean(gate), 3)
     for n in VARIANTS:
         if n == "uniform":
             summary["acc_uniform_mean"] = round(statistics.fmean(r[n] for r in rows), 4)

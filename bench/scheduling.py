@@ -48,7 +48,6 @@ POLICIES = {
     "uniform+deadline": [
         "scheduler.policy=uniform",
         "scheduler.deadline_factor=1.2",
-        "scheduler.min_participants=4",
     ],
 }
 
@@ -99,8 +98,9 @@ def run_policy(
         text, sets = default_manifest(fleet), (f"training.seed={seed}", *sets)
     else:
         text = manifest(rounds, fleet, seed)
-    # a deadline round needs most of the fleet: four of the six, or all of a smaller one
-    policy = [o.replace("=4", f"={min(4, len(fleet))}") for o in POLICIES[name]]
+    policy = POLICIES[name]
+    if "scheduler.deadline_factor=1.2" in policy:  # most of the fleet: four of six, or all
+        policy = [*policy, f"scheduler.min_participants={min(4, len(fleet))}"]
     m = parse_manifest(text, overrides=[*policy, *sets])
     run_dir = work / f"{name}-s{seed}"
     status = asyncio.run(Engine(m, run_dir, manifest_to_toml(m), run_id=name).run())

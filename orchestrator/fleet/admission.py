@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 from edge_agent import protocol
 from edge_agent.protocol import Message, ProtocolError, decode, encode
-from orchestrator.fleet.gate import PendingGate, RefusalLog
+from orchestrator.fleet.gate import PendingGate, RefusalLog, host_of
 from orchestrator.fleet.penalty import FAILURE_CODES
 from orchestrator.fleet.sessions import (
     REPLY_TYPES,
@@ -58,7 +58,8 @@ class Admission:
     ``job_frame(session)`` returns the job to send a device that does not hold the current run;
     ``on_event(event, device, fields)`` and ``on_telemetry(session)`` report to the run state.
     ``gate`` caps the connections not yet admitted (``testbed.max_pending_connections``; None:
-    no cap) and holds the per-source penalties that failures here count towards, ``refusals`` writes refusals before admission (None: one event each) and
+    no cap) and holds the per-source penalties that failures here count towards;
+    ``refusals`` writes refusals before admission (None: one event each) and
     ``hello_timeout_s`` bounds the wait for the first frame.
     """
 
@@ -161,7 +162,7 @@ class Admission:
             )
             return None
         if self.penalty is not None:
-            self.penalty.admitted(_host(peer))  # a listed device proved itself from there
+            self.penalty.admitted(host_of(peer))  # a listed device proved itself from there
         resume = hello.get("resume") or {}
         if not isinstance(resume.get("run_id", ""), str) or not _is_int(resume.get("round", 0)):
             reason = "hello.resume must hold a string run_id and an integer round"
@@ -278,7 +279,7 @@ class Admission:
         else:
             self.refusals.note(event, device, fields)
         if self.penalty is not None and code in FAILURE_CODES and peer != "?":
-            self.penalty.failed(_host(peer))
+            self.penalty.failed(host_of(peer))
 
 
 def reported_facts(facts: dict[str, Any]) -> dict[str, Any]:
@@ -303,11 +304,6 @@ def _unasked(session: DeviceSession, msg: Message) -> str:
     entry = session.expected.get(msg.type)
     key = entry[0] if entry is not None else ("seq" if "seq" in msg.fields else "round")
     return f"{msg.type} {key}={msg.get(key)} answers no request sent on this session"
-
-
-def _host(peer: str) -> str:
-    """The host of a ``_peer`` string ("host:port"; IPv6 hosts hold colons of their own)."""
-    return peer.rsplit(":", 1)[0]
 
 
 def _peer(ws: Any) -> str:

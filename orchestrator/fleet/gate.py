@@ -34,6 +34,11 @@ MAX_RESETS_PER_ACCEPT = 64
 _LINGER_RESET = struct.pack("ii", 1, 0)
 
 
+def host_of(peer: str) -> str:
+    """The host of a peer string "host:port" (an IPv6 host holds colons of its own)."""
+    return peer.rsplit(":", 1)[0]
+
+
 def raise_fd_limit() -> tuple[int, int] | None:
     """Raise the soft limit on open files to the hard one; (before, after) if it was raised.
 
@@ -76,7 +81,10 @@ class PendingGate:
         self._over: set[int] = set()
 
     def screen(self, host: str) -> str | None:
-        """Why a connection from ``host`` just accepted must be reset at once, or None."""
+        """Why a connection from ``host`` just accepted must be reset at once, or None.
+
+        Connections accepted in one burst are counted only once their transports exist, so
+        :meth:`accepted` checks the cap again for those this let through."""
         if self.penalty is not None and self.penalty.blocked(host):
             return RESET_PENALISED
         if self.pending >= 2 * self.cap:
@@ -215,7 +223,7 @@ class RefusalLog:
             self.emit(event, device, fields)
             return
         if host is None:
-            host = str(fields.get("peer", "?")).rsplit(":", 1)[0]
+            host = host_of(str(fields.get("peer", "?")))
         key = (event, host, fields.get("code"), fields.get("reason"), device)
         if key not in self._hot and len(self._hot) >= MAX_SUMMARY_KEYS:
             key = (event, "*", fields.get("code"), fields.get("reason"), None)

@@ -55,14 +55,16 @@ def wanted(m: Manifest) -> list[DeviceConfig]:
     ]
 
 
-def _run(*cmd: str) -> None:
+def _run(*cmd: str) -> str:
+    """Run an ``ip``/``tc`` command; its output, or an OSError naming it and why it failed."""
     try:
-        subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=TC_TIMEOUT_S)
+        done = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=TC_TIMEOUT_S)
     except subprocess.CalledProcessError as exc:
         why = (exc.stderr or exc.stdout or "").strip().splitlines()
         raise OSError(f"`{' '.join(cmd)}` failed: {why[-1] if why else exc.returncode}") from exc
     except subprocess.TimeoutExpired as exc:
         raise OSError(f"`{' '.join(cmd)}` did not answer in {TC_TIMEOUT_S:g} s") from exc
+    return done.stdout
 
 
 def _quiet(*cmd: str) -> bool:
@@ -253,9 +255,7 @@ def _has_netem(ns: str) -> bool:
 def _free_subnets(n: int) -> list[ipaddress.IPv4Network]:
     """``n`` /30s of :data:`SUBNET` that no interface of this machine has an address in (other
     runs' host ends included)."""
-    out = subprocess.run(
-        ("ip", "-4", "-o", "addr", "show"), capture_output=True, text=True, timeout=TC_TIMEOUT_S
-    ).stdout
+    out = _run("ip", "-4", "-o", "addr", "show")
     used = [ipaddress.ip_interface(a).ip for a in re.findall(r"inet (\S+)", out)]
     free = (net for net in SUBNET.subnets(new_prefix=30) if not any(a in net for a in used))
     picked = [net for _, net in zip(range(n), free)]
