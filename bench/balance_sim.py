@@ -66,7 +66,7 @@ def emulated_profiles(fleet: list[tuple[str, float, float, float, float]]) -> It
 
     group, observe = inprocess.InProcessGroup, scheduler.Planner.observe
     inprocess.InProcessGroup = Profiled  # type: ignore[misc]
-    scheduler.Planner.observe = lambda self, r, fwd, server_s: None  # type: ignore[method-assign]
+    scheduler.Planner.observe = lambda self, *args: None  # type: ignore[method-assign]
     try:
         yield
     finally:

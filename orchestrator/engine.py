@@ -241,7 +241,7 @@ class Engine:
         """A Ray-placed agent's node: in the event log (the dashboard's host column) and in
         devices.jsonl."""
         self.state.event("placed", device_id, where)
-        node = {k: where.get(k) for k in ("node_ip", "node_id", "node_hostname")}
+        node = {k: where.get(k) for k in ("node_ip", "node_id", "node_hostname", "gpu_ids")}
         record = {"t": round(self.records.elapsed(), 3), "device": device_id}
         self.records.append("devices", {**record, "source": "placement", **node})
 

@@ -1,7 +1,7 @@
 """``launch = "ray"`` on a real two-node Ray cluster started here (``ray.cluster_utils``).
 
 The head offers one CPU and the worker two, and each agent asks for one, so three devices are
-placed across both nodes. A run there writes the metrics of ``simulate`` on the same manifest;
+placed across both nodes; a third node declares one GPU and no CPU, for ``num_gpus``. A run there writes the metrics of ``simulate`` on the same manifest;
 an agent actor killed mid-run is placed again and the run completes; Ctrl-C on an
 orchestrator process leaves no actor of its run alive; ``address = "local"`` gives a run its
 own one-machine instance, with local agents beside; ``ray://`` joins through Ray Client (the
@@ -57,6 +57,11 @@ def cluster() -> Iterator[Any]:
             )
             made.client_port = client_port  # type: ignore[attr-defined]
             made.add_node(num_cpus=2, object_store_memory=NODE_MEMORY)
+            # A node that declares one GPU and no CPU: only a device asking for a GPU (and no
+            # CPU) fits there. Ray accounts a declared GPU as it does a real one.
+            made.gpu_node = made.add_node(  # type: ignore[attr-defined]
+                num_cpus=0, num_gpus=1, object_store_memory=NODE_MEMORY
+            )
             made.wait_for_nodes(timeout=120 * SCALE)
         except Exception as exc:  # no Ray on this machine (ports, shared memory, ...)
             pytest.skip(f"a Ray cluster cannot start here: {exc}")
@@ -74,10 +79,10 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _text(address: str, rounds: int, eval_every: int) -> str:
+def _text(address: str, rounds: int, eval_every: int, extra: str = "", count: int = 3) -> str:
     devices = "".join(
         f'[[devices]]\nid = "dev{i}"\ntoken = "tok-{i}"\nlaunch = "ray"\ndevice = "cpu"\n'
-        for i in range(3)
+        for i in range(count)
     )
     return f"""
 [testbed]
@@ -100,7 +105,7 @@ alpha = 0.5
 [ray]
 address = "{address}"
 place_timeout_s = {120.0 * SCALE}
-{devices}"""
+{devices}{extra}"""
 
 
 def _manifest(address: str, rounds: int = 12, eval_every: int = 6) -> Manifest:
@@ -182,6 +187,39 @@ def test_ray_client_address_places_the_fleet(cluster: Any, tmp_path: Path) -> No
         assert max(abs(x[k] - y[k]) for k in METRICS) <= TOL, (x, y)
     placed = [e for e in _jsonl(tmp_path / "client" / "events.jsonl") if e["event"] == "placed"]
     assert sorted(e["device"] for e in placed) == ["dev0", "dev1", "dev2"]
+
+
+def test_num_gpus_places_the_agent_on_a_gpu_node(cluster: Any, tmp_path: Path) -> None:
+    """``[devices.ray] num_gpus``: the agent goes to the one node with a GPU and is given it;
+    asking for more GPUs than any node has fails the run in one line naming what it asked."""
+    gpu = '[[devices]]\nid = "gpu0"\ntoken = "tok-gpu"\nlaunch = "ray"\ndevice = "cpu"\n'
+    gpu += "[devices.ray]\nnum_cpus = 0\nnum_gpus = 1\n"
+    text = _text(cluster.address, rounds=4, eval_every=2, extra=gpu)
+    m = parse_manifest(text, source="ray-fleet.toml")
+    engine = Engine(m, tmp_path / "run", manifest_to_toml(m), "gpu")
+    assert _run(engine) == "completed", (tmp_path / "run" / "summary.json").read_text()
+    placed = {
+        d["device"]: d
+        for d in _jsonl(tmp_path / "run" / "devices.jsonl")
+        if d.get("source") == "placement"
+    }
+    assert placed["gpu0"]["node_id"] == cluster.gpu_node.node_id
+    assert placed["gpu0"]["gpu_ids"] == ["0"]
+    others = [placed[f"dev{i}"] for i in range(3)]
+    assert all(d["node_id"] != cluster.gpu_node.node_id and d["gpu_ids"] == [] for d in others)
+    assert len(_jsonl(tmp_path / "run" / "rounds.jsonl")) == 4
+
+    # alone in its manifest, so that no other device's placement races the short timeout
+    two = _text(cluster.address, rounds=4, eval_every=2, extra=gpu, count=0)
+    two = two.replace("num_gpus = 1", "num_gpus = 2").replace(
+        f"place_timeout_s = {120.0 * SCALE}", f"place_timeout_s = {5.0 * SCALE}"
+    )
+    m = parse_manifest(two, source="ray-fleet.toml")
+    engine = Engine(m, tmp_path / "two", manifest_to_toml(m), "gpu2")
+    assert _run(engine) == "failed"
+    error = json.loads((tmp_path / "two" / "summary.json").read_text())["error"]
+    assert "device gpu0: no Ray node started its agent within" in error, error
+    assert "num_gpus 2" in error and "\n" not in error, error
 
 
 def test_a_killed_agent_actor_is_placed_again(cluster: Any, tmp_path: Path) -> None:

@@ -45,7 +45,8 @@ class AgentHost:
         self.proc: asyncio.subprocess.Process | None = None
 
     async def where(self) -> dict[str, Any]:
-        """The node this actor runs on: its IP and id as Ray knows them, hostname, pid."""
+        """The node this actor runs on: its IP and id as Ray knows them, hostname, pid, and the
+        GPUs Ray gave it (``num_gpus``; the agent sees them through CUDA_VISIBLE_DEVICES)."""
         import ray  # type: ignore[import-not-found, unused-ignore]
 
         ctx = ray.get_runtime_context()
@@ -54,6 +55,7 @@ class AgentHost:
             "node_id": ctx.get_node_id(),
             "node_hostname": socket.gethostname(),
             "actor_pid": os.getpid(),
+            "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
         }
 
     async def run(self, argv: list[str], token: str, ca_pem: str, threads: int) -> tuple[int, str]:

@@ -227,12 +227,17 @@ def link_from_samples(
 @dataclass(frozen=True)
 class Prediction:
     total_s: float
-    device_s: dict[str, float]  # each device's own path: link + compute
+    device_s: dict[str, float]  # each device's own path: link + compute (both trips)
     critical: str  # the device on the slowest path
     compute_s: float  # the critical path's split
     uplink_s: float
     downlink_s: float
     server_s: float
+    sync_s: float = 0.0  # the client-space trip: its slowest device's path, and the alignment
+
+
+def _send_s(nbytes: float, mbps: float) -> float:
+    return nbytes * 8 / (mbps * 1e6) if math.isfinite(mbps) and mbps > 0 else 0.0
 
 
 def predict_round(
@@ -241,6 +246,8 @@ def predict_round(
     act_bytes_per_sample: float,
     server_s_per_sample: float,
     after_first: bool = True,
+    sync_bytes: float = 0.0,
+    align_s: float = 0.0,
 ) -> Prediction:
     """The latency model of one round as this orchestrator runs it.
 
@@ -248,29 +255,43 @@ def predict_round(
     round r+1 is: RTT + downlink of the gradient + backward + forward + uplink of activations;
     the server then works on all batches. Round time = max over devices of that path + server.
     (In round 1 there is no gradient to apply yet.)
+
+    In GAPSL's client space (``sync_bytes`` > 0: the client gradient's size) a round waits
+    twice: the forward trip (RTT + the previous round's leader down + forward + activations up),
+    the server, then the backward trip (RTT + the activation gradient down + backward + the
+    client gradient up), whose slowest device the alignment (``align_s``, the server's LGI)
+    waits for. Round time = max forward path + server + max backward path + alignment; a
+    device's own path is the sum of its two trips.
     """
-    paths: dict[str, tuple[float, float, float, float]] = {}
+    fwd_path: dict[str, tuple[float, float, float, float]] = {}
+    bwd_path: dict[str, float] = {}
     for i, b in batch.items():
         p = profiles[i]
         nbytes = act_bytes_per_sample * b
-        compute = p.compute_s(b, backward=after_first)
-        up = nbytes * 8 / (p.uplink_mbps * 1e6) if math.isfinite(p.uplink_mbps) else 0.0
-        down = (
-            nbytes * 8 / (p.downlink_mbps * 1e6)
-            if (after_first and math.isfinite(p.downlink_mbps))
-            else 0.0
-        )
-        paths[i] = (compute, up, down, p.rtt_ms / 1000.0)
-    device_s = {i: sum(v) for i, v in paths.items()}
-    critical = max(device_s, key=lambda i: device_s[i])
+        rtt = p.rtt_ms / 1000.0
+        up = _send_s(nbytes, p.uplink_mbps)
+        down = _send_s(nbytes, p.downlink_mbps) if after_first else 0.0
+        if sync_bytes > 0:
+            assert p.fwd_fit is not None and p.bwd_fit is not None
+            leader = _send_s(sync_bytes, p.downlink_mbps) if after_first else 0.0
+            fwd_path[i] = (p.fwd_fit.at(b), up, leader, rtt)
+            bwd_path[i] = rtt + _send_s(nbytes, p.downlink_mbps) + p.bwd_fit.at(b)
+            bwd_path[i] += _send_s(sync_bytes, p.uplink_mbps)
+        else:
+            fwd_path[i] = (p.compute_s(b, backward=after_first), up, down, rtt)
+    forward_s = {i: sum(v) for i, v in fwd_path.items()}
+    device_s = {i: forward_s[i] + bwd_path.get(i, 0.0) for i in forward_s}
+    critical = max(forward_s, key=lambda i: forward_s[i])
     server_s = server_s_per_sample * sum(batch.values())
-    c, u, d, rtt = paths[critical]
+    sync_s = max(bwd_path.values()) + align_s if bwd_path else 0.0
+    c, u, d, rtt = fwd_path[critical]
     return Prediction(
-        total_s=device_s[critical] + server_s,
+        total_s=forward_s[critical] + server_s + sync_s,
         device_s=device_s,
         critical=critical,
         compute_s=c,
         uplink_s=u + rtt / 2,
         downlink_s=d + rtt / 2,
         server_s=server_s,
+        sync_s=sync_s,
     )

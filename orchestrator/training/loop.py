@@ -57,7 +57,11 @@ class Runner:
         self.rule = rule_for(m)
         self.shard_sizes = {i: len(job.shards[k]) for k, i in enumerate(group.ids)}
         self.wire_ratio = wire_dtype(m.training.compression).itemsize / 4.0  # vs float32
-        self.planner = Planner(m, self.rule.pooled, self.wire_ratio)
+        # in the client space the client gradient goes up and the leader down, in float32
+        sync = 0.0
+        if self.rule.holds_client_grads:
+            sync = 4.0 * sum(p.numel() for p in job.client_template.parameters())
+        self.planner = Planner(m, self.rule.pooled, self.wire_ratio, sync)
         self.recorder = Recorder(state)
         self.guard = StabilityGuard(job.dataset.num_classes)
         self.rule.setup(job, group.ids)
@@ -134,11 +138,14 @@ class Runner:
         hold = rule.holds_client_grads
         client_grads = await self.group.backward(r, grads, losses, hold)
         diag = dict(result.diag)
+        align_s = 0.0
         if hold:
             # a device that went away after its forward pass is aligned without
             held = [i for i in ids if i in client_grads]
+            t_align = time.perf_counter()
             g_list = [torch.from_numpy(np.array(client_grads[i].grad)) for i in held]
             aligned = rule.align(g_list, [len(fwd[i].labels) for i in held])
+            align_s = time.perf_counter() - t_align
             diag.update(aligned.diag)
             diag["align_after_prev"] = align_after_prev(r, client_grads.values())
             await self.group.align(r, held, aligned.leader, aligned.mode, aligned.lam)
@@ -148,7 +155,7 @@ class Runner:
         # Each pass below visits every device: with a thousand of them, keepalives and
         # telemetry are read in between rather than after all of them (bench.scale).
         await asyncio.sleep(0)
-        self.planner.observe(r, {i: fwd[i] for i in ids}, server_s)
+        self.planner.observe(r, {i: fwd[i] for i in ids}, server_s, align_s)
         await asyncio.sleep(0)
         self.recorder.round(
             r, ids, time.perf_counter() - start, fwd, losses, result.loss, server_s, downlink_s,

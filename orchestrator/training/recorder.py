@@ -101,6 +101,8 @@ class Recorder:
                 "uplink_s": round(predicted.uplink_s, 6),
                 "server_s": round(predicted.server_s, 6),
                 "downlink_s": round(predicted.downlink_s, 6),
+                # GAPSL's client space: the backward trip's slowest path and the alignment
+                "sync_s": round(predicted.sync_s, 6),
             },
             "participants": ids,
             "server_s": round(server_s, 6),

@@ -23,11 +23,17 @@ PARTICIPATION_STREAM = 0x5C4ED  # the participation RNG's stream, apart from eve
 class Planner:
     """Plans each round and learns from it: the device profiles and the server's cost."""
 
-    def __init__(self, m: Manifest, pooled: bool, wire_ratio: float) -> None:
+    def __init__(
+        self, m: Manifest, pooled: bool, wire_ratio: float, sync_bytes: float = 0.0
+    ) -> None:
         self.m, self.pooled, self.wire_ratio = m, pooled, wire_ratio
         self.profiles: dict[str, DeviceProfile] = {}  # filled by the probe; empty in simulate
         self.act_bytes_per_sample = 0.0  # in the wire codec; set with the profiles
         self.server_s_per_sample = 0.0
+        # GAPSL's client space: the client gradient's bytes (up, and the leader down) and the
+        # server's alignment time, the round's second trip; 0 for rules without it
+        self.sync_bytes = sync_bytes
+        self.align_s = 0.0
         self.rng = np.random.default_rng([m.training.seed, PARTICIPATION_STREAM])
         self.last_batch: dict[str, int] = {}  # each device's previous batch: its next backward's
 
@@ -47,6 +53,7 @@ class Planner:
                 b * len(ids),
                 self.act_bytes_per_sample,
                 max(1, int(b * sc.min_batch_fraction)),
+                self.sync_bytes,
             )
         predicted = None
         if self.profiles:
@@ -56,6 +63,8 @@ class Planner:
                 self.act_bytes_per_sample,
                 self.server_s_per_sample,
                 after_first=r > 1,
+                sync_bytes=self.sync_bytes,
+                align_s=self.align_s,
             )
         return ids, batch, predicted
 
@@ -82,9 +91,12 @@ class Planner:
             return None
         return factor * predicted.total_s
 
-    def observe(self, r: int, fwd: Mapping[str, ForwardOut], server_s: float) -> None:
+    def observe(
+        self, r: int, fwd: Mapping[str, ForwardOut], server_s: float, align_s: float = 0.0
+    ) -> None:
         """Refine the server's cost and every device's profile from round r's real timings."""
         total = sum(len(f.labels) for f in fwd.values())
+        self.align_s = _ema(self.align_s, align_s) if self.sync_bytes > 0 else 0.0
         self.server_s_per_sample = (
             server_s / total
             if self.server_s_per_sample == 0
@@ -107,11 +119,17 @@ class Planner:
         return {
             "participation_rng": self.rng.bit_generator.state,
             "server_s_per_sample": self.server_s_per_sample,
+            "align_s": self.align_s,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.rng.bit_generator.state = dict(state["participation_rng"])
         self.server_s_per_sample = float(state["server_s_per_sample"])
+        self.align_s = float(state.get("align_s", 0.0))  # absent in older checkpoints
+
+
+def _ema(old: float, new: float) -> float:
+    return new if old == 0.0 else (1 - SMOOTHING) * old + SMOOTHING * new
 
 
 def balance_batches(
@@ -119,11 +137,14 @@ def balance_batches(
     total: int,
     act_bytes_per_sample: float,
     min_batch: int = 1,
+    sync_bytes: float = 0.0,
 ) -> dict[str, int]:
     """Per-device batch sizes that equalise predicted arrival, summing to ``total``.
 
     Device i's path is c_i + b_i * k_i with c_i its fixed cost (RTT plus the fixed compute cost
-    of a forward and a backward) and k_i its per-sample cost (compute plus both transfers);
+    of a forward and a backward; in GAPSL's client space, ``sync_bytes`` > 0, a second RTT and
+    the client gradient up and the leader down, which no batch size shrinks) and k_i its
+    per-sample cost (compute plus both transfers);
     equal paths T give b_i = (T - c_i) / k_i with sum b_i = total. Devices that
     would get less than ``min_batch`` are pinned there and the rest re-solved; the result is
     rounded by largest remainder so the total is exact.
@@ -142,6 +163,12 @@ def balance_batches(
                 per += act_bytes_per_sample * 8 / (mbps * 1e6)
         k[i] = max(per, 1e-9)
         rtt[i] = (p.rtt_ms + p.compute_fixed_ms) / 1000.0
+        if sync_bytes > 0:
+            rtt[i] += p.rtt_ms / 1000.0 + sum(
+                sync_bytes * 8 / (mbps * 1e6)
+                for mbps in (p.uplink_mbps, p.downlink_mbps)
+                if math.isfinite(mbps) and mbps > 0
+            )
     pinned: set[str] = set()
     while True:
         free = [i for i in ids if i not in pinned]

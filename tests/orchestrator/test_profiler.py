@@ -147,3 +147,43 @@ def test_prediction_sums_the_critical_path() -> None:
     first = predict_round(p, {"x": 10}, 1000.0, 0.001, after_first=False)
     assert first.total_s == pytest.approx(0.010 + 10_000 * 8 / 8e6 + 0.020 + 0.010)
     assert math.isclose(pred.server_s, 0.010)
+
+
+def test_client_space_prediction_waits_for_both_trips() -> None:
+    """GAPSL's client space: max forward trip + server + max backward trip + alignment, each
+    device's trips read from its own links; the slowest device of each trip can differ."""
+    p = {
+        # far but fast: the slowest backward trip (two RTTs of 100 ms, small batch)
+        "far": DeviceProfile(fwd_ms_per_sample=1.0, bwd_ms_per_sample=1.0, rtt_ms=100.0),
+        # near but on a thin uplink: the slowest forward trip
+        "thin": DeviceProfile(
+            fwd_ms_per_sample=1.0, bwd_ms_per_sample=1.0, rtt_ms=10.0, uplink_mbps=0.5
+        ),
+    }
+    batch, act, sync = {"far": 10, "thin": 10}, 1000.0, 4000.0
+    pred = predict_round(p, batch, act, 0.001, sync_bytes=sync, align_s=0.005)
+    fwd_thin = 0.010 + 0.010 + 10_000 * 8 / 0.5e6  # forward compute, RTT, activations up
+    bwd_far = 0.010 + 0.100  # backward compute, RTT (its links are unshaped)
+    assert pred.critical == "thin"
+    assert pred.sync_s == pytest.approx(bwd_far + 0.005)
+    assert pred.total_s == pytest.approx(fwd_thin + 0.020 + bwd_far + 0.005)
+    # the thin uplink also carries the client gradient up in the backward trip
+    bwd_thin = 0.010 + 0.010 + sync * 8 / 0.5e6
+    assert pred.device_s["thin"] == pytest.approx(fwd_thin + bwd_thin)
+    # without the client space the same figures give PSL's one trip
+    psl = predict_round(p, batch, act, 0.001)
+    assert psl.sync_s == 0.0 and psl.total_s < pred.total_s
+
+
+def test_balance_counts_the_client_space_trip_as_a_fixed_cost() -> None:
+    """The second RTT no batch shrinks: a far device gets fewer samples once it is counted."""
+    p = {
+        "near": DeviceProfile(fwd_ms_per_sample=1.0, bwd_ms_per_sample=1.0, rtt_ms=2.0),
+        "far": DeviceProfile(fwd_ms_per_sample=1.0, bwd_ms_per_sample=1.0, rtt_ms=40.0),
+    }
+    psl = balance_batches(p, 64, 0.0)
+    client = balance_batches(p, 64, 0.0, sync_bytes=1000.0)
+    assert client["far"] < psl["far"] and sum(client.values()) == 64
+    pred = predict_round(p, client, 0.0, 0.0, sync_bytes=1000.0)
+    spread = max(pred.device_s.values()) - min(pred.device_s.values())
+    assert spread <= 0.002 + 1e-9  # equal up to one sample (2 ms)
