@@ -9,7 +9,8 @@ accuracy, final accuracy, the latency model's error, and measured-vs-emulated de
 
 ``--setup default`` runs the default ``testbed.toml`` (GAPSL, non-IID, its own rounds) with its
 four devices emulated as the first four of the bench's fleet. ``--seeds N`` pairs uniform with
-latency_balanced, with and without ``scheduler.step_scaling``, on seeds 0..N.
+latency_balanced, without ``scheduler.step_scaling`` and without ``scheduler.top_up``, on seeds
+0..N.
 
 The last line printed is a JSON object (keys ``speedup_balanced``, ``median_model_error``, ...).
 """
@@ -45,6 +46,8 @@ POLICIES = {
     "latency_balanced": ["scheduler.policy=latency_balanced"],
     # the same batches, every device at the full lr whatever its batch (before step_scaling)
     "balanced, full lr": ["scheduler.policy=latency_balanced", "scheduler.step_scaling=none"],
+    # the same batches, the server learning from the small ones as they are (before top_up)
+    "balanced, no replay": ["scheduler.policy=latency_balanced", "scheduler.top_up=none"],
     "uniform+deadline": [
         "scheduler.policy=uniform",
         "scheduler.deadline_factor=1.2",
@@ -196,11 +199,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-PAIRED = ("uniform", "latency_balanced", "balanced, full lr")
+PAIRED = ("uniform", "latency_balanced", "balanced, full lr", "balanced, no replay")
 
 
 def _paired(run: Any, seeds: int, seed0: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Uniform and both balanced variants on seeds 1..N beside seed 0: accuracy paired by seed."""
+    """Uniform and the balanced variants on seeds 1..N beside seed 0: accuracy paired by seed."""
     per_seed = [(0, [seed0[n] for n in PAIRED])]
     with tempfile.TemporaryDirectory() as tmp:
         for seed in range(1, seeds + 1):
@@ -208,33 +211,43 @@ def _paired(run: Any, seeds: int, seed0: dict[str, dict[str, Any]]) -> dict[str,
             per_seed.append((seed, rs))
             print(f"seed {seed}: " + ", ".join(f"{n} {r['final_acc']:.4f} ({r['mean_round_s']:.3f} s)"
                                              for n, r in zip(PAIRED, rs)), flush=True)  # fmt: skip
-    lines = ["| seed | uniform acc | balanced acc | Δ pts | balanced, full lr acc | Δ pts | uniform round s | balanced round s | speedup |",
-             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
-    diffs: dict[str, list[float]] = {n: [] for n in PAIRED[1:]}
+    variants = PAIRED[1:]
+    head = "| seed | uniform acc | " + " | ".join(f"{n} acc | Δ pts" for n in variants)
+    lines = [head + " | uniform round s | balanced round s | speedup |",
+             "|---|---|" + "---|---|" * len(variants) + "---|---|---|"]  # fmt: skip
+    diffs: dict[str, list[float]] = {n: [] for n in variants}
     speedups = []
-    for seed, (u, b, f) in per_seed:
-        for n, r in zip(PAIRED[1:], (b, f)):
+    for seed, (u, *rest) in per_seed:
+        cells = []
+        for n, r in zip(variants, rest):
             diffs[n].append(100 * (r["final_acc"] - u["final_acc"]))
+            cells.append(f"{r['final_acc']:.4f} | {diffs[n][-1]:+.2f}")
+        b = rest[0]
         speedups.append(u["mean_round_s"] / b["mean_round_s"])
         lines.append(
-            f"| {seed} | {u['final_acc']:.4f} | {b['final_acc']:.4f} | {diffs[PAIRED[1]][-1]:+.2f} | "
-            f"{f['final_acc']:.4f} | {diffs[PAIRED[2]][-1]:+.2f} | {u['mean_round_s']:.3f} | "
-            f"{b['mean_round_s']:.3f} | {speedups[-1]:.2f}× |"
-        )
+            f"| {seed} | {u['final_acc']:.4f} | " + " | ".join(cells)
+            + f" | {u['mean_round_s']:.3f} | {b['mean_round_s']:.3f} | {speedups[-1]:.2f}× |"
+        )  # fmt: skip
 
     def mean_sd(xs: list[float]) -> tuple[float, float]:
         return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
-    (bm, bs), (fm, fs) = mean_sd(diffs[PAIRED[1]]), mean_sd(diffs[PAIRED[2]])
-    lines.append(f"| mean | | | **{bm:+.2f} ± {bs:.2f}** | | {fm:+.2f} ± {fs:.2f} | | | "
-                 f"**{statistics.fmean(speedups):.2f}×** |")  # fmt: skip
+    stats = {n: mean_sd(diffs[n]) for n in variants}
+    cells = [f"**{m:+.2f} ± {sd:.2f}**" if n == variants[0] else f"{m:+.2f} ± {sd:.2f}"
+             for n, (m, sd) in stats.items()]  # fmt: skip
+    row = ["mean", ""] + [x for c in cells for x in ("", c)]
+    row += ["", "", f"**{statistics.fmean(speedups):.2f}×**"]
+    lines.append("| " + " | ".join(row) + " |")
     print("\n".join(lines) + "\n")
+    (bm, bs), (fm, fs), (nm, ns) = (stats[n] for n in variants)
     return {
         "seeds": len(per_seed),
         "acc_delta_pts_mean": round(bm, 3),
         "acc_delta_pts_std": round(bs, 3),
         "acc_delta_full_lr_pts_mean": round(fm, 3),
         "acc_delta_full_lr_pts_std": round(fs, 3),
+        "acc_delta_no_replay_pts_mean": round(nm, 3),
+        "acc_delta_no_replay_pts_std": round(ns, 3),
         "speedup_mean": round(statistics.fmean(speedups), 3),
     }
 

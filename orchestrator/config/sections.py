@@ -213,9 +213,12 @@ class SchedulerConfig:
 
     policy: str = _opt("uniform", choices=("uniform", "latency_balanced"))
     # latency_balanced: no device is planned below this share of training.batch_size
-    min_batch_fraction: float = _opt(0.5, check=_rule(lambda v: 0 < v <= 1, "in (0, 1]"))
+    min_batch_fraction: float = _opt(0.25, check=_rule(lambda v: 0 < v <= 1, "in (0, 1]"))
     # a device planned below training.batch_size steps lr * b_i / batch_size ("linear")
     step_scaling: str = _opt("linear", choices=("linear", "none"))
+    # a device planned below training.batch_size: the server tops its batch up to batch_size
+    # with that device's most recent earlier samples ("replay"; training/replay.py)
+    top_up: str = _opt("replay", choices=("none", "replay"))
     deadline_factor: float = _opt(0.0, check=_deadline)
     min_participants: int = _opt(1, check=_at_least_one)
     participation: float = _opt(1.0, check=_unit_open_lo)

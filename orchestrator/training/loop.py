@@ -30,6 +30,7 @@ from orchestrator.training.devices import ClientGrad, DeviceGroup, Weights
 from orchestrator.training.evaluation import client_spread, evaluate_many
 from orchestrator.training.guard import StabilityGuard
 from orchestrator.training.recorder import Recorder
+from orchestrator.training.replay import Replay
 from orchestrator.training.scheduler import Planner
 from orchestrator.training.state import RunState
 from orchestrator.training.transfer import to_device, to_host
@@ -62,6 +63,9 @@ class Runner:
         if self.rule.holds_client_grads:
             sync = 4.0 * sum(p.numel() for p in job.client_template.parameters())
         self.planner = Planner(m, self.rule.pooled, self.wire_ratio, sync)
+        sc = m.scheduler  # only latency_balanced plans devices below training.batch_size
+        top_up = sc.top_up == "replay" and sc.policy == "latency_balanced" and not self.rule.pooled
+        self.replay = Replay(m.training.batch_size) if top_up else None
         self.recorder = Recorder(state)
         self.guard = StabilityGuard(job.dataset.num_classes)
         self.rule.setup(job, group.ids)
@@ -119,6 +123,9 @@ class Runner:
         await asyncio.sleep(0)  # as below: the loop reads its sockets between per-device passes
         acts = to_device([fwd[i].acts for i in ids], dev)  # pinned + non-blocking on CUDA
         labels = to_device([fwd[i].labels for i in ids], dev)
+        fresh: dict[str, int] = {}  # devices whose batch the server topped up: their own rows
+        if self.replay is not None:
+            acts, labels, fresh = self.replay.top_up(ids, acts, labels)
         rule.begin_round(r, ids)
         t_server = time.perf_counter()
         if m.training.lr_decay != "none":
@@ -127,7 +134,11 @@ class Runner:
                 group["lr"] = lr
         result = await asyncio.to_thread(self._server_step, acts, labels)
         server_s = time.perf_counter() - t_server
-        grads = dict(zip(ids, to_host(result.grads)))
+        sent = list(result.grads)
+        for k, i in enumerate(ids):  # of a topped-up batch, the gradient of its fresh rows' loss
+            if i in fresh:
+                sent[k] = sent[k][: fresh[i]] * (len(labels[k]) / fresh[i])
+        grads = dict(zip(ids, to_host(sent)))
         losses = dict(zip(ids, result.losses))
         norms = {i: float(np.linalg.norm(grads[i])) for i in ids}
         for dev, fields in self.guard.check(r, losses, norms):
@@ -244,6 +255,7 @@ class Runner:
             "torch_rng": torch.get_rng_state(),
             **self.planner.state_dict(),
             **self.recorder.state_dict(),
+            **({"replay": self.replay.state_dict()} if self.replay is not None else {}),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -255,6 +267,8 @@ class Runner:
         self.rule.load_state_dict(rule_state, self.job.server_device)
         self.planner.load_state_dict(state)
         self.recorder.load_state_dict(state)
+        if self.replay is not None and "replay" in state:
+            self.replay.load_state_dict(state["replay"], self.job.server_device)
         if "guard" in state:  # checkpoints of before the guard start it afresh
             self.guard.load_state_dict(state["guard"])
         torch.set_rng_state(state["torch_rng"])

@@ -31,15 +31,15 @@ def _planner(*sets: str) -> Planner:
 def test_linear_scaling_scales_only_devices_below_the_batch() -> None:
     p = _planner()
     _, batch, _ = p.plan(2, ["fast", "slow"])
-    assert batch == {"fast": 48, "slow": 16}  # the floor: half of 32
-    assert p.step_scales(batch) == {"slow": 16 / 32}
+    assert batch == {"fast": 56, "slow": 8}  # the floor: a quarter of 32
+    assert p.step_scales(batch) == {"slow": 8 / 32}
     assert p.step_scales({"fast": 32, "slow": 32}) == {}  # uniform batches: untouched
 
 
 def test_none_keeps_the_full_step_and_the_floor_follows_its_key() -> None:
-    p = _planner("scheduler.step_scaling=none", "scheduler.min_batch_fraction=0.25")
+    p = _planner("scheduler.step_scaling=none", "scheduler.min_batch_fraction=0.5")
     _, batch, _ = p.plan(2, ["fast", "slow"])
-    assert batch == {"fast": 56, "slow": 8}
+    assert batch == {"fast": 48, "slow": 16}
     assert p.step_scales(batch) == {}
 
 
@@ -49,6 +49,7 @@ def test_none_keeps_the_full_step_and_the_floor_follows_its_key() -> None:
         "scheduler.min_batch_fraction=0",
         "scheduler.min_batch_fraction=1.5",
         "scheduler.step_scaling=sqrt",
+        "scheduler.top_up=sometimes",
     ],  # fmt: skip
 )
 def test_bad_values_name_the_key(bad: str) -> None:
