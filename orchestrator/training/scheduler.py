@@ -110,10 +110,16 @@ class Planner:
             # the backward reported with round r's activations is that of round r-1's gradient
             p.update_compute(f.compute_s, f.backward_s, b, self.last_batch.get(i))
             self.last_batch[i] = b
-            path = f.wait_s - f.compute_s - (f.backward_s or 0.0)
-            # from round 2 on, the previous gradient came down on the same path
-            grad_bytes = int(f.acts.nbytes * self.wire_ratio) if r > 1 else 0
-            p.update_uplink(f.nbytes, path, grad_bytes)
+            if self.sync_bytes > 0:
+                # the client space: the backward and its gradient were the previous round's
+                # second trip; only the leader came down on this path (from round 2 on)
+                path = f.wait_s - f.compute_s
+                down_bytes = int(self.sync_bytes) if r > 1 else 0
+            else:
+                path = f.wait_s - f.compute_s - (f.backward_s or 0.0)
+                # from round 2 on, the previous gradient came down on the same path
+                down_bytes = int(f.acts.nbytes * self.wire_ratio) if r > 1 else 0
+            p.update_uplink(f.nbytes, path, down_bytes)
 
     def state_dict(self) -> dict[str, Any]:
         return {

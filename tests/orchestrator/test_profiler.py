@@ -187,3 +187,31 @@ def test_balance_counts_the_client_space_trip_as_a_fixed_cost() -> None:
     pred = predict_round(p, client, 0.0, 0.0, sync_bytes=1000.0)
     spread = max(pred.device_s.values()) - min(pred.device_s.values())
     assert spread <= 0.002 + 1e-9  # equal up to one sample (2 ms)
+
+
+@pytest.mark.parametrize("client_space", [False, True])
+def test_rounds_refine_the_uplink_from_the_path_the_activations_took(client_space: bool) -> None:
+    """PSL's forward path holds the previous gradient's download and backward; the client
+    space's holds neither (they were the previous round's second trip), only the leader's
+    download. Read with the wrong path the uplink came out 18 % fast on the default manifest."""
+    import numpy as np
+
+    from orchestrator.training.devices import ForwardOut
+    from orchestrator.training.scheduler import Planner
+
+    m = parse_manifest(local_device_toml("d", "t-d"))
+    sync = 768.0 if client_space else 0.0
+    planner = Planner(m, pooled=False, wire_ratio=1.0, sync_bytes=sync)
+    up, down, rtt, b, backward = 10.0, 50.0, 0.040, 32, 0.010
+    planner.profiles = {"d": DeviceProfile(rtt_ms=1000 * rtt, uplink_mbps=up, downlink_mbps=down)}
+    acts = np.zeros((b, 1024), np.float32)
+    nbytes = acts.nbytes + b * 8
+    upload = nbytes * 8 / (up * 1e6)
+    if client_space:  # RTT, the leader down, the forward, the activations up
+        wait = rtt + sync * 8 / (down * 1e6) + 0.002 + upload
+    else:  # RTT, the gradient down, its backward, the forward, the activations up
+        wait = rtt + acts.nbytes * 8 / (down * 1e6) + backward + 0.002 + upload
+    for r in range(2, 12):
+        fwd = ForwardOut(acts, np.zeros(b, np.int64), 0.002, wait, backward, nbytes)
+        planner.observe(r, {"d": fwd}, 0.001)
+    assert planner.profiles["d"].uplink_mbps == pytest.approx(up, rel=0.01)
