@@ -123,7 +123,9 @@ class Runner:
         await asyncio.sleep(0)  # as below: the loop reads its sockets between per-device passes
         acts = to_device([fwd[i].acts for i in ids], dev)  # pinned + non-blocking on CUDA
         labels = to_device([fwd[i].labels for i in ids], dev)
-        fresh: dict[str, int] = {}  # devices whose batch the server topped up: their own rows
+        # devices whose batch the server topped up: their own rows (their recorded loss is the
+        # server's on the whole topped-up batch, what it learnt from)
+        fresh: dict[str, int] = {}
         if self.replay is not None:
             acts, labels, fresh = self.replay.top_up(ids, acts, labels)
         rule.begin_round(r, ids)

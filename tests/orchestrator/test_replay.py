@@ -15,6 +15,7 @@ from bench.scheduling import FLEET, manifest
 from orchestrator.algorithms.base import psl_backward
 from orchestrator.config.manifest import manifest_to_toml, parse_manifest
 from orchestrator.engine import Engine
+from orchestrator.records import checkpoint
 from orchestrator.training.replay import Replay
 
 
@@ -23,7 +24,7 @@ def _batch(n: int, start: float) -> tuple[torch.Tensor, torch.Tensor]:
     return a, torch.arange(n) % 2
 
 
-def test_top_up_fills_small_batches_from_the_devices_own_recent_samples() -> None:
+def test_top_up_fills_small_batches_from_the_devices_own_recent_samples(tmp_path: Path) -> None:
     replay = Replay(batch_size=4)
     (a1, y1), (b1, z1) = _batch(4, 0.0), _batch(2, 100.0)
     acts, labels, fresh = replay.top_up(["a", "b"], [a1, b1], [y1, z1])
@@ -38,9 +39,15 @@ def test_top_up_fills_small_batches_from_the_devices_own_recent_samples() -> Non
     acts, labels, fresh = replay.top_up(["b"], [b3], [z3])
     # its own row, then the three most recent it sent before (round 1's last, round 2's two)
     assert fresh == {"b": 1} and acts[0][:, 0].tolist() == [300.0, 101.0, 200.0, 201.0]
+    # what a resumed run replays: the buffer goes through the checkpoint file and back
+    checkpoint.save(tmp_path, {"round": 3, "replay": replay.state_dict()})
+    loaded = checkpoint.load(tmp_path)
+    assert loaded is not None
     again = Replay(batch_size=4)
-    again.load_state_dict(replay.state_dict(), torch.device("cpu"))
-    assert all(torch.equal(x, y) for x, y in zip(again.held["b"], replay.held["b"]))
+    again.load_state_dict(loaded["replay"], torch.device("cpu"))
+    assert again.held.keys() == replay.held.keys()
+    for i in replay.held:
+        assert all(torch.equal(x, y) for x, y in zip(again.held[i], replay.held[i]))
 
 
 def test_devices_get_the_gradient_they_would_without_replay() -> None:
