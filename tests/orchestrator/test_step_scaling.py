@@ -55,3 +55,13 @@ def test_none_keeps_the_full_step_and_the_floor_follows_its_key() -> None:
 def test_bad_values_name_the_key(bad: str) -> None:
     with pytest.raises(ManifestError, match=bad.split("=")[0].split(".")[1]):
         parse_manifest(TEXT, overrides=[bad])
+
+
+def test_epsl_with_balanced_batches_is_refused_naming_the_key() -> None:
+    """EPSL averages position j of every device's batch, so it needs equal batches: refused at
+    ``check`` instead of failing at the first server step."""
+    sets = ["training.algorithm=epsl", "scheduler.policy=latency_balanced"]
+    with pytest.raises(ManifestError, match=r"\[scheduler\]\.policy") as err:
+        parse_manifest(TEXT, overrides=sets)
+    assert "epsl" in str(err.value) and "\n" not in str(err.value)
+    parse_manifest(TEXT, overrides=["training.algorithm=epsl"])  # uniform batches: fine
