@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,10 @@ SCALE = float(os.environ.get("GAPSL_TEST_TIMEOUT_SCALE", "1"))
 TOL = 1e-6  # as in tests/orchestrator/test_reference_equality.py
 METRICS = ("acc_mean", "acc_min", "acc_max", "loss")
 NODE_MEMORY = 80 * 2**20  # each node's object store: the runs put nothing in it
+# Run ids of their own: an agent stopped at a run's end (not ended normally) leaves its node
+# folder, checkpoints included, for a resume of that run id (README, "During and after the
+# run"), and a later run of the same id on this machine would resume from it.
+RUN = uuid.uuid4().hex[:8]
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +141,7 @@ def test_address_local_starts_an_instance_for_the_run(tmp_path: Path) -> None:
     text = _text("local", rounds=4, eval_every=2).replace('launch = "ray"', 'launch = "local"', 1)
     m = parse_manifest(text, source="ray-fleet.toml")
     assert [d.launch for d in m.devices] == ["local", "ray", "ray"]
-    engine = Engine(m, tmp_path / "run", manifest_to_toml(m), "local-instance")
+    engine = Engine(m, tmp_path / "run", manifest_to_toml(m), f"local-instance-{RUN}")
     assert _run(engine) == "completed", (tmp_path / "run" / "summary.json").read_text()
     assert not ray.is_initialized()  # the run left its instance
     placed = [e for e in _jsonl(tmp_path / "run" / "events.jsonl") if e["event"] == "placed"]
@@ -146,7 +151,9 @@ def test_address_local_starts_an_instance_for_the_run(tmp_path: Path) -> None:
 def test_a_run_placed_across_the_nodes_equals_simulate(cluster: Any, tmp_path: Path) -> None:
     m = _manifest(cluster.address)
     for side in ("simulate", "ray"):
-        engine = Engine(m, tmp_path / side, manifest_to_toml(m), "eq", in_process=side != "ray")
+        engine = Engine(
+            m, tmp_path / side, manifest_to_toml(m), f"eq-{RUN}", in_process=side != "ray"
+        )
         assert _run(engine) == "completed", (tmp_path / side / "summary.json").read_text()
     ref, dist = (_jsonl(tmp_path / side / "metrics.jsonl") for side in ("simulate", "ray"))
     assert [r["round"] for r in dist] == [r["round"] for r in ref] == [6, 12]
@@ -179,7 +186,7 @@ def test_ray_client_address_places_the_fleet(cluster: Any, tmp_path: Path) -> No
     m = _manifest(f"ray://127.0.0.1:{port}", rounds=4, eval_every=2)
     ref = _manifest(cluster.address, rounds=4, eval_every=2)
     for side, man in (("client", m), ("gcs", ref)):
-        engine = Engine(man, tmp_path / side, manifest_to_toml(man), side)
+        engine = Engine(man, tmp_path / side, manifest_to_toml(man), f"{side}-{RUN}")
         assert _run(engine) == "completed", (tmp_path / side / "summary.json").read_text()
     a, b = (_jsonl(tmp_path / side / "metrics.jsonl") for side in ("client", "gcs"))
     assert [r["round"] for r in a] == [r["round"] for r in b] == [2, 4]
@@ -196,7 +203,7 @@ def test_num_gpus_places_the_agent_on_a_gpu_node(cluster: Any, tmp_path: Path) -
     gpu += "[devices.ray]\nnum_cpus = 0\nnum_gpus = 1\n"
     text = _text(cluster.address, rounds=4, eval_every=2, extra=gpu)
     m = parse_manifest(text, source="ray-fleet.toml")
-    engine = Engine(m, tmp_path / "run", manifest_to_toml(m), "gpu")
+    engine = Engine(m, tmp_path / "run", manifest_to_toml(m), f"gpu-{RUN}")
     assert _run(engine) == "completed", (tmp_path / "run" / "summary.json").read_text()
     placed = {
         d["device"]: d
@@ -215,7 +222,7 @@ def test_num_gpus_places_the_agent_on_a_gpu_node(cluster: Any, tmp_path: Path) -
         f"place_timeout_s = {120.0 * SCALE}", f"place_timeout_s = {5.0 * SCALE}"
     )
     m = parse_manifest(two, source="ray-fleet.toml")
-    engine = Engine(m, tmp_path / "two", manifest_to_toml(m), "gpu2")
+    engine = Engine(m, tmp_path / "two", manifest_to_toml(m), f"gpu2-{RUN}")
     assert _run(engine) == "failed"
     error = json.loads((tmp_path / "two" / "summary.json").read_text())["error"]
     assert "device gpu0: no Ray node started its agent within" in error, error
@@ -226,7 +233,7 @@ def test_a_killed_agent_actor_is_placed_again(cluster: Any, tmp_path: Path) -> N
     import ray
 
     m = _manifest(cluster.address, rounds=24, eval_every=8)
-    engine = Engine(m, tmp_path / "run", manifest_to_toml(m), "kill")
+    engine = Engine(m, tmp_path / "run", manifest_to_toml(m), f"kill-{RUN}")
 
     async def kill() -> None:
         while engine.state.round < 10:  # past the checkpoint of round 8; bounded by _run

@@ -86,16 +86,20 @@ def _mismatches(probes: dict[str, dict]) -> list[str]:
 def test_measured_matches_emulated(tmp_path: Path, shaper: str) -> None:
     if shaper == "kernel" and (why := netns.unavailable()) is not None:
         pytest.skip(f'link_shaper = "kernel": {why}')
-    # The links hold their rates under load (docs/performance.md, "Link shaping under load");
-    # compute timing on a 2-core machine can still be thrown off by another job or by the
-    # scheduler, so one re-measurement is allowed, and both attempts' misses are reported.
+    # The links hold their rates under load (docs/performance.md, "Link shaping under load"):
+    # one re-measurement is allowed for them. Compute timing on a 2-core machine can still be
+    # thrown off by another job or by the scheduler (a probe step of the digits model is a
+    # fraction of a millisecond on a fast host), so it may be measured up to four times.
+    # Every attempt's misses are reported.
     misses: list[list[str]] = []
-    for attempt in range(2):
+    for attempt in range(4):
         probes, rounds = _measure(tmp_path / f"run{attempt}", shaper)
         assert set(probes) == set(EMULATED) | {"base"}
         misses.append(_mismatches(probes))
         if not misses[-1]:
             break
+        if sum(any("compute" not in m for m in ms) for ms in misses) >= 2:
+            break  # links missed in two attempts
     assert not misses[-1], misses
     assert all(r["predicted_s"] is not None and r["predicted_s"] > 0 for r in rounds)
     assert rounds[-1]["predicted"]["critical"] == "slow"
