@@ -34,6 +34,7 @@ __all__ = [
     "Preflight",
     "bind_problem",
     "check_devices",
+    "check_schedule",
     "check_listen",
     "check_model",
     "check_run_dir",
@@ -67,9 +68,22 @@ def preflight(m: Manifest, network: bool = True) -> Preflight:
 
             check_reachable(m)
     check_devices(m)
+    check_schedule(m)
     ds = load_data(m)
     model, cut = check_model(m, ds)
     return Preflight(ds, model, cut, ds.fingerprint)
+
+
+def check_schedule(m: Manifest) -> None:
+    """A rule that averages across devices position by position (EPSL) needs equal batches."""
+    from orchestrator.algorithms.dispatch import rule_class
+
+    if rule_class(m.training.algorithm).uniform_batches and m.scheduler.policy != "uniform":
+        raise m.error(
+            "scheduler.policy",
+            f'is "{m.scheduler.policy}", but training.algorithm = "{m.training.algorithm}" '
+            'needs every device at one batch size ("uniform")',
+        )
 
 
 def check_devices(m: Manifest) -> None:

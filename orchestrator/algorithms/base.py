@@ -107,6 +107,8 @@ class Rule:
     name: ClassVar[str] = ""
     pooled: ClassVar[bool] = False  # one learner that takes everyone's batch (the ceiling)
     simulate_only: ClassVar[bool] = False  # runs only in the in-process engine
+    # needs every device at one batch size (a position-wise rule): scheduler.policy "uniform"
+    uniform_batches: ClassVar[bool] = False
     holds_client_grads: bool = False
 
     def __init__(self, m: Manifest) -> None:

@@ -50,6 +50,7 @@ def epsl_server_step(
 
 class Epsl(Rule):
     name = "epsl"
+    uniform_batches = True  # position j of every device's batch is averaged
 
     def __init__(self, m: Manifest) -> None:
         super().__init__(m)

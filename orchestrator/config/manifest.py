@@ -253,12 +253,6 @@ def _validate(raw: dict[str, Any], ctx: _Context, base_dir: Path) -> Manifest:
             "testbed.penalty_max_s",
             f"is {tb.penalty_max_s}, below testbed.penalty_s ({tb.penalty_s})",
         )
-    if sections["training"].algorithm == "epsl" and sections["scheduler"].policy != "uniform":
-        raise ctx.error(  # EPSL averages position j of every device's batch: equal batches
-            "scheduler.policy",
-            f'is "{sections["scheduler"].policy}", but training.algorithm = "epsl" needs '
-            'every device at one batch size ("uniform")',
-        )
     sections["gapsl"] = resolve_gapsl(sections["gapsl"], raw.get("gapsl", {}), ctx.error)
     if "listen" not in raw.get("testbed", {}) and all(d.launch == "local" for d in devices):
         # Only this machine's own agents dial in, and they are told the bound port: any free

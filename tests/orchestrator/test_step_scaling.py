@@ -58,10 +58,13 @@ def test_bad_values_name_the_key(bad: str) -> None:
 
 
 def test_epsl_with_balanced_batches_is_refused_naming_the_key() -> None:
-    """EPSL averages position j of every device's batch, so it needs equal batches: refused at
-    ``check`` instead of failing at the first server step."""
+    """EPSL averages position j of every device's batch, so it needs equal batches: refused by
+    the preflights ``check`` and ``run`` share instead of failing at the first server step."""
+    from orchestrator.preflight import check_schedule
+
     sets = ["training.algorithm=epsl", "scheduler.policy=latency_balanced"]
     with pytest.raises(ManifestError, match=r"\[scheduler\]\.policy") as err:
-        parse_manifest(TEXT, overrides=sets)
+        check_schedule(parse_manifest(TEXT, overrides=sets))
     assert "epsl" in str(err.value) and "\n" not in str(err.value)
-    parse_manifest(TEXT, overrides=["training.algorithm=epsl"])  # uniform batches: fine
+    check_schedule(parse_manifest(TEXT, overrides=["training.algorithm=epsl"]))  # uniform: fine
+    check_schedule(parse_manifest(TEXT, overrides=sets[1:]))  # PSL takes any batches
