@@ -184,20 +184,21 @@ class DeviceProfile:
         The path also holds the RTT and the downlink of the previous gradient: both are taken
         out with the current profile before what is left is read as the upload's time.
         """
-        down = (
-            down_bytes * 8 / (self.downlink_mbps * 1e6)
-            if math.isfinite(self.downlink_mbps)
-            else 0.0
-        )
-        transfer = path_s - self.rtt_ms / 1000.0 - down
+        transfer = path_s - self.rtt_ms / 1000.0 - send_s(down_bytes, self.downlink_mbps)
         if nbytes >= 64 * 1024 and transfer > 1e-4:  # small or instant transfers say nothing
-            self.uplink_mbps = _ema(self.uplink_mbps, nbytes * 8 / transfer / 1e6)
+            self.uplink_mbps = ema(self.uplink_mbps, nbytes * 8 / transfer / 1e6)
 
 
-def _ema(old: float, new: float) -> float:
+def ema(old: float, new: float) -> float:
+    """A running figure refined by a new measurement (``SMOOTHING``); 0 or inf: none yet."""
     if old == 0.0 or math.isinf(old):
         return new
     return (1.0 - SMOOTHING) * old + SMOOTHING * new
+
+
+def send_s(nbytes: float, mbps: float) -> float:
+    """Seconds to send ``nbytes`` at ``mbps``; 0 on an unmeasured (infinite) link."""
+    return nbytes * 8 / (mbps * 1e6) if math.isfinite(mbps) and mbps > 0 else 0.0
 
 
 def link_from_samples(
@@ -236,10 +237,6 @@ class Prediction:
     sync_s: float = 0.0  # the client-space trip: its slowest device's path, and the alignment
 
 
-def _send_s(nbytes: float, mbps: float) -> float:
-    return nbytes * 8 / (mbps * 1e6) if math.isfinite(mbps) and mbps > 0 else 0.0
-
-
 def predict_round(
     profiles: Mapping[str, DeviceProfile],
     batch: Mapping[str, int],
@@ -268,16 +265,15 @@ def predict_round(
     for i, b in batch.items():
         p = profiles[i]
         nbytes = act_bytes_per_sample * b
-        rtt = p.rtt_ms / 1000.0
-        up = _send_s(nbytes, p.uplink_mbps)
-        down = _send_s(nbytes, p.downlink_mbps) if after_first else 0.0
+        rtt, up = p.rtt_ms / 1000.0, send_s(nbytes, p.uplink_mbps)
         if sync_bytes > 0:
             assert p.fwd_fit is not None and p.bwd_fit is not None
-            leader = _send_s(sync_bytes, p.downlink_mbps) if after_first else 0.0
+            leader = send_s(sync_bytes, p.downlink_mbps) if after_first else 0.0
             fwd_path[i] = (p.fwd_fit.at(b), up, leader, rtt)
-            bwd_path[i] = rtt + _send_s(nbytes, p.downlink_mbps) + p.bwd_fit.at(b)
-            bwd_path[i] += _send_s(sync_bytes, p.uplink_mbps)
+            bwd_path[i] = rtt + send_s(nbytes, p.downlink_mbps) + p.bwd_fit.at(b)
+            bwd_path[i] += send_s(sync_bytes, p.uplink_mbps)
         else:
+            down = send_s(nbytes, p.downlink_mbps) if after_first else 0.0
             fwd_path[i] = (p.compute_s(b, backward=after_first), up, down, rtt)
     forward_s = {i: sum(v) for i, v in fwd_path.items()}
     device_s = {i: forward_s[i] + bwd_path.get(i, 0.0) for i in forward_s}

@@ -15,7 +15,7 @@ import numpy as np
 
 from orchestrator.config.manifest import Manifest
 from orchestrator.training.devices import ForwardOut
-from orchestrator.training.latency import SMOOTHING, DeviceProfile, Prediction, predict_round
+from orchestrator.training.latency import DeviceProfile, Prediction, ema, predict_round, send_s
 
 PARTICIPATION_STREAM = 0x5C4ED  # the participation RNG's stream, apart from every other draw
 
@@ -96,12 +96,8 @@ class Planner:
     ) -> None:
         """Refine the server's cost and every device's profile from round r's real timings."""
         total = sum(len(f.labels) for f in fwd.values())
-        self.align_s = _ema(self.align_s, align_s) if self.sync_bytes > 0 else 0.0
-        self.server_s_per_sample = (
-            server_s / total
-            if self.server_s_per_sample == 0
-            else ((1 - SMOOTHING) * self.server_s_per_sample + SMOOTHING * server_s / total)
-        )
+        self.align_s = ema(self.align_s, align_s) if self.sync_bytes > 0 else 0.0
+        self.server_s_per_sample = ema(self.server_s_per_sample, server_s / total)
         for i, f in fwd.items():
             p = self.profiles.get(i)
             if p is None:
@@ -134,10 +130,6 @@ class Planner:
         self.align_s = float(state.get("align_s", 0.0))  # absent in older checkpoints
 
 
-def _ema(old: float, new: float) -> float:
-    return new if old == 0.0 else (1 - SMOOTHING) * old + SMOOTHING * new
-
-
 def balance_batches(
     profiles: Mapping[str, DeviceProfile],
     total: int,
@@ -163,18 +155,12 @@ def balance_batches(
     k, rtt = {}, {}
     for i in ids:
         p = profiles[i]
-        per = p.compute_ms_per_sample / 1000.0
-        for mbps in (p.uplink_mbps, p.downlink_mbps):
-            if math.isfinite(mbps) and mbps > 0:
-                per += act_bytes_per_sample * 8 / (mbps * 1e6)
+        links = (p.uplink_mbps, p.downlink_mbps)
+        per = p.compute_ms_per_sample / 1000.0 + sum(send_s(act_bytes_per_sample, v) for v in links)
         k[i] = max(per, 1e-9)
         rtt[i] = (p.rtt_ms + p.compute_fixed_ms) / 1000.0
         if sync_bytes > 0:
-            rtt[i] += p.rtt_ms / 1000.0 + sum(
-                sync_bytes * 8 / (mbps * 1e6)
-                for mbps in (p.uplink_mbps, p.downlink_mbps)
-                if math.isfinite(mbps) and mbps > 0
-            )
+            rtt[i] += p.rtt_ms / 1000.0 + sum(send_s(sync_bytes, v) for v in links)
     pinned: set[str] = set()
     while True:
         free = [i for i in ids if i not in pinned]
